@@ -1,0 +1,26 @@
+// Shared by the build scripts of every package whose binaries or tests link libtorch
+// (through `tch`). Included with `include!` so each package's build.rs stays one line.
+//
+// 1. Embeds an rpath to libtorch's lib directory, so built binaries start without the
+//    user exporting LD_LIBRARY_PATH.
+// 2. On CUDA builds of libtorch, links libtorch_cuda with `--no-as-needed`: otherwise the
+//    linker drops it (no symbol is referenced directly) and `tch::Cuda::is_available()`
+//    is false on GPU nodes (tch-rs issues 907, 980). The CUDA wheel still starts on
+//    machines without a GPU or driver; CUDA then simply reports no devices.
+fn link_libtorch() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+        println!("cargo:warning=LIBTORCH is not set; run scripts/setup.sh");
+        return;
+    };
+    let root = std::path::PathBuf::from(&libtorch);
+    let root = root.canonicalize().unwrap_or(root);
+    let lib = root.join("lib");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-search=native={}", lib.display());
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}

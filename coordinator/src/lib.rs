@@ -1,0 +1,1 @@
+//! dmqsm-coordinator: jobs, patch-batch scheduling and checkpoints.

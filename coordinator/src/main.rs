@@ -1,0 +1,5 @@
+//! `dmqsm` binary.
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

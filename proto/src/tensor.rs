@@ -1,0 +1,155 @@
+//! Packing f32 data into [`Tensor`] messages and back.
+//!
+//! Data travel as raw little-endian bytes in C order. f32 is exact; bf16 and f16 halve
+//! the bytes at the cost of rounding (round-to-nearest-even): bf16 keeps f32's range with a
+//! relative error ≤ 2⁻⁹, f16 has relative error ≤ 2⁻¹¹ but overflows past ±65504.
+
+use crate::v1::{Dtype, Tensor};
+use bytes::Bytes;
+
+/// Why a [`Tensor`] message could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TensorError {
+    /// The dtype field is unset or unknown.
+    #[error("tensor dtype {0} is not supported (use F32, BF16 or F16)")]
+    UnsupportedDtype(i32),
+    /// The byte length disagrees with shape × element size.
+    #[error("tensor of shape {shape:?} and dtype {dtype} needs {expected} bytes, got {got}")]
+    ByteLength {
+        /// Declared shape.
+        shape: Vec<u32>,
+        /// Declared dtype name.
+        dtype: &'static str,
+        /// Bytes implied by the shape.
+        expected: usize,
+        /// Bytes received.
+        got: usize,
+    },
+    /// The shape overflows `usize` when multiplied out.
+    #[error("tensor shape {0:?} is too large")]
+    ShapeOverflow(Vec<u32>),
+}
+
+/// Bytes per element of a dtype, or `None` if it is not a data type.
+pub fn element_size(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::Bf16 | Dtype::F16 => Some(2),
+        Dtype::Unspecified => None,
+    }
+}
+
+/// Packs `values` with the given `shape` into a tensor of element type `dtype`
+/// (`Unspecified` is treated as f32).
+pub fn encode(values: &[f32], shape: &[usize], dtype: Dtype) -> Tensor {
+    let shape: Vec<u32> = shape.iter().map(|&s| s as u32).collect();
+    let (dtype, data) = match dtype {
+        Dtype::F32 | Dtype::Unspecified => {
+            let mut out = Vec::with_capacity(values.len() * 4);
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            (Dtype::F32, out)
+        }
+        Dtype::Bf16 => {
+            let mut out = Vec::with_capacity(values.len() * 2);
+            for v in values {
+                out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            }
+            (Dtype::Bf16, out)
+        }
+        Dtype::F16 => {
+            let mut out = Vec::with_capacity(values.len() * 2);
+            for v in values {
+                out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+            (Dtype::F16, out)
+        }
+    };
+    Tensor {
+        shape,
+        dtype: dtype as i32,
+        data: Bytes::from(data),
+    }
+}
+
+/// Decodes a tensor into f32 values and its shape, checking dtype and byte length.
+pub fn decode(tensor: &Tensor) -> Result<(Vec<f32>, Vec<usize>), TensorError> {
+    let dtype = Dtype::try_from(tensor.dtype)
+        .ok()
+        .filter(|d| *d != Dtype::Unspecified)
+        .ok_or(TensorError::UnsupportedDtype(tensor.dtype))?;
+    let size = element_size(dtype).ok_or(TensorError::UnsupportedDtype(tensor.dtype))?;
+    let shape: Vec<usize> = tensor.shape.iter().map(|&s| s as usize).collect();
+    let count = shape
+        .iter()
+        .try_fold(1usize, |acc, &s| acc.checked_mul(s))
+        .ok_or_else(|| TensorError::ShapeOverflow(tensor.shape.clone()))?;
+    let expected = count
+        .checked_mul(size)
+        .ok_or_else(|| TensorError::ShapeOverflow(tensor.shape.clone()))?;
+    if tensor.data.len() != expected {
+        return Err(TensorError::ByteLength {
+            shape: tensor.shape.clone(),
+            dtype: dtype.as_str_name(),
+            expected,
+            got: tensor.data.len(),
+        });
+    }
+    let bytes = &tensor.data[..];
+    let values = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::Unspecified => return Err(TensorError::UnsupportedDtype(tensor.dtype)),
+    };
+    Ok((values, shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_round_trip_is_exact() {
+        let v: Vec<f32> = (0..24).map(|i| (i as f32 - 7.5) * 0.37).collect();
+        let t = encode(&v, &[2, 3, 4], Dtype::F32);
+        assert_eq!(t.data.len(), 96);
+        let (back, shape) = decode(&t).unwrap();
+        assert_eq!(shape, vec![2, 3, 4]);
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn half_precisions_round_within_their_epsilon() {
+        let v: Vec<f32> = (1..100).map(|i| (i as f32).sqrt() * 0.01 - 0.03).collect();
+        // Round-to-nearest: relative error ≤ 2^-(mantissa bits + 1).
+        for (dtype, tol) in [(Dtype::Bf16, 2f32.powi(-8)), (Dtype::F16, 2f32.powi(-10))] {
+            let t = encode(&v, &[v.len()], dtype);
+            assert_eq!(t.data.len(), v.len() * 2);
+            let (back, _) = decode(&t).unwrap();
+            for (a, b) in v.iter().zip(&back) {
+                assert!((a - b).abs() <= tol * a.abs() + 1e-7, "{dtype:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_tensors_are_named() {
+        let mut t = encode(&[1.0, 2.0], &[2], Dtype::F32);
+        t.shape = vec![3];
+        let err = decode(&t).unwrap_err();
+        assert!(err.to_string().contains("needs 12 bytes, got 8"), "{err}");
+        t.dtype = 0;
+        assert_eq!(decode(&t).unwrap_err(), TensorError::UnsupportedDtype(0));
+    }
+}

@@ -1,0 +1,1 @@
+//! dmqsm-worker: the libtorch score model served over gRPC.

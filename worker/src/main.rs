@@ -1,0 +1,6 @@
+//! `dmqsm-worker` binary.
+
+fn main() -> anyhow::Result<()> {
+    println!("cuda available: {}", tch::Cuda::is_available());
+    Ok(())
+}
