@@ -1,6 +1,7 @@
 //! [`Volume`]: a 3D f32 image on a voxel grid with its physical geometry.
 
-use ndarray::Array3;
+use crate::error::{Error, Result};
+use ndarray::{Array3, ArrayView3};
 
 /// A 3D scalar image (χ in ppm, field in ppm, a mask, …) with its geometry.
 ///
@@ -54,5 +55,104 @@ impl Volume {
             voxel_size: self.voxel_size,
             affine: self.affine,
         }
+    }
+
+    /// A zero-filled volume of `shape` with an axis-aligned affine (see [`Volume::new`]).
+    pub fn zeros(shape: [usize; 3], voxel_size: [f64; 3]) -> Self {
+        Self::new(Array3::zeros(shape), voxel_size)
+    }
+
+    /// Errors with [`Error::NonFinite`] (naming `name`, the number of NaN/±∞ voxels and the
+    /// first one in C order) unless every voxel is finite.
+    pub fn check_finite(&self, name: &str) -> Result<()> {
+        check_finite(self.data.view(), name)
+    }
+
+    /// Errors with [`Error::Parameter`] unless the voxel sizes are finite and positive, the
+    /// affine is finite and every matrix dimension is nonzero.
+    pub fn check_geometry(&self, name: &str) -> Result<()> {
+        if self.voxel_size.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(Error::Parameter(format!(
+                "{name}: voxel size must be finite and positive (mm), got {:?}",
+                self.voxel_size
+            )));
+        }
+        if self.affine.iter().flatten().any(|v| !v.is_finite()) {
+            return Err(Error::Parameter(format!("{name}: affine is not finite")));
+        }
+        if self.shape().contains(&0) {
+            return Err(Error::Shape(format!(
+                "{name}: empty volume of shape {:?}",
+                self.shape()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Errors with [`Error::NonFinite`] (naming `name`, the count of NaN/±∞ values and the
+/// index of the first in C order) unless every element of `data` is finite.
+pub fn check_finite(data: ArrayView3<'_, f32>, name: &str) -> Result<()> {
+    let mut count = 0usize;
+    let mut first = None;
+    for (idx, v) in data.indexed_iter() {
+        if !v.is_finite() {
+            if first.is_none() {
+                first = Some(idx);
+            }
+            count += 1;
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((i, j, k)) => Err(Error::NonFinite(format!(
+            "{name}: {count} non-finite voxel(s), first at [{i}, {j}, {k}]"
+        ))),
+    }
+}
+
+/// Voxel sizes (mm) implied by an affine: the norms of its first three columns.
+pub fn voxel_size_from_affine(affine: &[[f64; 4]; 4]) -> [f64; 3] {
+    let mut out = [0.0; 3];
+    for (col, o) in out.iter_mut().enumerate() {
+        *o = (0..3)
+            .map(|row| affine[row][col] * affine[row][col])
+            .sum::<f64>()
+            .sqrt();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finite_check_names_count_and_first_index() {
+        let mut v = Volume::zeros([3, 4, 5], [1.0, 1.0, 2.0]);
+        assert!(v.check_finite("chi").is_ok());
+        v.data[[1, 2, 3]] = f32::NAN;
+        v.data[[2, 0, 0]] = f32::INFINITY;
+        let e = v.check_finite("chi").unwrap_err();
+        assert!(matches!(e, Error::NonFinite(_)));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("chi") && msg.contains("2 non-finite") && msg.contains("[1, 2, 3]"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn geometry_check_and_voxel_size() {
+        let v = Volume::zeros([2, 2, 2], [0.5, 1.0, 2.0]);
+        assert!(v.check_geometry("x").is_ok());
+        assert_eq!(voxel_size_from_affine(&v.affine), [0.5, 1.0, 2.0]);
+        let mut w = v.clone();
+        w.voxel_size[1] = 0.0;
+        assert!(w.check_geometry("x").is_err());
+        let e = Volume::zeros([0, 2, 2], [1.0; 3])
+            .check_geometry("y")
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape(_)));
     }
 }

@@ -1,1 +1,36 @@
-//! dmqsm-coordinator: jobs, patch-batch scheduling and checkpoints.
+//! # dmqsm-coordinator: DM-QSM as a cluster service
+//!
+//! The coordinator turns the sampler of `dmqsm_common` into a service: it accepts jobs
+//! over gRPC, splits every diffusion step of every job into deterministic patch batches,
+//! sends them to score-model workers, gathers the answers, finishes the step (overlap
+//! normalisation, DDIM update, DPS correction) and checkpoints in sled.
+//!
+//! One concept per module:
+//! - [`config`]: every tunable, with defaults.
+//! - [`job`]: job settings, records and history as stored.
+//! - [`store`]: the sled store (jobs, inputs, checkpoints, results).
+//! - [`inputs`]: uploaded or path inputs under the data root.
+//! - [`problem`]: stored inputs → the sampler's problem.
+//! - [`workers`]: one worker as the coordinator sees it.
+//! - [`dispatch`]: batches → workers (bounded in-flight, fairness, retries, lost workers).
+//! - [`runner`]: one job's life: rounds, steps, checkpoints, results.
+//! - [`results`]: result files (NIfTI, PNG, JSON report).
+//! - [`service`]: the gRPC `Coordinator` service.
+//! - [`client`]: the client side, shared by the CLI and the tests.
+
+pub mod client;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod inputs;
+pub mod job;
+pub mod problem;
+pub mod results;
+pub mod runner;
+pub mod service;
+pub mod store;
+pub mod workers;
+
+pub use config::CoordinatorConfig;
+pub use error::{CoordinatorError, Result};
+pub use service::{Coordinator, serve, spawn_server};

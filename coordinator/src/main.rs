@@ -1,5 +1,95 @@
-//! `dmqsm` binary.
+//! `dmqsm`: DM-QSM reconstructions on a coordinator and score-model workers.
+//!
+//! Client commands talk to a coordinator over gRPC (`--coordinator`, env
+//! `DMQSM_COORDINATOR`); `serve` runs one; `run` runs a coordinator and local workers in
+//! this process (the single-machine default). Exit codes are listed in `--help`.
 
-fn main() -> anyhow::Result<()> {
-    Ok(())
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod cli;
+
+/// DM-QSM: quantitative susceptibility mapping with a patch-based score diffusion model.
+#[derive(Debug, Parser)]
+#[command(name = "dmqsm", version, about, after_help = cli::EXIT_CODES)]
+struct Cli {
+    /// Log filter (tracing-subscriber env-filter syntax), e.g. `info` or `dmqsm=debug`.
+    #[arg(long, global = true, env = "DMQSM_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator service (jobs, scheduling, checkpoints in sled).
+    Serve(cli::server::ServeArgs),
+    /// Submit a reconstruction job; prints its id (--wait shows progress).
+    Submit(cli::SubmitArgs),
+    /// Show one job or all jobs.
+    Status(cli::StatusArgs),
+    /// Follow a job's progress until it ends.
+    Watch(cli::JobIdArgs),
+    /// Cancel a job.
+    Cancel(cli::JobIdArgs),
+    /// Download a finished job's files (χ NIfTI, std NIfTI, PNG preview, JSON report).
+    Fetch(cli::FetchArgs),
+    /// List the workers the coordinator knows.
+    Workers(cli::WorkersArgs),
+    /// Embedded mode: coordinator and N local workers in this process, one job.
+    Run(Box<cli::server::RunArgs>),
+    /// Physics subcommands: phantom, simulate, tkd, eval, preview, demo.
+    #[command(flatten)]
+    Physics(cli::physics::PhysicsCommand),
+}
+
+impl Command {
+    fn default_log(&self) -> &'static str {
+        match self {
+            Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = cli
+        .log
+        .clone()
+        .unwrap_or_else(|| cli.command.default_log().to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.downcast_ref::<cli::Exit>().map(|x| x.code).unwrap_or(1);
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match command {
+        Command::Serve(a) => runtime()?.block_on(cli::server::serve(a)),
+        Command::Submit(a) => runtime()?.block_on(cli::submit(a)),
+        Command::Status(a) => runtime()?.block_on(cli::status(a)),
+        Command::Watch(a) => runtime()?.block_on(cli::watch(a)),
+        Command::Cancel(a) => runtime()?.block_on(cli::cancel(a)),
+        Command::Fetch(a) => runtime()?.block_on(cli::fetch(a)),
+        Command::Workers(a) => runtime()?.block_on(cli::workers(a)),
+        Command::Run(a) => runtime()?.block_on(cli::server::run(*a)),
+        Command::Physics(c) => cli::physics::run(c),
+    }
 }

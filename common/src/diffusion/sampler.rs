@@ -1,0 +1,1110 @@
+//! The DM-QSM sampler as a state machine: patch-based DDIM/DDPM with DPS guidance.
+//!
+//! The sampler never calls a model. Each *round* it publishes which patch evaluations
+//! it needs; a caller evaluates them anywhere (in process, on remote workers), in any
+//! order and grouping, hands the results back, and completes the round:
+//!
+//! ```text
+//! let mut s = Sampler::new(problem, &spec, settings)?;
+//! while let Some(round) = s.round() {
+//!     for indices in s.plan_batches(max_batch)? {          // or any grouping you like
+//!         let batch = s.batch(&indices)?;                   // x [B,P,P,P], t [B], cotangent
+//!         let (eps, vjp) = evaluate(batch);                 // model.eps or model.vjp
+//!         s.submit_batch(round.id, &indices, Some(eps.view()), vjp.as_ref().map(|v| v.view()))?;
+//!     }
+//!     s.complete_round()?;                                  // errors if anything is missing
+//! }
+//! let reconstruction = s.result()?;
+//! ```
+//!
+//! One step at training timestep t (ᾱ = ᾱ_t), on the padded volume of the
+//! [`PatchGrid`] (model units χ_model = χ_ppm × chi_scale):
+//! 1. ε̂ = Σ_p E_pᵀ ε(E_p x_t) / count (WeatherDiffusion/DM-QSM overlap averaging);
+//! 2. x̂_0 = (x_t − √(1−ᾱ) ε̂)/√ᾱ, optionally clamped to a range;
+//! 3. x'_{t−1} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z_k (DDIM, η sets σ);
+//! 4. DPS: x_{t−1} = x'_{t−1} − ξ ∇_{x_t} L, L = ‖M_y ⊙ (y − A crop(x̂_0))‖₂ (plain norm,
+//!    DPS code convention, REFERENCE.md §2), g = ∇_{x̂_0} L = −crop*(Aᵀ r)/L.
+//!    - [`Guidance::Exact`]: differentiating the patched map above,
+//!      ∇_{x_t} L = (g − √(1−ᾱ) Σ_p E_pᵀ J_pᵀ E_p (g/count)) / √ᾱ,
+//!      J_p = ∂ε/∂x of patch p. So the VJP round sends cotangent E_p(g/count) per patch
+//!      and sums the returned Jᵀv *without* dividing by the count. This needs ε̂ (for
+//!      x̂_0 and g) first, hence two rounds per step: ε, then ε+VJP. The ε returned in the
+//!      VJP round is ignored; the step uses the first round's ε.
+//!    - [`Guidance::Approx`]: drops the network Jacobian, ∇ ≈ g/√ᾱ (one round).
+//!    - [`Guidance::None`]: unconditional prior sampling (one round).
+//!
+//! Determinism: the step depends only on x_t, the per-patch results, the seed and the
+//! step index. Results are stored per patch and summed in patch-index order; noise z_k
+//! is a pure function of (seed, k, voxel); reductions use fixed chunking. So any
+//! batching, order or retry policy yields bitwise identical steps, and a
+//! [`Checkpoint`] (taken at any time; it records the state at the start of the current
+//! step) restores bitwise identically.
+
+use crate::diffusion::model::ModelSpec;
+use crate::diffusion::noise::{NoiseStream, step_stream};
+use crate::diffusion::schedule::{
+    NoiseSchedule, SamplingSchedule, ScheduleConfig, StepCoefficients,
+};
+use crate::error::{Error, Result};
+use crate::patch::{GridSpacing, PatchGrid};
+use crate::tasks::Problem;
+use crate::volume::Volume;
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Zip};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// How the DPS gradient ∇_{x_t} L is formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Guidance {
+    /// Back through the score network (DPS): two model rounds per step (ε, then ε+VJP).
+    Exact,
+    /// Network Jacobian dropped, ∇ ≈ g/√ᾱ: one round per step.
+    Approx,
+    /// No data term: samples the prior (used for tests and unconditional generation).
+    None,
+}
+
+/// Settings of one sampling run (one posterior sample).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplerSettings {
+    /// Number of re-spaced sampling steps N (1 … T).
+    pub steps: usize,
+    /// DDIM stochasticity η (0 deterministic DDIM, 1 ancestral DDPM-like).
+    pub eta: f64,
+    /// DPS step size ξ; `None` takes the task default ([`crate::tasks::Task::default_xi`]).
+    pub xi: Option<f64>,
+    /// How the DPS gradient is formed.
+    pub guidance: Guidance,
+    /// Patch spacing (overlap S or stride); the patch edge comes from the model.
+    pub spacing: GridSpacing,
+    /// Shift the patch grid by a seeded offset every step (beyond the paper).
+    pub shift_grid: bool,
+    /// Clamp x̂_0 to `[lo, hi]` ppm (DPS clamps to the data range); `None` disables.
+    pub clamp_ppm: Option<[f64; 2]>,
+    /// Seed of x_T, the step noise and the grid offsets.
+    pub seed: u64,
+}
+
+impl Default for SamplerSettings {
+    /// DPS defaults: 1000 ancestral steps (η = 1), exact guidance, task ξ, DM-QSM's
+    /// overlap S = 8, no grid shift, no clamp, seed 0.
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            eta: 1.0,
+            xi: None,
+            guidance: Guidance::Exact,
+            spacing: GridSpacing::default(),
+            shift_grid: false,
+            clamp_ppm: None,
+            seed: 0,
+        }
+    }
+}
+
+/// What a round asks the model for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoundKind {
+    /// ε only (`ScoreModel::eps`, proto `Denoise`).
+    Eps,
+    /// ε and Jᵀv for a cotangent v (`ScoreModel::vjp`, proto `DenoiseVjp`).
+    Vjp,
+}
+
+/// Identity of a round; results must quote it, so late results of an earlier round are
+/// rejected rather than mixed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RoundId {
+    /// Sampling step (0-based, 0 = noisiest).
+    pub step: usize,
+    /// Which round of the step.
+    pub kind: RoundKind,
+}
+
+/// The open round: what is needed now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundInfo {
+    /// Round identity to quote when submitting.
+    pub id: RoundId,
+    /// Training timestep index t given to the model for every patch of the round.
+    pub timestep: usize,
+    /// Number of patches (all must be evaluated).
+    pub patches: usize,
+}
+
+/// Progress of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Steps completed (0 … N).
+    pub step: usize,
+    /// Total steps N.
+    pub total_steps: usize,
+    /// The open round, `None` when finished.
+    pub round: Option<RoundKind>,
+    /// Patch results received in the open round.
+    pub received: usize,
+    /// Patches per round.
+    pub patches: usize,
+    /// DPS data residual ‖M_y(y − A x̂_0)‖ in ppm at the last evaluated step, if guided.
+    pub residual_ppm: Option<f64>,
+}
+
+/// One patch evaluation: the model input of patch `index`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchWork {
+    /// Patch index in the grid.
+    pub index: usize,
+    /// Training timestep t (as f32, the TorchScript contract).
+    pub timestep: f32,
+    /// x_t patch `[P, P, P]`, model units.
+    pub x: Array3<f32>,
+    /// Cotangent v `[P, P, P]` for a VJP round (the patch of g/count), else `None`.
+    pub cotangent: Option<Array3<f32>>,
+}
+
+/// A batch of patch evaluations stacked for a model call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkBatch {
+    /// Round identity to quote when submitting the results.
+    pub round: RoundId,
+    /// Patch indices, in the order of the batch rows.
+    pub indices: Vec<usize>,
+    /// x_t patches `[B, P, P, P]`, model units.
+    pub x: Array4<f32>,
+    /// Timestep per row.
+    pub timesteps: Vec<f32>,
+    /// Cotangents `[B, P, P, P]` for a VJP round.
+    pub cotangent: Option<Array4<f32>>,
+}
+
+/// A finished reconstruction (one posterior sample).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reconstruction {
+    /// χ in ppm on the output grid, zero outside the output mask.
+    pub chi: Volume,
+    /// Seed of this sample.
+    pub seed: u64,
+    /// Sampling steps taken.
+    pub steps: usize,
+    /// DPS data residual ‖M_y(y − A x̂_0)‖ in ppm at the last step, if guided.
+    pub residual_ppm: Option<f64>,
+}
+
+/// Serializable sampler state at a step boundary; restores bitwise identically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Format version ([`Checkpoint::FORMAT`]).
+    pub format: u32,
+    /// Settings of the run (seed included).
+    pub settings: SamplerSettings,
+    /// Content hash of the model the run uses.
+    pub model_hash: String,
+    /// Patch edge P of the model.
+    pub patch_size: usize,
+    /// Model unit scale (χ_model = χ_ppm × chi_scale).
+    pub chi_scale: f64,
+    /// Training schedule of the model.
+    pub schedule: ScheduleConfig,
+    /// [`Problem::fingerprint`] of the problem.
+    pub problem_fingerprint: u64,
+    /// Padded volume shape of the state.
+    pub padded_shape: [usize; 3],
+    /// Steps completed.
+    pub step: usize,
+    /// Last data residual in ppm.
+    pub residual_ppm: Option<f64>,
+    /// x_t over the padded volume, C order, model units.
+    pub state: Vec<f32>,
+}
+
+const CHECKPOINT_MAGIC: &[u8; 8] = b"DMQSMCK1";
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointHeader {
+    format: u32,
+    settings: SamplerSettings,
+    model_hash: String,
+    patch_size: usize,
+    chi_scale: f64,
+    schedule: ScheduleConfig,
+    problem_fingerprint: u64,
+    padded_shape: [usize; 3],
+    step: usize,
+    residual_ppm: Option<f64>,
+    state_len: usize,
+}
+
+impl Checkpoint {
+    /// Current checkpoint format version.
+    pub const FORMAT: u32 = 1;
+
+    /// Compact binary encoding: magic `DMQSMCK1`, u64 LE header length, JSON header, then
+    /// the state as f32 little-endian.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let header = CheckpointHeader {
+            format: self.format,
+            settings: self.settings.clone(),
+            model_hash: self.model_hash.clone(),
+            patch_size: self.patch_size,
+            chi_scale: self.chi_scale,
+            schedule: self.schedule.clone(),
+            problem_fingerprint: self.problem_fingerprint,
+            padded_shape: self.padded_shape,
+            step: self.step,
+            residual_ppm: self.residual_ppm,
+            state_len: self.state.len(),
+        };
+        let json = serde_json::to_vec(&header)
+            .map_err(|e| Error::Protocol(format!("checkpoint header: {e}")))?;
+        let mut out = Vec::with_capacity(16 + json.len() + 4 * self.state.len());
+        out.extend_from_slice(CHECKPOINT_MAGIC);
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&json);
+        for v in &self.state {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        Ok(out)
+    }
+
+    /// Decodes [`Checkpoint::to_bytes`]; errors name what is malformed.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let bad = |m: &str| Error::Protocol(format!("malformed checkpoint: {m}"));
+        if bytes.len() < 16 || &bytes[..8] != CHECKPOINT_MAGIC {
+            return Err(bad("missing DMQSMCK1 magic"));
+        }
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&bytes[8..16]);
+        let hlen = usize::try_from(u64::from_le_bytes(len)).map_err(|_| bad("header length"))?;
+        let body = bytes.get(16..).ok_or_else(|| bad("truncated"))?;
+        if hlen > body.len() {
+            return Err(bad("header longer than the file"));
+        }
+        let header: CheckpointHeader =
+            serde_json::from_slice(&body[..hlen]).map_err(|e| bad(&format!("header: {e}")))?;
+        let data = &body[hlen..];
+        if data.len() != header.state_len.saturating_mul(4) {
+            return Err(bad(&format!(
+                "state holds {} bytes, header says {} values",
+                data.len(),
+                header.state_len
+            )));
+        }
+        let state = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(Self {
+            format: header.format,
+            settings: header.settings,
+            model_hash: header.model_hash,
+            patch_size: header.patch_size,
+            chi_scale: header.chi_scale,
+            schedule: header.schedule,
+            problem_fingerprint: header.problem_fingerprint,
+            padded_shape: header.padded_shape,
+            step: header.step,
+            residual_ppm: header.residual_ppm,
+            state,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Eps,
+    Vjp,
+    Finished,
+}
+
+/// Intermediate of an exact-guidance step between its ε round and its VJP round.
+#[derive(Debug, Clone)]
+struct PendingStep {
+    eps_hat: Array3<f32>,
+    x0_hat: Array3<f32>,
+    grad_x0: Array3<f32>,
+    cotangent: Array3<f32>,
+}
+
+/// The DPS gradient ∇_{x_t} L of a step, kept in parts and evaluated per voxel.
+enum Gradient {
+    /// Unguided.
+    None,
+    /// g/√ᾱ from g = ∇_{x̂_0} L (padded).
+    Approx(Array3<f32>),
+    /// (g − √(1−ᾱ) Σ_p E_pᵀ J_pᵀ v_p)/√ᾱ from g and the summed Jᵀv (padded, f64).
+    Exact(Array3<f32>, Array3<f64>),
+}
+
+/// Per-voxel evaluator of a [`Gradient`] (flat C-order index → value).
+type GradientAt<'a> = Box<dyn Fn(usize) -> f32 + Sync + Send + 'a>;
+
+impl Gradient {
+    fn evaluator(&self, sa: f64, s1a: f64) -> Result<Option<GradientAt<'_>>> {
+        let contiguous = || Error::Shape("gradient volume is not contiguous".into());
+        Ok(match self {
+            Gradient::None => None,
+            Gradient::Approx(g) => {
+                let g = g.as_slice().ok_or_else(contiguous)?;
+                Some(Box::new(move |i| (g[i] as f64 / sa) as f32))
+            }
+            Gradient::Exact(g, jtv) => {
+                let g = g.as_slice().ok_or_else(contiguous)?;
+                let j = jtv.as_slice().ok_or_else(contiguous)?;
+                Some(Box::new(move |i| ((g[i] as f64 - s1a * j[i]) / sa) as f32))
+            }
+        })
+    }
+}
+
+/// The patch-based DPS sampler state machine (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    problem: Arc<Problem>,
+    spec: ModelSpec,
+    settings: SamplerSettings,
+    xi: f64,
+    clamp: Option<(f32, f32)>,
+    base_grid: PatchGrid,
+    grid: PatchGrid,
+    schedule: SamplingSchedule,
+    y_model: Array3<f32>,
+    step: usize,
+    state: Array3<f32>,
+    phase: Phase,
+    eps: Vec<Option<Array3<f32>>>,
+    vjp: Vec<Option<Array3<f32>>>,
+    pending: Option<PendingStep>,
+    residual_ppm: Option<f64>,
+    last_gradient: Option<Array3<f32>>,
+    record_gradient: bool,
+}
+
+impl Sampler {
+    /// Starts a run: x_T ~ N(0, I) over the padded volume from `settings.seed`.
+    /// Errors on invalid settings or a model spec that cannot be used.
+    pub fn new(problem: Arc<Problem>, spec: &ModelSpec, settings: SamplerSettings) -> Result<Self> {
+        let mut s = Self::build(problem, spec, settings)?;
+        s.state =
+            crate::diffusion::noise::initial_noise(s.settings.seed, s.base_grid.padded_shape());
+        s.enter_step()?;
+        Ok(s)
+    }
+
+    /// Resumes from a checkpoint taken by [`Sampler::checkpoint`] on the same problem and
+    /// model. Errors if the problem, model or format does not match.
+    pub fn restore(
+        problem: Arc<Problem>,
+        spec: &ModelSpec,
+        checkpoint: &Checkpoint,
+    ) -> Result<Self> {
+        let mismatch = |m: String| Err(Error::Protocol(format!("checkpoint does not match: {m}")));
+        if checkpoint.format != Checkpoint::FORMAT {
+            return mismatch(format!(
+                "format {} (expected {})",
+                checkpoint.format,
+                Checkpoint::FORMAT
+            ));
+        }
+        if checkpoint.problem_fingerprint != problem.fingerprint() {
+            return mismatch(
+                "it was taken on a different problem (measurement, masks or grid)".into(),
+            );
+        }
+        if checkpoint.model_hash != spec.content_hash
+            || checkpoint.patch_size != spec.patch_size
+            || checkpoint.chi_scale.to_bits() != spec.chi_scale.to_bits()
+            || checkpoint.schedule != spec.schedule
+        {
+            return mismatch(format!(
+                "it was taken with model {} (patch {}, scale {}), not {} (patch {}, scale {})",
+                checkpoint.model_hash,
+                checkpoint.patch_size,
+                checkpoint.chi_scale,
+                spec.content_hash,
+                spec.patch_size,
+                spec.chi_scale
+            ));
+        }
+        let mut s = Self::build(problem, spec, checkpoint.settings.clone())?;
+        let shape = s.base_grid.padded_shape();
+        if checkpoint.padded_shape != shape
+            || checkpoint.state.len() != shape.iter().product::<usize>()
+        {
+            return mismatch(format!(
+                "state of shape {:?} ({} values), sampler expects {shape:?}",
+                checkpoint.padded_shape,
+                checkpoint.state.len()
+            ));
+        }
+        if checkpoint.step > s.schedule.len() {
+            return mismatch(format!(
+                "step {} beyond the {} steps",
+                checkpoint.step,
+                s.schedule.len()
+            ));
+        }
+        s.state = Array3::from_shape_vec(shape, checkpoint.state.clone())
+            .map_err(|e| Error::Shape(e.to_string()))?;
+        s.step = checkpoint.step;
+        s.residual_ppm = checkpoint.residual_ppm;
+        s.enter_step()?;
+        Ok(s)
+    }
+
+    fn build(problem: Arc<Problem>, spec: &ModelSpec, settings: SamplerSettings) -> Result<Self> {
+        if !(spec.chi_scale.is_finite() && spec.chi_scale > 0.0) {
+            return Err(Error::Model(format!(
+                "model {} has chi_scale {}; it must be positive",
+                spec.model_id, spec.chi_scale
+            )));
+        }
+        let noise = NoiseSchedule::new(&spec.schedule)?;
+        let schedule = SamplingSchedule::new(&noise, settings.steps, settings.eta)?;
+        let xi = settings.xi.unwrap_or_else(|| problem.default_xi());
+        if !(xi.is_finite() && xi >= 0.0) {
+            return Err(Error::Parameter(format!(
+                "DPS step size xi {xi} must be finite and non-negative"
+            )));
+        }
+        let clamp = match settings.clamp_ppm {
+            None => None,
+            Some([lo, hi]) if lo.is_finite() && hi.is_finite() && lo < hi => {
+                Some(((lo * spec.chi_scale) as f32, (hi * spec.chi_scale) as f32))
+            }
+            Some(r) => {
+                return Err(Error::Parameter(format!(
+                    "clamp range {r:?} ppm must be finite with lo < hi"
+                )));
+            }
+        };
+        let out_shape = problem.output().shape;
+        let base_grid = if settings.shift_grid {
+            PatchGrid::new_shifting(out_shape, spec.patch_size, settings.spacing)?
+        } else {
+            PatchGrid::new(out_shape, spec.patch_size, settings.spacing)?
+        };
+        let scale = spec.chi_scale as f32;
+        let y_model = Zip::from(problem.measurement())
+            .and(problem.measurement_mask())
+            .map_collect(|&y, &m| if m { y * scale } else { 0.0 });
+        let n = base_grid.len();
+        Ok(Self {
+            grid: base_grid.clone(),
+            base_grid,
+            spec: spec.clone(),
+            settings,
+            xi,
+            clamp,
+            schedule,
+            y_model,
+            step: 0,
+            state: Array3::zeros([0, 0, 0]),
+            phase: Phase::Eps,
+            eps: vec![None; n],
+            vjp: vec![None; n],
+            pending: None,
+            residual_ppm: None,
+            last_gradient: None,
+            record_gradient: false,
+            problem,
+        })
+    }
+
+    /// Sets up the grid and result slots of step `self.step` (or marks the run finished).
+    fn enter_step(&mut self) -> Result<()> {
+        self.eps.iter_mut().for_each(|e| *e = None);
+        self.vjp.iter_mut().for_each(|e| *e = None);
+        self.pending = None;
+        if self.step >= self.schedule.len() {
+            self.phase = Phase::Finished;
+            return Ok(());
+        }
+        self.phase = Phase::Eps;
+        self.grid = if self.settings.shift_grid {
+            let off = self.base_grid.seeded_offset(self.settings.seed, self.step);
+            self.base_grid.with_offset(off)?
+        } else {
+            self.base_grid.clone()
+        };
+        Ok(())
+    }
+
+    fn coefficients(&self) -> Result<StepCoefficients> {
+        self.schedule
+            .step(self.step)
+            .copied()
+            .ok_or_else(|| Error::Protocol("the sampler has finished; no step is open".into()))
+    }
+
+    /// The problem being solved.
+    pub fn problem(&self) -> &Arc<Problem> {
+        &self.problem
+    }
+    /// The model spec the run was started with.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+    /// Settings of the run.
+    pub fn settings(&self) -> &SamplerSettings {
+        &self.settings
+    }
+    /// The DPS step size ξ in use.
+    pub fn xi(&self) -> f64 {
+        self.xi
+    }
+    /// The re-spaced schedule.
+    pub fn schedule(&self) -> &SamplingSchedule {
+        &self.schedule
+    }
+    /// The patch grid of the current step (offset included).
+    pub fn grid(&self) -> &PatchGrid {
+        &self.grid
+    }
+    /// x_t over the padded volume, model units (the state at the start of the open step).
+    pub fn state(&self) -> &Array3<f32> {
+        &self.state
+    }
+    /// The DPS gradient ∇_{x_t} L of the last completed step (padded, model units), if
+    /// guided and recording was switched on with [`Sampler::record_gradient`].
+    pub fn last_gradient(&self) -> Option<&Array3<f32>> {
+        self.last_gradient.as_ref()
+    }
+
+    /// Keep a copy of each step's DPS gradient for [`Sampler::last_gradient`] (a
+    /// diagnostic: one extra padded volume and pass per step; off by default).
+    pub fn record_gradient(&mut self, on: bool) {
+        self.record_gradient = on;
+        if !on {
+            self.last_gradient = None;
+        }
+    }
+    /// Whether all steps are done.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// The open round, `None` when finished.
+    pub fn round(&self) -> Option<RoundInfo> {
+        let kind = match self.phase {
+            Phase::Eps => RoundKind::Eps,
+            Phase::Vjp => RoundKind::Vjp,
+            Phase::Finished => return None,
+        };
+        let t = self.schedule.step(self.step)?.t;
+        Some(RoundInfo {
+            id: RoundId {
+                step: self.step,
+                kind,
+            },
+            timestep: t,
+            patches: self.grid.len(),
+        })
+    }
+
+    /// Progress of the run.
+    pub fn progress(&self) -> Progress {
+        let slots = if self.phase == Phase::Vjp {
+            &self.vjp
+        } else {
+            &self.eps
+        };
+        Progress {
+            step: self.step,
+            total_steps: self.schedule.len(),
+            round: self.round().map(|r| r.id.kind),
+            received: slots.iter().filter(|s| s.is_some()).count(),
+            patches: self.grid.len(),
+            residual_ppm: self.residual_ppm,
+        }
+    }
+
+    fn slots(&self) -> &[Option<Array3<f32>>] {
+        if self.phase == Phase::Vjp {
+            &self.vjp
+        } else {
+            &self.eps
+        }
+    }
+
+    /// Patch indices of the open round whose results are still missing, ascending.
+    pub fn pending(&self) -> Vec<usize> {
+        if self.phase == Phase::Finished {
+            return Vec::new();
+        }
+        (0..self.grid.len())
+            .filter(|&i| self.slots()[i].is_none())
+            .collect()
+    }
+
+    /// Whether every result of the open round has arrived.
+    pub fn is_round_complete(&self) -> bool {
+        self.phase != Phase::Finished && self.slots().iter().all(Option::is_some)
+    }
+
+    /// The deterministic default batching of the pending patches: ascending indices in
+    /// chunks of at most `max_batch`. Errors on `max_batch` = 0.
+    pub fn plan_batches(&self, max_batch: usize) -> Result<Vec<Vec<usize>>> {
+        if max_batch == 0 {
+            return Err(Error::Parameter("max batch size must be at least 1".into()));
+        }
+        Ok(self
+            .pending()
+            .chunks(max_batch)
+            .map(<[usize]>::to_vec)
+            .collect())
+    }
+
+    /// The model input of patch `index` in the open round.
+    pub fn work(&self, index: usize) -> Result<PatchWork> {
+        let round = self
+            .round()
+            .ok_or_else(|| Error::Protocol("the sampler has finished; there is no work".into()))?;
+        let x = self.grid.extract(self.state.view(), index)?;
+        let cotangent = match (&self.pending, round.id.kind) {
+            (Some(p), RoundKind::Vjp) => Some(self.grid.extract(p.cotangent.view(), index)?),
+            _ => None,
+        };
+        Ok(PatchWork {
+            index,
+            timestep: round.timestep as f32,
+            x,
+            cotangent,
+        })
+    }
+
+    /// The stacked model input for patches `indices` (any subset, any order) of the open
+    /// round.
+    pub fn batch(&self, indices: &[usize]) -> Result<WorkBatch> {
+        let round = self
+            .round()
+            .ok_or_else(|| Error::Protocol("the sampler has finished; there is no work".into()))?;
+        let p = self.grid.patch_size();
+        let p3 = p * p * p;
+        let b = indices.len();
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.grid.len()) {
+            return Err(Error::Parameter(format!(
+                "patch index {bad} out of range (grid has {} patches)",
+                self.grid.len()
+            )));
+        }
+        let fill = |src: &Array3<f32>| -> Result<Array4<f32>> {
+            let mut buf = vec![0.0f32; b * p3];
+            buf.par_chunks_mut(p3)
+                .zip(indices.par_iter())
+                .try_for_each(|(dst, &idx)| self.grid.extract_into(src.view(), idx, dst))?;
+            Array4::from_shape_vec((b, p, p, p), buf).map_err(|e| Error::Shape(e.to_string()))
+        };
+        let x = fill(&self.state)?;
+        let cot = match (&self.pending, round.id.kind) {
+            (Some(pending), RoundKind::Vjp) => Some(fill(&pending.cotangent)?),
+            _ => None,
+        };
+        Ok(WorkBatch {
+            round: round.id,
+            indices: indices.to_vec(),
+            x,
+            timesteps: vec![round.timestep as f32; b],
+            cotangent: cot,
+        })
+    }
+
+    fn check_round(&self, round: RoundId) -> Result<RoundKind> {
+        match self.round() {
+            Some(open) if open.id == round => Ok(round.kind),
+            Some(open) => Err(Error::Protocol(format!(
+                "results for step {} {:?} round, but the open round is step {} {:?}",
+                round.step, round.kind, open.id.step, open.id.kind
+            ))),
+            None => Err(Error::Protocol(
+                "results submitted after the sampler finished".into(),
+            )),
+        }
+    }
+
+    fn check_patch(&self, what: &str, index: usize, v: &ArrayView3<'_, f32>) -> Result<()> {
+        let p = self.grid.patch_size();
+        if index >= self.grid.len() {
+            return Err(Error::Protocol(format!(
+                "result for patch {index}, but the grid has {} patches",
+                self.grid.len()
+            )));
+        }
+        if v.shape() != [p, p, p] {
+            return Err(Error::Model(format!(
+                "{what} of patch {index} has shape {:?}, expected [{p}, {p}, {p}]",
+                v.shape()
+            )));
+        }
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Model(format!(
+                "{what} of patch {index} holds non-finite values"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Hands back the result of one patch of round `round`: ε (needed in an ε round) and
+    /// Jᵀv (needed in a VJP round; ε may be given there and is ignored). Returns `true`
+    /// if stored, `false` if a result for this patch was already held (the first one
+    /// wins; duplicates from retries are harmless). Errors on a wrong round, a bad index,
+    /// shape or non-finite values; nothing is stored then.
+    pub fn submit(
+        &mut self,
+        round: RoundId,
+        index: usize,
+        eps: Option<ArrayView3<'_, f32>>,
+        vjp: Option<ArrayView3<'_, f32>>,
+    ) -> Result<bool> {
+        let kind = self.check_round(round)?;
+        let value = match kind {
+            RoundKind::Eps => {
+                eps.ok_or_else(|| Error::Protocol(format!("ε round: patch {index} sent no ε")))?
+            }
+            RoundKind::Vjp => {
+                vjp.ok_or_else(|| Error::Protocol(format!("VJP round: patch {index} sent no Jᵀv")))?
+            }
+        };
+        self.check_patch(
+            if kind == RoundKind::Eps {
+                "ε"
+            } else {
+                "Jᵀv"
+            },
+            index,
+            &value,
+        )?;
+        Ok(self.store(kind, index, value))
+    }
+
+    /// Stores a validated result unless one is already held (first wins).
+    fn store(&mut self, kind: RoundKind, index: usize, value: ArrayView3<'_, f32>) -> bool {
+        let slot = match kind {
+            RoundKind::Eps => &mut self.eps[index],
+            RoundKind::Vjp => &mut self.vjp[index],
+        };
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(value.to_owned());
+        true
+    }
+
+    /// Hands back a batch: row b of `eps`/`vjp` (`[B, P, P, P]`) is patch `indices[b]`.
+    /// Validates everything before storing anything. Returns how many were new.
+    pub fn submit_batch(
+        &mut self,
+        round: RoundId,
+        indices: &[usize],
+        eps: Option<ArrayView4<'_, f32>>,
+        vjp: Option<ArrayView4<'_, f32>>,
+    ) -> Result<usize> {
+        let kind = self.check_round(round)?;
+        let values = match kind {
+            RoundKind::Eps => {
+                eps.ok_or_else(|| Error::Protocol("ε round: batch sent no ε".into()))?
+            }
+            RoundKind::Vjp => {
+                vjp.ok_or_else(|| Error::Protocol("VJP round: batch sent no Jᵀv".into()))?
+            }
+        };
+        if values.shape()[0] != indices.len() {
+            return Err(Error::Model(format!(
+                "batch of {} patches returned {} results",
+                indices.len(),
+                values.shape()[0]
+            )));
+        }
+        let what = if kind == RoundKind::Eps {
+            "ε"
+        } else {
+            "Jᵀv"
+        };
+        for (row, &idx) in indices.iter().enumerate() {
+            self.check_patch(what, idx, &values.index_axis(ndarray::Axis(0), row))?;
+        }
+        let mut new = 0;
+        for (row, &idx) in indices.iter().enumerate() {
+            if self.store(kind, idx, values.index_axis(ndarray::Axis(0), row)) {
+                new += 1;
+            }
+        }
+        Ok(new)
+    }
+
+    /// Finishes the open round once all its results are in: an ε round of approx/none
+    /// guidance (or the VJP round of exact guidance) completes the step; an ε round of
+    /// exact guidance opens the VJP round. Errors (changing nothing) if results are missing.
+    pub fn complete_round(&mut self) -> Result<()> {
+        let round = self
+            .round()
+            .ok_or_else(|| Error::Protocol("the sampler has finished".into()))?;
+        let missing = self.pending();
+        if !missing.is_empty() {
+            return Err(Error::Protocol(format!(
+                "step {} {:?} round: {} of {} patch results missing (first: {})",
+                round.id.step,
+                round.id.kind,
+                missing.len(),
+                self.grid.len(),
+                missing[0]
+            )));
+        }
+        let c = self.coefficients()?;
+        match round.id.kind {
+            RoundKind::Eps => {
+                let views: Vec<ArrayView3<'_, f32>> =
+                    self.eps.iter().flatten().map(|a| a.view()).collect();
+                let eps_hat = self.grid.assemble_padded(&views)?;
+                let (x0_hat, inside) = denoise(&self.state, &eps_hat, &c, self.clamp);
+                match self.settings.guidance {
+                    Guidance::None => self.finish_step(&c, &eps_hat, &x0_hat, Gradient::None),
+                    Guidance::Approx => {
+                        let g = self.data_gradient(&x0_hat, inside.as_ref())?;
+                        self.finish_step(&c, &eps_hat, &x0_hat, Gradient::Approx(g))
+                    }
+                    Guidance::Exact => {
+                        let g = self.data_gradient(&x0_hat, inside.as_ref())?;
+                        let cotangent = self.grid.divide_by_count(&g)?;
+                        self.pending = Some(PendingStep {
+                            eps_hat,
+                            x0_hat,
+                            grad_x0: g,
+                            cotangent,
+                        });
+                        self.phase = Phase::Vjp;
+                        Ok(())
+                    }
+                }
+            }
+            RoundKind::Vjp => {
+                let pending = self
+                    .pending
+                    .take()
+                    .ok_or_else(|| Error::Protocol("VJP round without its ε round".into()))?;
+                let views: Vec<ArrayView3<'_, f32>> =
+                    self.vjp.iter().flatten().map(|a| a.view()).collect();
+                let jtv = self.grid.accumulate(&views)?;
+                self.finish_step(
+                    &c,
+                    &pending.eps_hat,
+                    &pending.x0_hat,
+                    Gradient::Exact(pending.grad_x0, jtv),
+                )
+            }
+        }
+    }
+
+    /// g = ∇_{x̂_0} ‖M_y(y − A crop(x̂_0))‖ over the padded volume (zero in padding and
+    /// where x̂_0 was clamped); records the residual.
+    fn data_gradient(
+        &mut self,
+        x0_hat: &Array3<f32>,
+        inside: Option<&Array3<bool>>,
+    ) -> Result<Array3<f32>> {
+        let x0 = self.grid.crop(x0_hat.view())?;
+        let (g, norm) = dps_gradient(self.problem.as_ref(), &self.y_model, &x0)?;
+        self.residual_ppm = Some(norm / self.spec.chi_scale);
+        let mut g = self.grid.pad(g.view())?;
+        if let Some(inside) = inside {
+            Zip::from(&mut g).and(inside).par_for_each(|g, &m| {
+                if !m {
+                    *g = 0.0;
+                }
+            });
+        }
+        Ok(g)
+    }
+
+    /// DDIM/DDPM update plus DPS correction, fused into one pass over the padded volume
+    /// (noise drawn in place); advances to the next step. Per voxel, in f64:
+    /// x' = ((√ᾱ_prev x̂_0 + c_ε ε̂) + σ z) − ξ ∇, the expression of [`ddim_update`]
+    /// followed by the DPS correction.
+    fn finish_step(
+        &mut self,
+        c: &StepCoefficients,
+        eps_hat: &Array3<f32>,
+        x0_hat: &Array3<f32>,
+        grad: Gradient,
+    ) -> Result<()> {
+        const CHUNK: usize = 1 << 14;
+        let (a, b, s) = (c.alpha_bar_prev.sqrt(), c.eps_coefficient(), c.sigma);
+        let (sa, s1a) = (c.sqrt_alpha_bar(), c.sqrt_one_minus_alpha_bar());
+        let noise = (s > 0.0).then(|| NoiseStream::new(self.settings.seed, step_stream(self.step)));
+        let xi = self.xi;
+        let contiguous = || Error::Shape("sampler volumes are not contiguous".into());
+        let x0s = x0_hat.as_slice().ok_or_else(contiguous)?;
+        let epss = eps_hat.as_slice().ok_or_else(contiguous)?;
+        let grad_at = grad.evaluator(sa, s1a)?;
+        let n = x0s.len();
+        let mut next = vec![0.0f32; n];
+        next.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(ci, out)| {
+                let base = ci * CHUNK;
+                for (k, o) in out.iter_mut().enumerate() {
+                    let i = base + k;
+                    let mut acc = a * x0s[i] as f64 + b * epss[i] as f64;
+                    if let Some(z) = &noise {
+                        acc += s * z.at(i as u64) as f64;
+                    }
+                    if let Some(g) = &grad_at {
+                        acc -= xi * g(i) as f64;
+                    }
+                    *o = acc as f32;
+                }
+            });
+        self.last_gradient = match (&grad_at, self.record_gradient) {
+            (Some(g), true) => Some(
+                Array3::from_shape_vec(
+                    self.state.raw_dim(),
+                    (0..n).into_par_iter().map(g).collect(),
+                )
+                .map_err(|e| Error::Shape(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        self.state = Array3::from_shape_vec(self.state.raw_dim(), next)
+            .map_err(|e| Error::Shape(e.to_string()))?;
+        self.step += 1;
+        self.enter_step()
+    }
+
+    /// The state at the start of the open step (or the final state), serializable.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            format: Checkpoint::FORMAT,
+            settings: self.settings.clone(),
+            model_hash: self.spec.content_hash.clone(),
+            patch_size: self.spec.patch_size,
+            chi_scale: self.spec.chi_scale,
+            schedule: self.spec.schedule.clone(),
+            problem_fingerprint: self.problem.fingerprint(),
+            padded_shape: self.base_grid.padded_shape(),
+            step: self.step,
+            residual_ppm: self.residual_ppm,
+            state: self.state.iter().copied().collect(),
+        }
+    }
+
+    /// The current state as χ in ppm on the output grid, masked (the final
+    /// reconstruction once finished; a noisy preview before).
+    pub fn chi_ppm(&self) -> Result<Volume> {
+        let x = self.base_grid.crop(self.state.view())?;
+        let inv = 1.0 / self.spec.chi_scale;
+        let chi = Zip::from(&x)
+            .and(self.problem.output_mask())
+            .map_collect(|&v, &m| if m { (v as f64 * inv) as f32 } else { 0.0 });
+        let out = self.problem.output();
+        Ok(Volume::with_affine(chi, out.voxel_size, out.affine))
+    }
+
+    /// The reconstruction; errors unless finished.
+    pub fn result(&self) -> Result<Reconstruction> {
+        if !self.is_finished() {
+            return Err(Error::Protocol(format!(
+                "reconstruction requested at step {} of {}",
+                self.step,
+                self.schedule.len()
+            )));
+        }
+        Ok(Reconstruction {
+            chi: self.chi_ppm()?,
+            seed: self.settings.seed,
+            steps: self.schedule.len(),
+            residual_ppm: self.residual_ppm,
+        })
+    }
+}
+
+/// x̂_0 = (x_t − √(1−ᾱ) ε̂)/√ᾱ, clamped to `clamp` (model units) if given; with a clamp
+/// also returns where x̂_0 was inside the range (the clamp's derivative).
+pub fn denoise(
+    x: &Array3<f32>,
+    eps_hat: &Array3<f32>,
+    c: &StepCoefficients,
+    clamp: Option<(f32, f32)>,
+) -> (Array3<f32>, Option<Array3<bool>>) {
+    let (sa, s1a) = (c.sqrt_alpha_bar(), c.sqrt_one_minus_alpha_bar());
+    let x0 = Zip::from(x)
+        .and(eps_hat)
+        .par_map_collect(|&x, &e| ((x as f64 - s1a * e as f64) / sa) as f32);
+    match clamp {
+        None => (x0, None),
+        Some((lo, hi)) => {
+            let inside = x0.mapv(|v| v > lo && v < hi);
+            (x0.mapv(|v| v.clamp(lo, hi)), Some(inside))
+        }
+    }
+}
+
+/// x'_{prev} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z (DDIM eq. 12).
+pub fn ddim_update(
+    x0_hat: &Array3<f32>,
+    eps_hat: &Array3<f32>,
+    c: &StepCoefficients,
+    z: Option<&Array3<f32>>,
+) -> Array3<f32> {
+    let (a, b, s) = (c.alpha_bar_prev.sqrt(), c.eps_coefficient(), c.sigma);
+    match z {
+        Some(z) => Zip::from(x0_hat)
+            .and(eps_hat)
+            .and(z)
+            .par_map_collect(|&x0, &e, &z| (a * x0 as f64 + b * e as f64 + s * z as f64) as f32),
+        None => Zip::from(x0_hat)
+            .and(eps_hat)
+            .par_map_collect(|&x0, &e| (a * x0 as f64 + b * e as f64) as f32),
+    }
+}
+
+/// Σ v² in f64 with fixed chunking (bitwise independent of the thread count).
+pub fn sum_squares(v: &[f32]) -> f64 {
+    const CHUNK: usize = 1 << 15;
+    let partial: Vec<f64> = v
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+        .collect();
+    partial.iter().sum()
+}
+
+/// The DPS data term on the output grid: for x̂_0 (model units, output shape) and
+/// y_model = M_y ⊙ y·scale, returns g = ∇_{x̂_0}‖M_y(y − A x̂_0)‖₂ = −Aᵀ r / ‖r‖ with
+/// r = M_y(y − A x̂_0) (g = 0 when r = 0), and ‖r‖ (model units).
+pub fn dps_gradient(
+    problem: &Problem,
+    y_model: &Array3<f32>,
+    x0: &Array3<f32>,
+) -> Result<(Array3<f32>, f64)> {
+    let ax = problem.operator().apply(x0)?;
+    if ax.shape() != y_model.shape() {
+        return Err(Error::Shape(format!(
+            "forward model returned shape {:?}, measurement is {:?}",
+            ax.shape(),
+            y_model.shape()
+        )));
+    }
+    let r = Zip::from(y_model)
+        .and(&ax)
+        .and(problem.measurement_mask())
+        .par_map_collect(|&y, &a, &m| if m { y - a } else { 0.0 });
+    let r_std = r.as_standard_layout();
+    let norm = sum_squares(r_std.as_slice().unwrap_or(&[])).sqrt();
+    if !norm.is_finite() {
+        return Err(Error::NonFinite(
+            "DPS residual ‖y − A x̂_0‖ is not finite".into(),
+        ));
+    }
+    if norm == 0.0 {
+        return Ok((Array3::zeros(x0.raw_dim()), 0.0));
+    }
+    let mut g = problem.operator().adjoint(&r)?;
+    let inv = (-1.0 / norm) as f32;
+    g.par_mapv_inplace(|v| v * inv);
+    Ok((g, norm))
+}
+
+#[cfg(test)]
+#[path = "sampler_tests.rs"]
+mod tests;

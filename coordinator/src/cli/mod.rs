@@ -1,0 +1,582 @@
+//! The `dmqsm` client and server subcommands: `serve`, `submit`, `status`, `watch`,
+//! `cancel`, `fetch`, `workers` and `run` (embedded mode).
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use dmqsm_coordinator::client::{self, ClientError};
+use dmqsm_coordinator::job::TaskKind;
+use dmqsm_proto::v1;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub mod physics;
+pub mod server;
+
+/// Exit codes of `dmqsm`, shown in `--help`.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  other error (I/O, internal)
+  2  usage error (bad arguments)
+  3  submission rejected (bad input file, shapes, NaN, path outside the data root,
+     unknown model, no workers)
+  4  job failed (the message names the job, the worker and the cause)
+  5  job cancelled
+  6  coordinator unreachable
+  7  job not found, or no result to fetch";
+
+/// An error with its documented exit code.
+#[derive(Debug)]
+pub struct Exit {
+    /// Process exit code (see [`EXIT_CODES`]).
+    pub code: u8,
+    /// Message printed to stderr.
+    pub message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Exit code for job failed.
+pub const EXIT_JOB_FAILED: u8 = 4;
+/// Exit code for job cancelled.
+pub const EXIT_JOB_CANCELLED: u8 = 5;
+
+/// Maps a client error to its exit code.
+pub fn exit_from_client(e: ClientError) -> Exit {
+    let code = match &e {
+        ClientError::Connect { .. } => 6,
+        ClientError::Rpc(s) => match s.code() {
+            tonic::Code::InvalidArgument => 3,
+            tonic::Code::NotFound | tonic::Code::FailedPrecondition => 7,
+            tonic::Code::Unavailable => 6,
+            _ => 1,
+        },
+        ClientError::Protocol(_) => 1,
+    };
+    Exit {
+        code,
+        message: e.to_string(),
+    }
+}
+
+fn ce(e: ClientError) -> anyhow::Error {
+    exit_from_client(e).into()
+}
+
+/// Where the coordinator is.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        env = "DMQSM_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+}
+
+/// Task names on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TaskArg {
+    /// Local field → χ (DM-QSM DipInv: SR ×1 of TKD).
+    Dipinv,
+    /// Low-res χ → high-res χ.
+    Sr,
+    /// Low-res field → high-res χ (DM-QSM SR-DipInv).
+    SrDipinv,
+    /// Local field → χ with the dipole model in the DPS term.
+    DipinvPhysics,
+    /// Low-res field → high-res χ with downsampling and the dipole model.
+    SrDipinvPhysics,
+}
+
+impl TaskArg {
+    fn to_proto(self) -> v1::Task {
+        match self {
+            TaskArg::Dipinv => v1::Task::Dipinv,
+            TaskArg::Sr => v1::Task::Sr,
+            TaskArg::SrDipinv => v1::Task::SrDipinv,
+            TaskArg::DipinvPhysics => v1::Task::DipinvPhysics,
+            TaskArg::SrDipinvPhysics => v1::Task::SrDipinvPhysics,
+        }
+    }
+}
+
+/// DPS guidance mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuidanceArg {
+    /// Gradient through the network (ε round + VJP round per step).
+    Exact,
+    /// Network Jacobian dropped (one ε round per step).
+    Approx,
+}
+
+/// The reconstruction: inputs and settings (shared by `submit` and `run`).
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// Measurement NIfTI: local field (dipinv tasks) or low-res χ (sr), in ppm unless
+    /// --field-units says otherwise.
+    pub measurement: PathBuf,
+    /// Brain mask NIfTI (optional).
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Task.
+    #[arg(long, value_enum, default_value = "dipinv")]
+    pub task: TaskArg,
+    /// Diffusion (DDIM) steps.
+    #[arg(long, default_value_t = 25)]
+    pub steps: u32,
+    /// DDIM η (0 deterministic, 1 ancestral).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// DPS step size ξ (default: 0.5 dipole inversion, 2 SR).
+    #[arg(long)]
+    pub xi: Option<f64>,
+    /// Guidance mode.
+    #[arg(long, value_enum, default_value = "approx")]
+    pub guidance: GuidanceArg,
+    /// Patch overlap in voxels (DM-QSM: 8).
+    #[arg(long, default_value_t = 8)]
+    pub overlap: u32,
+    /// Noise seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Posterior samples (> 1 adds a std map).
+    #[arg(long, default_value_t = 1)]
+    pub samples: u32,
+    /// Priority (higher runs first).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub priority: i32,
+    /// Required model id ("" accepts what the workers serve).
+    #[arg(long, default_value = "")]
+    pub model_id: String,
+    /// SR factor: one value or three comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub factor: Vec<u32>,
+    /// B0 direction in voxel axes (x,y,z); default from the NIfTI affine.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub b0_dir: Vec<f64>,
+    /// TKD threshold of the dipinv / sr-dipinv input.
+    #[arg(long, default_value_t = 0.1)]
+    pub tkd_threshold: f64,
+    /// Units of a field input: ppm, hz or rad.
+    #[arg(long, default_value = "ppm")]
+    pub field_units: String,
+    /// B0 in T (for hz / rad units).
+    #[arg(long, default_value_t = 0.0)]
+    pub b0_tesla: f64,
+    /// Echo time in s (for rad units).
+    #[arg(long, default_value_t = 0.0)]
+    pub te_seconds: f64,
+    /// SR downsampling model: kspace or block.
+    #[arg(long, default_value = "kspace")]
+    pub downsample: String,
+    /// Patches per worker batch (0: the coordinator's setting).
+    #[arg(long, default_value_t = 0)]
+    pub batch_size: u32,
+    /// Free-form label (default: the measurement file name).
+    #[arg(long)]
+    pub label: Option<String>,
+}
+
+impl JobArgs {
+    /// The proto settings.
+    pub fn settings(&self) -> v1::JobSettings {
+        v1::JobSettings {
+            task: self.task.to_proto() as i32,
+            steps: self.steps,
+            eta: self.eta,
+            xi: self.xi.unwrap_or(0.0),
+            guidance: match self.guidance {
+                GuidanceArg::Exact => v1::Guidance::Exact as i32,
+                GuidanceArg::Approx => v1::Guidance::Approx as i32,
+            },
+            overlap: Some(self.overlap),
+            seed: self.seed,
+            samples: self.samples,
+            priority: self.priority,
+            model_id: self.model_id.clone(),
+            factor: self.factor.clone(),
+            b0_dir: self.b0_dir.clone(),
+            tkd_threshold: self.tkd_threshold,
+            field_units: self.field_units.clone(),
+            b0_tesla: self.b0_tesla,
+            te_seconds: self.te_seconds,
+            downsample: self.downsample.clone(),
+            batch_size: self.batch_size,
+        }
+    }
+
+    /// The label: given, else the measurement's file name.
+    pub fn label(&self) -> String {
+        self.label.clone().unwrap_or_else(|| {
+            self.measurement
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+    }
+
+    /// A submission that uploads the files (or names them, with `remote_paths`).
+    pub fn request(&self, remote_paths: bool) -> anyhow::Result<v1::SubmitJobRequest> {
+        let input = |p: &Path| -> anyhow::Result<v1::VolumeInput> {
+            let source = if remote_paths {
+                v1::volume_input::Source::Path(p.to_string_lossy().into_owned())
+            } else {
+                let bytes = std::fs::read(p).map_err(|e| Exit {
+                    code: 1,
+                    message: format!("cannot read {}: {e}", p.display()),
+                })?;
+                v1::volume_input::Source::Nifti(bytes.into())
+            };
+            Ok(v1::VolumeInput {
+                source: Some(source),
+            })
+        };
+        Ok(v1::SubmitJobRequest {
+            measurement: Some(input(&self.measurement)?),
+            mask: self.mask.as_deref().map(input).transpose()?,
+            settings: Some(self.settings()),
+            label: self.label(),
+        })
+    }
+}
+
+/// `dmqsm submit`.
+#[derive(Debug, Clone, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Send the paths (resolved on the coordinator, under its --data-root) instead of
+    /// uploading the files.
+    #[arg(long)]
+    pub remote_paths: bool,
+    /// Wait for the job with a progress bar; exit code reflects the outcome.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: download the results into this directory.
+    #[arg(long, requires = "wait")]
+    pub out: Option<PathBuf>,
+}
+
+/// Commands that take a job id.
+#[derive(Debug, Clone, Args)]
+pub struct JobIdArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Job id (e.g. job-000001).
+    pub job_id: String,
+}
+
+/// `dmqsm status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Job id; all jobs when omitted.
+    pub job_id: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dmqsm fetch`.
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Job id.
+    pub job_id: String,
+    /// Output directory (created).
+    #[arg(long, short, default_value = ".")]
+    pub out: PathBuf,
+}
+
+/// `dmqsm workers`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkersArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn state_name(state: i32) -> &'static str {
+    match v1::JobState::try_from(state) {
+        Ok(v1::JobState::Queued) => "queued",
+        Ok(v1::JobState::Running) => "running",
+        Ok(v1::JobState::Succeeded) => "succeeded",
+        Ok(v1::JobState::Failed) => "failed",
+        Ok(v1::JobState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+fn task_name(s: &v1::JobStatus) -> &'static str {
+    s.settings
+        .as_ref()
+        .and_then(|x| match v1::Task::try_from(x.task) {
+            Ok(v1::Task::Dipinv) => Some(TaskKind::Dipinv),
+            Ok(v1::Task::Sr) => Some(TaskKind::Sr),
+            Ok(v1::Task::SrDipinv) => Some(TaskKind::SrDipinv),
+            Ok(v1::Task::DipinvPhysics) => Some(TaskKind::DipinvPhysics),
+            Ok(v1::Task::SrDipinvPhysics) => Some(TaskKind::SrDipinvPhysics),
+            _ => None,
+        })
+        .map(TaskKind::name)
+        .unwrap_or("?")
+}
+
+fn status_json(s: &v1::JobStatus) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": s.job_id,
+        "label": s.label,
+        "state": state_name(s.state),
+        "task": task_name(s),
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "sample": s.sample,
+        "total_samples": s.total_samples,
+        "retries": s.retries,
+        "model_id": s.model_id,
+        "model_hash": s.model_hash,
+        "error": s.error,
+        "submitted_unix": s.submitted_unix,
+        "finished_unix": s.finished_unix,
+    })
+}
+
+/// Converts a final status into the process outcome (exit 0, 4 or 5).
+pub fn outcome(s: &v1::JobStatus) -> anyhow::Result<()> {
+    match v1::JobState::try_from(s.state) {
+        Ok(v1::JobState::Succeeded) => Ok(()),
+        Ok(v1::JobState::Cancelled) => Err(Exit {
+            code: EXIT_JOB_CANCELLED,
+            message: format!("job {} was cancelled", s.job_id),
+        }
+        .into()),
+        _ => Err(Exit {
+            code: EXIT_JOB_FAILED,
+            message: if s.error.starts_with(&format!("job {}", s.job_id)) {
+                s.error.clone()
+            } else {
+                format!("job {} failed: {}", s.job_id, s.error)
+            },
+        }
+        .into()),
+    }
+}
+
+/// A progress bar over all steps of all samples, with ETA and throughput.
+pub fn progress_bar(job_id: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(1);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} steps  {msg}",
+    ) {
+        pb.set_style(style);
+    }
+    pb.set_prefix(job_id.to_string());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// Updates a progress bar from a report.
+pub fn show_progress(pb: &indicatif::ProgressBar, p: &v1::JobProgress) {
+    if let Some(s) = &p.status {
+        let total = (s.total_steps as u64 * s.total_samples.max(1) as u64).max(1);
+        pb.set_length(total);
+        pb.set_position(s.sample as u64 * s.total_steps as u64 + s.step as u64);
+        let busy: Vec<String> = p
+            .workers
+            .iter()
+            .map(|w| format!("{}:{}", w.worker_id, w.in_flight))
+            .collect();
+        pb.set_message(format!(
+            "{} · ETA {} · {:.1} patches/s · in flight {}",
+            state_name(s.state),
+            if p.eta_seconds > 0.0 {
+                format!("{:.0} s", p.eta_seconds)
+            } else {
+                "–".into()
+            },
+            p.patches_per_second,
+            busy.join(" ")
+        ));
+    }
+}
+
+/// Writes fetched files into `out`.
+pub fn write_files(out: &Path, files: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for (name, data) in files {
+        let p = out.join(name);
+        std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))?;
+        println!("{}", p.display());
+    }
+    Ok(())
+}
+
+/// `dmqsm submit`.
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let req = args.job.request(args.remote_paths)?;
+    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let job_id = c
+        .submit_job(req)
+        .await
+        .map_err(|s| ce(s.into()))?
+        .into_inner()
+        .job_id;
+    println!("{job_id}");
+    if !args.wait {
+        return Ok(());
+    }
+    let pb = progress_bar(&job_id);
+    let fin = client::wait(&mut c, &job_id, |p| show_progress(&pb, p))
+        .await
+        .map_err(ce)?;
+    pb.finish_with_message(state_name(fin.state).to_string());
+    outcome(&fin)?;
+    if let Some(out) = &args.out {
+        let files = client::fetch(&mut c, &job_id).await.map_err(ce)?;
+        write_files(out, &files)?;
+    }
+    Ok(())
+}
+
+/// `dmqsm status`.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let jobs = match &args.job_id {
+        Some(id) => vec![
+            c.get_job(v1::GetJobRequest { job_id: id.clone() })
+                .await
+                .map_err(|s| ce(s.into()))?
+                .into_inner(),
+        ],
+        None => {
+            c.list_jobs(v1::ListJobsRequest {})
+                .await
+                .map_err(|s| ce(s.into()))?
+                .into_inner()
+                .jobs
+        }
+    };
+    if args.json {
+        let v: Vec<_> = jobs.iter().map(status_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<10} {:<18} {:>11} {:>7} {:>7}  label / error",
+        "job", "state", "task", "step", "sample", "retries"
+    );
+    for s in &jobs {
+        println!(
+            "{:<12} {:<10} {:<18} {:>5}/{:<5} {:>3}/{:<3} {:>7}  {}",
+            s.job_id,
+            state_name(s.state),
+            task_name(s),
+            s.step,
+            s.total_steps,
+            s.sample,
+            s.total_samples,
+            s.retries,
+            if s.error.is_empty() { &s.label } else { &s.error }
+        );
+    }
+    Ok(())
+}
+
+/// `dmqsm watch`.
+pub async fn watch(args: JobIdArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let pb = progress_bar(&args.job_id);
+    let fin = client::wait(&mut c, &args.job_id, |p| show_progress(&pb, p))
+        .await
+        .map_err(ce)?;
+    pb.finish_with_message(state_name(fin.state).to_string());
+    outcome(&fin)
+}
+
+/// `dmqsm cancel`.
+pub async fn cancel(args: JobIdArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let s = c
+        .cancel_job(v1::CancelJobRequest {
+            job_id: args.job_id.clone(),
+        })
+        .await
+        .map_err(|s| ce(s.into()))?
+        .into_inner();
+    println!("{} {}", s.job_id, state_name(s.state));
+    Ok(())
+}
+
+/// `dmqsm fetch`.
+pub async fn fetch(args: FetchArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let files = client::fetch(&mut c, &args.job_id).await.map_err(ce)?;
+    write_files(&args.out, &files)
+}
+
+/// `dmqsm workers`.
+pub async fn workers(args: WorkersArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let ws = c
+        .list_workers(v1::ListWorkersRequest {})
+        .await
+        .map_err(|s| ce(s.into()))?
+        .into_inner()
+        .workers;
+    let model = |w: &v1::WorkerStatus| {
+        w.info
+            .as_ref()
+            .and_then(|i| i.model.as_ref())
+            .map(|m| (m.model_id.clone(), m.content_hash.chars().take(12).collect::<String>()))
+            .unwrap_or_default()
+    };
+    if args.json {
+        let v: Vec<_> = ws
+            .iter()
+            .map(|w| {
+                let (id, hash) = model(w);
+                serde_json::json!({
+                    "worker_id": w.worker_id, "address": w.address, "state": w.state,
+                    "model_id": id, "model_hash": hash,
+                    "device": w.info.as_ref().map(|i| i.device.clone()).unwrap_or_default(),
+                    "in_flight": w.in_flight, "batches_done": w.batches_done,
+                    "failures": w.failures, "last_heartbeat_unix": w.last_heartbeat_unix,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<9} {:<28} {:<8} {:>9} {:>9} {:>8}",
+        "worker", "state", "model", "device", "in flight", "batches", "failures"
+    );
+    for w in &ws {
+        let (id, hash) = model(w);
+        println!(
+            "{:<24} {:<9} {:<28} {:<8} {:>9} {:>9} {:>8}",
+            w.worker_id,
+            w.state,
+            format!("{id} {hash}"),
+            w.info.as_ref().map(|i| i.device.as_str()).unwrap_or("?"),
+            w.in_flight,
+            w.batches_done,
+            w.failures
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! [`CoordinatorConfig`]: every tunable of the coordinator, with documented defaults.
+
+use crate::error::{CoordinatorError, Result};
+use dmqsm_proto::v1::Dtype;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of one coordinator process.
+///
+/// Defaults follow the conventions of cluster schedulers (REFERENCE.md §9: Ballista
+/// retries a task up to 4 times and fails running jobs when no executor remains after a
+/// grace period), scaled down to a single-site service: seconds, not minutes.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Directory of the sled store (jobs, inputs, checkpoints, results).
+    pub data_dir: PathBuf,
+    /// Inputs given as paths in `SubmitJob` must resolve under this directory; `None`
+    /// refuses path inputs altogether (uploads only).
+    pub data_root: Option<PathBuf>,
+    /// Patches per batch sent to a worker. Batches are fixed per job and step by patch
+    /// index, so this (not the worker count) decides the grouping.
+    pub batch_size: usize,
+    /// Batches in flight per worker at once (pipelining; 2 keeps a GPU busy while the
+    /// next batch travels).
+    pub max_in_flight_per_worker: usize,
+    /// A batch not answered within this time is abandoned and retried elsewhere.
+    pub batch_timeout: Duration,
+    /// How many times one batch may be retried before its job fails.
+    pub max_retries: u32,
+    /// How often registered workers send heartbeats (sent back on registration), and how
+    /// often statically listed workers are probed with `Info`.
+    pub heartbeat_interval: Duration,
+    /// A worker silent for this many heartbeat intervals is marked lost and its
+    /// in-flight batches are reassigned.
+    pub missed_heartbeats: u32,
+    /// After this many consecutive failed batches a worker is benched for
+    /// [`Self::quarantine`] (a slow or broken worker stops eating retries).
+    pub max_consecutive_failures: u32,
+    /// How long a worker with repeated failures gets no new batches.
+    pub quarantine: Duration,
+    /// A job with work pending and no usable worker fails after this long.
+    pub no_worker_grace: Duration,
+    /// Write a step checkpoint every this many diffusion steps (0 disables).
+    pub checkpoint_every: u32,
+    /// Element type of patch tensors on the wire. F32 is exact and is the default; BF16
+    /// halves the bytes but changes the result (not bitwise equal to the reference).
+    pub wire_dtype: Dtype,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    /// How many jobs run their sampler at once; more are queued.
+    pub max_running_jobs: usize,
+}
+
+impl CoordinatorConfig {
+    /// Defaults with the store in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            data_root: None,
+            batch_size: 4,
+            max_in_flight_per_worker: 2,
+            batch_timeout: Duration::from_secs(60),
+            max_retries: 4,
+            heartbeat_interval: Duration::from_secs(2),
+            missed_heartbeats: 3,
+            max_consecutive_failures: 3,
+            quarantine: Duration::from_secs(10),
+            no_worker_grace: Duration::from_secs(30),
+            checkpoint_every: 5,
+            wire_dtype: Dtype::F32,
+            max_message_bytes: dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            max_running_jobs: 4,
+        }
+    }
+
+    /// Checks ranges; returns a message naming the bad setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(CoordinatorError::Config(m.to_string()));
+        if self.batch_size == 0 {
+            return bad("batch_size must be ≥ 1");
+        }
+        if self.max_in_flight_per_worker == 0 {
+            return bad("max_in_flight_per_worker must be ≥ 1");
+        }
+        if self.batch_timeout.is_zero() {
+            return bad("batch_timeout must be > 0");
+        }
+        if self.heartbeat_interval.is_zero() {
+            return bad("heartbeat_interval must be > 0");
+        }
+        if self.missed_heartbeats == 0 {
+            return bad("missed_heartbeats must be ≥ 1");
+        }
+        if self.max_running_jobs == 0 {
+            return bad("max_running_jobs must be ≥ 1");
+        }
+        if self.max_message_bytes < 1024 {
+            return bad("max_message_bytes must be ≥ 1024");
+        }
+        Ok(())
+    }
+
+    /// How long a worker may stay silent before it is marked lost.
+    pub fn lost_after(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        let c = CoordinatorConfig::new("/tmp/x");
+        c.validate().unwrap();
+        assert_eq!(c.lost_after(), Duration::from_secs(6));
+        let mut b = c.clone();
+        b.batch_size = 0;
+        assert!(b.validate().unwrap_err().to_string().contains("batch_size"));
+    }
+}

@@ -1,0 +1,986 @@
+//! [`Dispatcher`]: sends patch batches of many jobs to many workers.
+//!
+//! - **Bounded in-flight.** Each worker holds at most `max_in_flight_per_worker` batches,
+//!   enough to keep a device busy while the next batch travels, never a flood.
+//! - **Fair, with priority.** Jobs are served strictly by priority; jobs of equal
+//!   priority take turns (the one served longest ago goes next), so a big job cannot
+//!   starve a small one.
+//! - **Model pinning.** A batch only goes to a worker whose model content hash equals
+//!   the job's. A worker that changes its model is a new worker.
+//! - **Retries.** A failed or timed-out batch goes back to the head of its job's queue
+//!   and is retried, preferably on a worker that has not failed it yet. After
+//!   `max_retries` retries the batch (and so its job) fails with an error naming the job,
+//!   the batch, the last worker and the cause.
+//! - **Lost workers.** Registered workers must heartbeat; static ones are probed with
+//!   `Info`. A worker silent for `missed_heartbeats` intervals is marked lost and its
+//!   in-flight batches are reassigned at once. A worker failing several batches in a row
+//!   is benched for a while. A job whose batches have no usable worker for
+//!   `no_worker_grace` fails instead of hanging.
+//!
+//! The dispatcher never looks inside a batch: which patches form a batch is fixed by the
+//! job (see `runner`), so the bits of a result never depend on which worker ran it.
+
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::workers::{WorkerEntry, WorkerHealth, connect, fetch_info};
+use dmqsm_proto::v1;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+
+/// The RPC a batch needs.
+#[derive(Debug, Clone)]
+pub enum BatchRequest {
+    /// ε only.
+    Eps(v1::DenoiseRequest),
+    /// ε and Jᵀv.
+    Vjp(v1::DenoiseVjpRequest),
+}
+
+impl BatchRequest {
+    fn patches(&self) -> Option<&v1::Tensor> {
+        match self {
+            BatchRequest::Eps(r) => r.patches.as_ref(),
+            BatchRequest::Vjp(r) => r.patches.as_ref(),
+        }
+    }
+}
+
+/// A worker's answer to a batch.
+#[derive(Debug, Clone)]
+pub enum BatchReply {
+    /// Answer to [`BatchRequest::Eps`].
+    Eps(v1::DenoiseResponse),
+    /// Answer to [`BatchRequest::Vjp`].
+    Vjp(v1::DenoiseVjpResponse),
+}
+
+/// One batch of patch evaluations of a job.
+#[derive(Debug, Clone)]
+pub struct WorkBatch {
+    /// The job it belongs to.
+    pub job_id: String,
+    /// Human-readable position, e.g. `sample 1 step 3/25 eps batch 7/12`, used in errors.
+    pub label: String,
+    /// The request (tensors are `Bytes`: retries do not copy them).
+    pub request: BatchRequest,
+}
+
+/// A batch answered.
+#[derive(Debug, Clone)]
+pub struct BatchOutcome {
+    /// The worker's answer (shape-checked against the request).
+    pub reply: BatchReply,
+    /// Worker that answered.
+    pub worker_id: String,
+    /// Failed attempts before this answer (0 if the first try succeeded).
+    pub retries: u32,
+}
+
+/// Why a batch was not answered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DispatchError {
+    /// The job was cancelled or removed.
+    #[error("job {job}: cancelled")]
+    Cancelled {
+        /// Job id.
+        job: String,
+    },
+    /// Every attempt failed.
+    #[error(
+        "job {job}: {batch} failed {attempts} times; last on worker {worker} ({address}): {cause}"
+    )]
+    Exhausted {
+        /// Job id.
+        job: String,
+        /// Batch label.
+        batch: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Last worker tried.
+        worker: String,
+        /// Its address.
+        address: String,
+        /// The last cause.
+        cause: String,
+    },
+    /// No usable worker for the job's model for longer than the grace period.
+    #[error(
+        "job {job}: no usable worker serves model {model_hash} (waited {waited_s:.1} s; {detail})"
+    )]
+    NoWorker {
+        /// Job id.
+        job: String,
+        /// The pinned model hash.
+        model_hash: String,
+        /// Seconds waited.
+        waited_s: f64,
+        /// What the workers were doing.
+        detail: String,
+    },
+}
+
+/// Per-worker load, for progress reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerLoadView {
+    /// Worker id.
+    pub worker_id: String,
+    /// Batches in flight on it (all jobs).
+    pub in_flight: u32,
+    /// Batches it answered (all jobs).
+    pub batches_done: u64,
+}
+
+struct Pending {
+    batch: Arc<WorkBatch>,
+    attempts: u32,
+    tried: BTreeSet<String>,
+    reply: oneshot::Sender<std::result::Result<BatchOutcome, DispatchError>>,
+}
+
+struct JobQueue {
+    priority: i32,
+    model_hash: String,
+    pending: VecDeque<Pending>,
+    last_served: u64,
+    starved_since: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    workers: BTreeMap<String, WorkerEntry>,
+    jobs: BTreeMap<String, JobQueue>,
+    serve_counter: u64,
+    shut_down: bool,
+}
+
+struct Assignment {
+    pending: Pending,
+    worker_id: String,
+    address: String,
+    client: v1::worker_client::WorkerClient<tonic::transport::Channel>,
+    generation: u64,
+    generation_rx: tokio::sync::watch::Receiver<u64>,
+}
+
+struct Inner {
+    config: CoordinatorConfig,
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+/// Schedules patch batches of all jobs onto the workers (see the module docs).
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough state (counters only).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher with no workers; starts its scheduling and health loops on the
+    /// current tokio runtime.
+    pub fn new(config: CoordinatorConfig) -> Self {
+        let inner = Arc::new(Inner {
+            config,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+        });
+        let sched = tokio::spawn(scheduler_loop(inner.clone()));
+        let health = tokio::spawn(health_loop(inner.clone()));
+        Self {
+            inner,
+            tasks: Arc::new(Mutex::new(vec![sched, health])),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.inner.config
+    }
+
+    /// Adds a statically listed worker (probed with `Info`, no heartbeats expected). If it
+    /// does not answer yet it is kept as lost and probed until it does. Returns its id.
+    pub async fn add_static_worker(&self, address: &str) -> Result<String> {
+        let mut client = connect(address, self.inner.config.max_message_bytes)?;
+        let info = fetch_info(&mut client, address, self.inner.config.heartbeat_interval * 2)
+            .await
+            .map_err(|e| tracing::warn!("static worker {address} not answering yet: {e}"))
+            .ok();
+        let id = info
+            .as_ref()
+            .map(|i| i.worker_id.clone())
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| address.to_string());
+        self.insert_worker(WorkerEntry::new(
+            id.clone(),
+            address.to_string(),
+            client,
+            info,
+            false,
+        ));
+        Ok(id)
+    }
+
+    /// Registers a worker that dialled in (`RegisterWorker`): fetches its `Info` and adds
+    /// or replaces it. Returns its id.
+    pub async fn register_worker(&self, address: &str, worker_id: &str) -> Result<String> {
+        let mut client = connect(address, self.inner.config.max_message_bytes)?;
+        let info = fetch_info(&mut client, address, Duration::from_secs(10)).await?;
+        let id = [worker_id, info.worker_id.as_str(), address]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .unwrap_or(address)
+            .to_string();
+        tracing::info!(worker = %id, %address, model = ?info.model.as_ref().map(|m| &m.model_id), "worker registered");
+        self.insert_worker(WorkerEntry::new(
+            id.clone(),
+            address.to_string(),
+            client,
+            Some(info),
+            true,
+        ));
+        Ok(id)
+    }
+
+    fn insert_worker(&self, entry: WorkerEntry) {
+        let mut st = self.inner.lock();
+        if let Some(mut old) = st.workers.remove(&entry.id) {
+            old.mark_lost("replaced by a new registration");
+        }
+        st.workers.insert(entry.id.clone(), entry);
+        drop(st);
+        self.inner.wake.notify_one();
+    }
+
+    /// Records a heartbeat. Returns false if the worker is unknown (it should register).
+    pub fn heartbeat(&self, worker_id: &str, draining: bool) -> bool {
+        let mut st = self.inner.lock();
+        let Some(w) = st.workers.get_mut(worker_id) else {
+            return false;
+        };
+        w.seen();
+        if draining {
+            w.health = WorkerHealth::Draining;
+        } else if matches!(w.health, WorkerHealth::Lost | WorkerHealth::Draining) {
+            tracing::info!(worker = %worker_id, "worker is back");
+            w.health = WorkerHealth::Ready;
+        }
+        drop(st);
+        self.inner.wake.notify_one();
+        true
+    }
+
+    /// Removes a worker; its in-flight batches are reassigned.
+    pub fn remove_worker(&self, worker_id: &str) -> bool {
+        let mut st = self.inner.lock();
+        let found = st.workers.remove(worker_id).map(|mut w| w.mark_lost("removed"));
+        drop(st);
+        self.inner.wake.notify_one();
+        found.is_some()
+    }
+
+    /// Every known worker, for `ListWorkers`.
+    pub fn workers(&self) -> Vec<v1::WorkerStatus> {
+        self.inner
+            .lock()
+            .workers
+            .values()
+            .map(WorkerEntry::to_proto)
+            .collect()
+    }
+
+    /// Models served by ready workers, with how many workers serve each:
+    /// `(ModelInfo, count)`, most-served first then by hash.
+    pub fn ready_models(&self) -> Vec<(v1::ModelInfo, usize)> {
+        let st = self.inner.lock();
+        let mut by_hash: BTreeMap<String, (v1::ModelInfo, usize)> = BTreeMap::new();
+        for w in st.workers.values() {
+            if w.health != WorkerHealth::Ready {
+                continue;
+            }
+            if let Some(m) = w.info.as_ref().and_then(|i| i.model.as_ref()) {
+                by_hash
+                    .entry(m.content_hash.clone())
+                    .or_insert_with(|| (m.clone(), 0))
+                    .1 += 1;
+            }
+        }
+        let mut v: Vec<_> = by_hash.into_values().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.content_hash.cmp(&b.0.content_hash)));
+        v
+    }
+
+    /// Per-worker load.
+    pub fn load(&self) -> Vec<WorkerLoadView> {
+        self.inner
+            .lock()
+            .workers
+            .values()
+            .map(|w| WorkerLoadView {
+                worker_id: w.id.clone(),
+                in_flight: w.in_flight as u32,
+                batches_done: w.batches_done,
+            })
+            .collect()
+    }
+
+    /// Opens (or updates) the queue of a job pinned to `model_hash`.
+    pub fn open_job(&self, job_id: &str, priority: i32, model_hash: &str) {
+        let mut st = self.inner.lock();
+        let q = st.jobs.entry(job_id.to_string()).or_insert_with(|| JobQueue {
+            priority,
+            model_hash: model_hash.to_string(),
+            pending: VecDeque::new(),
+            last_served: 0,
+            starved_since: None,
+        });
+        q.priority = priority;
+        q.model_hash = model_hash.to_string();
+    }
+
+    /// Closes a job's queue: pending batches answer `Cancelled`, answers still in flight
+    /// are dropped.
+    pub fn close_job(&self, job_id: &str) {
+        let q = self.inner.lock().jobs.remove(job_id);
+        if let Some(q) = q {
+            for p in q.pending {
+                let _ = p.reply.send(Err(DispatchError::Cancelled {
+                    job: job_id.to_string(),
+                }));
+            }
+        }
+    }
+
+    /// Queues a batch of an open job; the receiver yields its outcome.
+    pub fn submit(
+        &self,
+        batch: WorkBatch,
+    ) -> oneshot::Receiver<std::result::Result<BatchOutcome, DispatchError>> {
+        let (tx, rx) = oneshot::channel();
+        let job = batch.job_id.clone();
+        let pending = Pending {
+            batch: Arc::new(batch),
+            attempts: 0,
+            tried: BTreeSet::new(),
+            reply: tx,
+        };
+        let mut st = self.inner.lock();
+        match st.jobs.get_mut(&job) {
+            Some(q) => q.pending.push_back(pending),
+            None => {
+                let _ = pending.reply.send(Err(DispatchError::Cancelled { job }));
+            }
+        }
+        drop(st);
+        self.inner.wake.notify_one();
+        rx
+    }
+
+    /// Stops the background loops (in-flight RPCs finish on their own).
+    pub fn shutdown(&self) {
+        self.inner.lock().shut_down = true;
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Picks the worker for the head batch of a job: ready, same model, spare capacity,
+/// preferring workers that have not failed this batch, then the least loaded.
+fn pick_worker(
+    workers: &BTreeMap<String, WorkerEntry>,
+    hash: &str,
+    tried: &BTreeSet<String>,
+    max_in_flight: usize,
+) -> Option<String> {
+    let fresh_exists = workers
+        .values()
+        .any(|w| w.may_serve(hash) && !tried.contains(&w.id));
+    workers
+        .values()
+        .filter(|w| w.can_take(hash, max_in_flight))
+        .filter(|w| !fresh_exists || !tried.contains(&w.id))
+        .min_by(|a, b| {
+            a.in_flight
+                .cmp(&b.in_flight)
+                .then(a.batches_done.cmp(&b.batches_done))
+                .then_with(|| a.id.cmp(&b.id))
+        })
+        .map(|w| w.id.clone())
+}
+
+/// Assigns as many batches as capacity allows.
+fn schedule(st: &mut State, config: &CoordinatorConfig) -> Vec<Assignment> {
+    let now = Instant::now();
+    for w in st.workers.values_mut() {
+        if let WorkerHealth::Benched(until) = w.health
+            && now >= until
+        {
+            w.health = WorkerHealth::Ready;
+            w.consecutive_failures = 0;
+        }
+    }
+    let mut out = Vec::new();
+    loop {
+        let mut order: Vec<(&String, &JobQueue)> =
+            st.jobs.iter().filter(|(_, q)| !q.pending.is_empty()).collect();
+        order.sort_by(|a, b| {
+            b.1.priority
+                .cmp(&a.1.priority)
+                .then(a.1.last_served.cmp(&b.1.last_served))
+                .then_with(|| a.0.cmp(b.0))
+        });
+        let mut chosen = None;
+        for (job_id, q) in order {
+            let head = &q.pending[0];
+            if let Some(w) = pick_worker(
+                &st.workers,
+                &q.model_hash,
+                &head.tried,
+                config.max_in_flight_per_worker,
+            ) {
+                chosen = Some((job_id.clone(), w));
+                break;
+            }
+        }
+        let Some((job_id, worker_id)) = chosen else {
+            break;
+        };
+        st.serve_counter += 1;
+        let counter = st.serve_counter;
+        let Some(q) = st.jobs.get_mut(&job_id) else {
+            break;
+        };
+        let Some(pending) = q.pending.pop_front() else {
+            break;
+        };
+        q.last_served = counter;
+        let Some(w) = st.workers.get_mut(&worker_id) else {
+            break;
+        };
+        w.in_flight += 1;
+        out.push(Assignment {
+            pending,
+            worker_id,
+            address: w.address.clone(),
+            client: w.client.clone(),
+            generation: w.generation,
+            generation_rx: w.generation_tx.subscribe(),
+        });
+    }
+    // Jobs with work and no usable worker fail after the grace period.
+    let mut starved = Vec::new();
+    for (job_id, q) in st.jobs.iter_mut() {
+        if q.pending.is_empty() {
+            q.starved_since = None;
+            continue;
+        }
+        let usable = st.workers.values().any(|w| w.may_serve(&q.model_hash));
+        if usable {
+            q.starved_since = None;
+        } else {
+            let since = *q.starved_since.get_or_insert(now);
+            if now.duration_since(since) >= config.no_worker_grace {
+                starved.push((job_id.clone(), now.duration_since(since)));
+            }
+        }
+    }
+    for (job_id, waited) in starved {
+        let detail = if st.workers.is_empty() {
+            "no workers are connected".to_string()
+        } else {
+            st.workers
+                .values()
+                .map(|w| {
+                    format!(
+                        "{} {} model {}",
+                        w.id,
+                        w.health.name(),
+                        if w.model_hash().is_empty() {
+                            "unknown"
+                        } else {
+                            w.model_hash()
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(q) = st.jobs.get_mut(&job_id) {
+            tracing::error!(job = %job_id, "no usable worker for {:.1} s: {detail}", waited.as_secs_f64());
+            for p in q.pending.drain(..) {
+                let _ = p.reply.send(Err(DispatchError::NoWorker {
+                    job: job_id.clone(),
+                    model_hash: q.model_hash.clone(),
+                    waited_s: waited.as_secs_f64(),
+                    detail: detail.clone(),
+                }));
+            }
+            q.starved_since = None;
+        }
+    }
+    out
+}
+
+async fn scheduler_loop(inner: Arc<Inner>) {
+    let tick = (inner.config.no_worker_grace / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+    loop {
+        let assignments = {
+            let mut st = inner.lock();
+            if st.shut_down {
+                return;
+            }
+            schedule(&mut st, &inner.config)
+        };
+        for a in assignments {
+            tokio::spawn(run_assignment(inner.clone(), a));
+        }
+        tokio::select! {
+            _ = inner.wake.notified() => {}
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+/// Checks an answer's tensors against the request's patch shape.
+fn check_reply(request: &BatchRequest, reply: &BatchReply) -> std::result::Result<(), String> {
+    let want = request.patches().map(|t| t.shape.clone()).unwrap_or_default();
+    let check = |name: &str, t: Option<&v1::Tensor>| -> std::result::Result<(), String> {
+        let t = t.ok_or_else(|| format!("answer has no {name} tensor"))?;
+        if t.shape != want {
+            return Err(format!(
+                "answer {name} has shape {:?}, expected {want:?}",
+                t.shape
+            ));
+        }
+        let dtype = v1::Dtype::try_from(t.dtype).unwrap_or(v1::Dtype::Unspecified);
+        let size = dmqsm_proto::tensor::element_size(dtype)
+            .ok_or_else(|| format!("answer {name} has unsupported dtype {}", t.dtype))?;
+        let count: usize = t.shape.iter().map(|&s| s as usize).product();
+        if t.data.len() != count * size {
+            return Err(format!(
+                "answer {name} holds {} bytes, expected {}",
+                t.data.len(),
+                count * size
+            ));
+        }
+        Ok(())
+    };
+    match reply {
+        BatchReply::Eps(r) => check("eps", r.eps.as_ref()),
+        BatchReply::Vjp(r) => {
+            check("eps", r.eps.as_ref())?;
+            check("vjp", r.vjp.as_ref())
+        }
+    }
+}
+
+async fn call_worker(a: &mut Assignment, timeout: Duration) -> std::result::Result<BatchReply, String> {
+    let request = a.pending.batch.request.clone();
+    let mut client = a.client.clone();
+    let rpc = async move {
+        match request {
+            BatchRequest::Eps(r) => client.denoise(r).await.map(|r| BatchReply::Eps(r.into_inner())),
+            BatchRequest::Vjp(r) => client
+                .denoise_vjp(r)
+                .await
+                .map(|r| BatchReply::Vjp(r.into_inner())),
+        }
+    };
+    let generation = a.generation;
+    let rx = &mut a.generation_rx;
+    tokio::select! {
+        r = tokio::time::timeout(timeout, rpc) => match r {
+            Err(_) => Err(format!("no answer within {:.1} s (batch timeout)", timeout.as_secs_f64())),
+            Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+            Ok(Ok(reply)) => {
+                check_reply(&a.pending.batch.request, &reply)?;
+                Ok(reply)
+            }
+        },
+        _ = rx.wait_for(|g| *g != generation) => Err("worker lost (missed heartbeats); batch reassigned".to_string()),
+    }
+}
+
+async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
+    let result = call_worker(&mut a, inner.config.batch_timeout).await;
+    let config = &inner.config;
+    let mut st = inner.lock();
+    if let Some(w) = st.workers.get_mut(&a.worker_id)
+        && w.generation == a.generation
+    {
+        w.in_flight = w.in_flight.saturating_sub(1);
+        match &result {
+            Ok(_) => {
+                w.batches_done += 1;
+                w.consecutive_failures = 0;
+                w.seen();
+            }
+            Err(cause) => {
+                w.failures += 1;
+                w.consecutive_failures += 1;
+                tracing::warn!(worker = %a.worker_id, job = %a.pending.batch.job_id, batch = %a.pending.batch.label, "batch failed: {cause}");
+                if w.consecutive_failures >= config.max_consecutive_failures
+                    && w.health == WorkerHealth::Ready
+                {
+                    tracing::warn!(worker = %a.worker_id, "{} failures in a row; benched for {:?}", w.consecutive_failures, config.quarantine);
+                    w.health = WorkerHealth::Benched(Instant::now() + config.quarantine);
+                }
+            }
+        }
+    }
+    let mut pending = a.pending;
+    match result {
+        Ok(reply) => {
+            let _ = pending.reply.send(Ok(BatchOutcome {
+                reply,
+                worker_id: a.worker_id,
+                retries: pending.attempts,
+            }));
+        }
+        Err(cause) => {
+            pending.attempts += 1;
+            pending.tried.insert(a.worker_id.clone());
+            let job = pending.batch.job_id.clone();
+            if pending.attempts > config.max_retries {
+                let _ = pending.reply.send(Err(DispatchError::Exhausted {
+                    job,
+                    batch: pending.batch.label.clone(),
+                    attempts: pending.attempts,
+                    worker: a.worker_id,
+                    address: a.address,
+                    cause,
+                }));
+            } else if let Some(q) = st.jobs.get_mut(&job) {
+                q.pending.push_front(pending);
+            } else {
+                let _ = pending.reply.send(Err(DispatchError::Cancelled { job }));
+            }
+        }
+    }
+    drop(st);
+    inner.wake.notify_one();
+}
+
+async fn health_loop(inner: Arc<Inner>) {
+    let interval = inner.config.heartbeat_interval;
+    let lost_after = inner.config.lost_after();
+    loop {
+        tokio::time::sleep(interval).await;
+        let mut probes = Vec::new();
+        {
+            let mut st = inner.lock();
+            if st.shut_down {
+                return;
+            }
+            let now = Instant::now();
+            for w in st.workers.values_mut() {
+                if w.registered {
+                    if w.health != WorkerHealth::Lost && now.duration_since(w.last_seen) > lost_after {
+                        w.mark_lost(&format!(
+                            "no heartbeat for {:.1} s",
+                            now.duration_since(w.last_seen).as_secs_f64()
+                        ));
+                    }
+                } else {
+                    probes.push((w.id.clone(), w.address.clone(), w.client.clone()));
+                }
+            }
+        }
+        inner.wake.notify_one();
+        for (id, address, mut client) in probes {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let r = fetch_info(&mut client, &address, interval).await;
+                let mut st = inner.lock();
+                let Some(w) = st.workers.get_mut(&id) else {
+                    return;
+                };
+                match r {
+                    Ok(info) => {
+                        let old_hash = w.model_hash().to_string();
+                        let new_hash = info
+                            .model
+                            .as_ref()
+                            .map(|m| m.content_hash.clone())
+                            .unwrap_or_default();
+                        if !old_hash.is_empty() && old_hash != new_hash {
+                            w.mark_lost("it now serves a different model");
+                        }
+                        w.info = Some(info);
+                        w.seen();
+                        if w.health == WorkerHealth::Lost {
+                            tracing::info!(worker = %id, "worker answers again");
+                            w.health = WorkerHealth::Ready;
+                        }
+                    }
+                    Err(e) => {
+                        if w.health != WorkerHealth::Lost
+                            && w.last_seen.elapsed() > lost_after
+                        {
+                            w.mark_lost(&format!("probe failed: {e}"));
+                        }
+                    }
+                }
+                drop(st);
+                inner.wake.notify_one();
+            });
+        }
+    }
+}
+
+/// Registers the error type of a dispatch failure as a job failure.
+impl From<DispatchError> for CoordinatorError {
+    fn from(e: DispatchError) -> Self {
+        let job = match &e {
+            DispatchError::Cancelled { job }
+            | DispatchError::Exhausted { job, .. }
+            | DispatchError::NoWorker { job, .. } => job.clone(),
+        };
+        CoordinatorError::JobFailed {
+            job,
+            cause: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmqsm_proto::v1::worker_server::{Worker, WorkerServer};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tonic::{Request, Response, Status};
+
+    /// A scripted worker: ε = x / 2, optional latency, optional failures.
+    #[derive(Clone, Default)]
+    struct Fake {
+        hash: String,
+        latency: Duration,
+        fail: Arc<AtomicBool>,
+        active: Arc<AtomicUsize>,
+        max_active: Arc<AtomicUsize>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl Worker for Fake {
+        async fn info(&self, _r: Request<v1::InfoRequest>) -> std::result::Result<Response<v1::WorkerInfo>, Status> {
+            Ok(Response::new(v1::WorkerInfo {
+                model: Some(v1::ModelInfo {
+                    model_id: "fake".into(),
+                    content_hash: self.hash.clone(),
+                    patch_size: 2,
+                    chi_scale: 1.0,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }))
+        }
+        async fn denoise(&self, r: Request<v1::DenoiseRequest>) -> std::result::Result<Response<v1::DenoiseResponse>, Status> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_active.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(self.latency).await;
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(Status::internal("scripted failure"));
+            }
+            let r = r.into_inner();
+            let t = r.patches.unwrap_or_default();
+            let (v, shape) = dmqsm_proto::tensor::decode(&t).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let half: Vec<f32> = v.iter().map(|x| x / 2.0).collect();
+            Ok(Response::new(v1::DenoiseResponse {
+                eps: Some(dmqsm_proto::tensor::encode(&half, &shape, v1::Dtype::F32)),
+            }))
+        }
+        async fn denoise_vjp(&self, _r: Request<v1::DenoiseVjpRequest>) -> std::result::Result<Response<v1::DenoiseVjpResponse>, Status> {
+            Err(Status::unimplemented("no vjp"))
+        }
+    }
+
+    async fn start(fake: Fake) -> (String, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(WorkerServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+                .await;
+        });
+        (format!("http://{addr}"), h)
+    }
+
+    fn config() -> CoordinatorConfig {
+        let mut c = CoordinatorConfig::new("/nonexistent");
+        c.batch_timeout = Duration::from_millis(500);
+        c.heartbeat_interval = Duration::from_millis(100);
+        c.no_worker_grace = Duration::from_millis(300);
+        c.max_in_flight_per_worker = 2;
+        c.max_retries = 2;
+        c
+    }
+
+    fn batch(job: &str, i: usize) -> WorkBatch {
+        let x = [i as f32, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
+        WorkBatch {
+            job_id: job.into(),
+            label: format!("batch {i}"),
+            request: BatchRequest::Eps(v1::DenoiseRequest {
+                model_hash: "h1".into(),
+                patches: Some(dmqsm_proto::tensor::encode(&x, &[1, 2, 2, 2], v1::Dtype::F32)),
+                timesteps: vec![1.0],
+                response_dtype: v1::Dtype::F32 as i32,
+            }),
+        }
+    }
+
+    fn first_value(o: &BatchOutcome) -> f32 {
+        match &o.reply {
+            BatchReply::Eps(r) => dmqsm_proto::tensor::decode(r.eps.as_ref().unwrap()).unwrap().0[0],
+            BatchReply::Vjp(_) => panic!("eps expected"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spreads_batches_with_bounded_in_flight_and_never_uses_other_models() {
+        let fakes: Vec<Fake> = (0..3)
+            .map(|i| Fake {
+                hash: if i < 2 { "h1".into() } else { "other".into() },
+                latency: Duration::from_millis(20),
+                ..Default::default()
+            })
+            .collect();
+        let d = Dispatcher::new(config());
+        for f in &fakes {
+            let (url, _h) = start(f.clone()).await;
+            d.add_static_worker(&url).await.unwrap();
+        }
+        d.open_job("j", 0, "h1");
+        let rxs: Vec<_> = (0..12).map(|i| d.submit(batch("j", i))).collect();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let o = rx.await.unwrap().unwrap();
+            assert_eq!(first_value(&o), i as f32 / 2.0);
+            assert_eq!(o.retries, 0);
+        }
+        assert!(fakes[0].calls.load(Ordering::SeqCst) > 0);
+        assert!(fakes[1].calls.load(Ordering::SeqCst) > 0);
+        assert_eq!(fakes[2].calls.load(Ordering::SeqCst), 0, "worker of another model used");
+        for f in &fakes[..2] {
+            assert!(f.max_active.load(Ordering::SeqCst) <= 2, "in-flight bound exceeded");
+        }
+        d.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_and_slow_batches_are_retried_elsewhere() {
+        let bad = Fake {
+            hash: "h1".into(),
+            fail: Arc::new(AtomicBool::new(true)),
+            ..Default::default()
+        };
+        let slow = Fake {
+            hash: "h1".into(),
+            latency: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let good = Fake {
+            hash: "h1".into(),
+            ..Default::default()
+        };
+        let d = Dispatcher::new(config());
+        for f in [&bad, &slow, &good] {
+            let (url, _h) = start(f.clone()).await;
+            d.add_static_worker(&url).await.unwrap();
+        }
+        d.open_job("j", 0, "h1");
+        let rxs: Vec<_> = (0..8).map(|i| d.submit(batch("j", i))).collect();
+        let mut retried = 0;
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let o = rx.await.unwrap().unwrap();
+            assert_eq!(first_value(&o), i as f32 / 2.0);
+            retried += o.retries;
+        }
+        assert!(retried > 0);
+        assert!(good.calls.load(Ordering::SeqCst) >= 1);
+        d.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exhausted_retries_and_missing_workers_fail_with_names() {
+        let bad = Fake {
+            hash: "h1".into(),
+            fail: Arc::new(AtomicBool::new(true)),
+            ..Default::default()
+        };
+        let d = Dispatcher::new(config());
+        let (url, _h) = start(bad.clone()).await;
+        d.add_static_worker(&url).await.unwrap();
+        d.open_job("j", 0, "h1");
+        let e = d.submit(batch("j", 0)).await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("job j") && e.contains("batch 0") && e.contains(&url) && e.contains("scripted failure"), "{e}");
+        // A job pinned to a model nobody serves fails after the grace period.
+        d.open_job("k", 0, "nobody");
+        let e = d.submit(batch("k", 0)).await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("job k") && e.contains("no usable worker") && e.contains("nobody"), "{e}");
+        // Closing a job answers its pending batches.
+        d.close_job("j");
+        let e = d.submit(batch("j", 1)).await.unwrap().unwrap_err();
+        assert!(matches!(e, DispatchError::Cancelled { .. }));
+        d.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn higher_priority_jobs_go_first_and_equal_ones_take_turns() {
+        let w = Fake {
+            hash: "h1".into(),
+            latency: Duration::from_millis(5),
+            ..Default::default()
+        };
+        let mut c = config();
+        c.max_in_flight_per_worker = 1;
+        let d = Dispatcher::new(c);
+        let (url, _h) = start(w.clone()).await;
+        // Queue everything before the worker exists, then let the scheduler choose.
+        d.open_job("low", 0, "h1");
+        d.open_job("high", 5, "h1");
+        d.open_job("low2", 0, "h1");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut all = Vec::new();
+        for (job, n) in [("low", 4), ("high", 4), ("low2", 4)] {
+            for i in 0..n {
+                let rx = d.submit(batch(job, i));
+                let order = order.clone();
+                all.push(tokio::spawn(async move {
+                    rx.await.unwrap().unwrap();
+                    order.lock().unwrap().push(job);
+                }));
+            }
+        }
+        d.add_static_worker(&url).await.unwrap();
+        for h in all {
+            h.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        assert_eq!(&order[..4], &["high"; 4], "{order:?}");
+        // The two equal-priority jobs alternate.
+        let rest: Vec<_> = order[4..].to_vec();
+        assert!(rest.windows(2).all(|w| w[0] != w[1]), "{rest:?}");
+        d.shutdown();
+    }
+}

@@ -1,0 +1,511 @@
+//! Jobs as the coordinator stores them: [`JobSpec`] (the resolved settings),
+//! [`JobRecord`] (state, progress, history) and their mapping to the proto messages.
+
+use crate::error::{CoordinatorError, Result};
+use dmqsm_common::diffusion::model::ModelSpec;
+use dmqsm_proto::v1;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch, as f64.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The reconstruction task of a job (DM-QSM tasks plus the physics variants; see
+/// `dmqsm_common::tasks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    /// Local field → χ via SR ×1 of TKD (DM-QSM DipInv).
+    Dipinv,
+    /// Low-res χ → high-res χ.
+    Sr,
+    /// Low-res field → high-res χ via SR of low-res TKD (DM-QSM SR-DipInv).
+    SrDipinv,
+    /// Local field → χ with A = mask ∘ dipole convolution.
+    DipinvPhysics,
+    /// Low-res field → high-res χ with A = downsample ∘ mask ∘ dipole convolution.
+    SrDipinvPhysics,
+}
+
+impl TaskKind {
+    /// The CLI / report name (`dipinv`, `sr`, `sr-dipinv`, `dipinv-physics`,
+    /// `sr-dipinv-physics`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Dipinv => "dipinv",
+            TaskKind::Sr => "sr",
+            TaskKind::SrDipinv => "sr-dipinv",
+            TaskKind::DipinvPhysics => "dipinv-physics",
+            TaskKind::SrDipinvPhysics => "sr-dipinv-physics",
+        }
+    }
+
+    /// Parses a CLI / report name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            TaskKind::Dipinv,
+            TaskKind::Sr,
+            TaskKind::SrDipinv,
+            TaskKind::DipinvPhysics,
+            TaskKind::SrDipinvPhysics,
+        ]
+        .into_iter()
+        .find(|t| t.name() == s)
+    }
+
+    /// True for tasks whose output grid is finer than the measurement's.
+    pub fn is_super_resolution(self) -> bool {
+        matches!(
+            self,
+            TaskKind::Sr | TaskKind::SrDipinv | TaskKind::SrDipinvPhysics
+        )
+    }
+
+    /// True for tasks whose measurement is a field (TKD or dipole physics).
+    pub fn takes_field(self) -> bool {
+        !matches!(self, TaskKind::Sr)
+    }
+
+    fn from_proto(t: i32) -> Result<Self> {
+        match v1::Task::try_from(t) {
+            Ok(v1::Task::Dipinv) => Ok(TaskKind::Dipinv),
+            Ok(v1::Task::Sr) => Ok(TaskKind::Sr),
+            Ok(v1::Task::SrDipinv) => Ok(TaskKind::SrDipinv),
+            Ok(v1::Task::DipinvPhysics) => Ok(TaskKind::DipinvPhysics),
+            Ok(v1::Task::SrDipinvPhysics) => Ok(TaskKind::SrDipinvPhysics),
+            _ => Err(CoordinatorError::InvalidSubmission(format!(
+                "settings.task {t} is not a task (dipinv, sr, sr-dipinv, dipinv-physics, \
+                 sr-dipinv-physics)"
+            ))),
+        }
+    }
+
+    fn to_proto(self) -> v1::Task {
+        match self {
+            TaskKind::Dipinv => v1::Task::Dipinv,
+            TaskKind::Sr => v1::Task::Sr,
+            TaskKind::SrDipinv => v1::Task::SrDipinv,
+            TaskKind::DipinvPhysics => v1::Task::DipinvPhysics,
+            TaskKind::SrDipinvPhysics => v1::Task::SrDipinvPhysics,
+        }
+    }
+}
+
+/// How the DPS gradient is taken (see `dmqsm_common::diffusion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuidanceKind {
+    /// Through the score network: an ε round and a VJP round per step.
+    Exact,
+    /// Network Jacobian dropped: one ε round per step.
+    Approx,
+}
+
+/// The resolved settings of a job: every default filled in at submission, so a job
+/// restarted under another coordinator configuration computes exactly the same thing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// What to reconstruct.
+    pub task: TaskKind,
+    /// Diffusion (DDIM) steps.
+    pub steps: u32,
+    /// DDIM η: 0 deterministic, 1 ancestral.
+    pub eta: f64,
+    /// DPS step size ξ; `None` uses the task default (0.5 dipole inversion, 2 SR).
+    pub xi: Option<f64>,
+    /// Guidance mode.
+    pub guidance: GuidanceKind,
+    /// Patch overlap S in voxels (stride P − S).
+    pub overlap: u32,
+    /// Noise seed of the first sample; sample k uses seed + k.
+    pub seed: u64,
+    /// Posterior samples; > 1 adds a voxelwise std map.
+    pub samples: u32,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Model id requested ("" accepts whatever the workers serve).
+    pub model_id: String,
+    /// SR factor per axis (1 for none; SR tasks default to 2, DM-QSM's 2 mm → 1 mm).
+    pub factor: [u32; 3],
+    /// B0 direction in voxel axes; `None` derives it from the NIfTI affine.
+    pub b0_dir: Option<[f64; 3]>,
+    /// TKD threshold δ for the dipinv / sr-dipinv input.
+    pub tkd_threshold: f64,
+    /// Units of a field input: `ppm`, `hz` or `rad`.
+    pub field_units: String,
+    /// B0 in T (for Hz / rad field units).
+    pub b0_tesla: f64,
+    /// Echo time in s (for rad field units).
+    pub te_seconds: f64,
+    /// Downsampling model of SR tasks: `kspace` or `block`.
+    pub downsample: String,
+    /// Patches per worker batch, fixed at submission (batches are part of the job's
+    /// deterministic definition).
+    pub batch_size: u32,
+}
+
+impl JobSpec {
+    /// Resolves proto settings, filling defaults and rejecting nonsense with a message
+    /// naming the field. `batch_size` (the coordinator's setting) applies when the
+    /// settings leave it 0.
+    pub fn from_proto(s: &v1::JobSettings, batch_size: usize) -> Result<Self> {
+        let bad = |m: String| Err(CoordinatorError::InvalidSubmission(m));
+        let task = TaskKind::from_proto(s.task)?;
+        let guidance = match v1::Guidance::try_from(s.guidance) {
+            Ok(v1::Guidance::Exact) => GuidanceKind::Exact,
+            Ok(v1::Guidance::Approx) | Ok(v1::Guidance::Unspecified) => GuidanceKind::Approx,
+            Err(_) => return bad(format!("settings.guidance {} is unknown", s.guidance)),
+        };
+        let steps = if s.steps == 0 { 25 } else { s.steps };
+        if steps > 10_000 {
+            return bad(format!("settings.steps {steps} is above 10000"));
+        }
+        if !s.eta.is_finite() || !(0.0..=1.0).contains(&s.eta) {
+            return bad(format!("settings.eta {} must be in [0, 1]", s.eta));
+        }
+        if !s.xi.is_finite() || s.xi < 0.0 {
+            return bad(format!("settings.xi {} must be ≥ 0", s.xi));
+        }
+        let samples = s.samples.max(1);
+        if samples > 1000 {
+            return bad(format!("settings.samples {samples} is above 1000"));
+        }
+        let factor = match s.factor.as_slice() {
+            // DM-QSM evaluates SR from 2 mm to 1 mm.
+            [] if task.is_super_resolution() => [2, 2, 2],
+            [] => [1, 1, 1],
+            [f] => [*f; 3],
+            [a, b, c] => [*a, *b, *c],
+            other => {
+                return bad(format!(
+                    "settings.factor needs 1 or 3 values, got {}",
+                    other.len()
+                ));
+            }
+        };
+        if factor.iter().any(|&f| f == 0 || f > 8) {
+            return bad(format!("settings.factor {factor:?} must be in 1..=8"));
+        }
+        let b0_dir = match s.b0_dir.as_slice() {
+            [] => None,
+            [x, y, z] => {
+                let n = (x * x + y * y + z * z).sqrt();
+                if !n.is_finite() || n < 1e-9 {
+                    return bad(format!("settings.b0_dir {:?} is not a direction", s.b0_dir));
+                }
+                Some([x / n, y / n, z / n])
+            }
+            _ => return bad(format!("settings.b0_dir needs 3 values, got {:?}", s.b0_dir)),
+        };
+        let tkd_threshold = if s.tkd_threshold == 0.0 {
+            0.1
+        } else {
+            s.tkd_threshold
+        };
+        if !tkd_threshold.is_finite() || tkd_threshold <= 0.0 || tkd_threshold >= 1.0 {
+            return bad(format!(
+                "settings.tkd_threshold {tkd_threshold} must be in (0, 1)"
+            ));
+        }
+        let field_units = if s.field_units.is_empty() {
+            "ppm".to_string()
+        } else {
+            s.field_units.to_lowercase()
+        };
+        if !["ppm", "hz", "rad"].contains(&field_units.as_str()) {
+            return bad(format!(
+                "settings.field_units {:?} must be ppm, hz or rad",
+                s.field_units
+            ));
+        }
+        if field_units != "ppm" && !(s.b0_tesla.is_finite() && s.b0_tesla > 0.0) {
+            return bad(format!(
+                "settings.b0_tesla must be > 0 for field units {field_units}"
+            ));
+        }
+        if field_units == "rad" && !(s.te_seconds.is_finite() && s.te_seconds > 0.0) {
+            return bad("settings.te_seconds must be > 0 for field units rad".to_string());
+        }
+        let downsample = if s.downsample.is_empty() {
+            "kspace".to_string()
+        } else {
+            s.downsample.to_lowercase()
+        };
+        if !["kspace", "block"].contains(&downsample.as_str()) {
+            return bad(format!(
+                "settings.downsample {:?} must be kspace or block",
+                s.downsample
+            ));
+        }
+        Ok(Self {
+            task,
+            steps,
+            eta: s.eta,
+            xi: if s.xi == 0.0 { None } else { Some(s.xi) },
+            guidance,
+            overlap: s.overlap.unwrap_or(8),
+            seed: s.seed,
+            samples,
+            priority: s.priority,
+            model_id: s.model_id.clone(),
+            factor,
+            b0_dir,
+            tkd_threshold,
+            field_units,
+            b0_tesla: s.b0_tesla,
+            te_seconds: s.te_seconds,
+            downsample,
+            batch_size: if s.batch_size > 0 {
+                s.batch_size
+            } else {
+                batch_size.max(1) as u32
+            },
+        })
+    }
+
+    /// The settings as a proto message (defaults resolved).
+    pub fn to_proto(&self) -> v1::JobSettings {
+        v1::JobSettings {
+            task: self.task.to_proto() as i32,
+            steps: self.steps,
+            eta: self.eta,
+            xi: self.xi.unwrap_or(0.0),
+            guidance: match self.guidance {
+                GuidanceKind::Exact => v1::Guidance::Exact as i32,
+                GuidanceKind::Approx => v1::Guidance::Approx as i32,
+            },
+            overlap: Some(self.overlap),
+            seed: self.seed,
+            samples: self.samples,
+            priority: self.priority,
+            model_id: self.model_id.clone(),
+            factor: self.factor.to_vec(),
+            b0_dir: self.b0_dir.map(|d| d.to_vec()).unwrap_or_default(),
+            tkd_threshold: self.tkd_threshold,
+            field_units: self.field_units.clone(),
+            b0_tesla: self.b0_tesla,
+            te_seconds: self.te_seconds,
+            downsample: self.downsample.clone(),
+            batch_size: self.batch_size,
+        }
+    }
+}
+
+/// Lifecycle of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Accepted, waiting for a run slot.
+    Queued,
+    /// Sampling.
+    Running,
+    /// Finished; results are stored and fetchable.
+    Succeeded,
+    /// Stopped with an error (see [`JobRecord::error`]).
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+}
+
+impl JobState {
+    /// True once the job can no longer change.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    fn to_proto(self) -> v1::JobState {
+        match self {
+            JobState::Queued => v1::JobState::Queued,
+            JobState::Running => v1::JobState::Running,
+            JobState::Succeeded => v1::JobState::Succeeded,
+            JobState::Failed => v1::JobState::Failed,
+            JobState::Cancelled => v1::JobState::Cancelled,
+        }
+    }
+}
+
+/// One line of a job's history (state changes, checkpoints, retries, resumes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// When, in Unix seconds.
+    pub unix: f64,
+    /// What happened.
+    pub message: String,
+}
+
+/// Wall-clock timings of a job, in seconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobTimings {
+    /// Seconds spent waiting for worker batches (summed over rounds).
+    pub waiting_for_workers_s: f64,
+    /// Seconds spent in the coordinator's own numerics (steps, FFT, DPS).
+    pub coordinator_numerics_s: f64,
+    /// Seconds from start (or last resume) to the end.
+    pub running_s: f64,
+}
+
+/// Everything the coordinator keeps about a job besides its inputs, checkpoints and
+/// result files (stored as JSON in sled).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Job id (`job-000001`, …).
+    pub job_id: String,
+    /// Free-form label given at submission.
+    pub label: String,
+    /// Resolved settings.
+    pub spec: JobSpec,
+    /// The model the job is pinned to (id, hash, patch size, schedule, χ scale).
+    pub model: ModelSpec,
+    /// Current state.
+    pub state: JobState,
+    /// Diffusion steps finished in the current sample.
+    pub step: u32,
+    /// Samples finished.
+    pub sample: u32,
+    /// Why the job failed or was cancelled.
+    pub error: Option<String>,
+    /// Submission time (Unix s).
+    pub submitted_unix: f64,
+    /// Start of the first run (Unix s).
+    pub started_unix: Option<f64>,
+    /// End time (Unix s).
+    pub finished_unix: Option<f64>,
+    /// Batches retried on another worker.
+    pub retries: u32,
+    /// Batches answered per worker id.
+    pub workers_used: BTreeMap<String, u64>,
+    /// Steps this job resumed from after coordinator restarts.
+    pub resumed_from: Vec<u32>,
+    /// Timings.
+    pub timings: JobTimings,
+    /// History, oldest first (bounded to the last [`HISTORY_LIMIT`] events).
+    pub history: Vec<HistoryEvent>,
+}
+
+/// Most history events kept per job.
+pub const HISTORY_LIMIT: usize = 200;
+
+impl JobRecord {
+    /// A new queued job.
+    pub fn new(job_id: String, label: String, spec: JobSpec, model: ModelSpec) -> Self {
+        let now = unix_now();
+        let mut r = Self {
+            job_id,
+            label,
+            spec,
+            model,
+            state: JobState::Queued,
+            step: 0,
+            sample: 0,
+            error: None,
+            submitted_unix: now,
+            started_unix: None,
+            finished_unix: None,
+            retries: 0,
+            workers_used: BTreeMap::new(),
+            resumed_from: Vec::new(),
+            timings: JobTimings::default(),
+            history: Vec::new(),
+        };
+        r.log("submitted");
+        r
+    }
+
+    /// Appends a history event (and keeps the history bounded).
+    pub fn log(&mut self, message: impl Into<String>) {
+        self.history.push(HistoryEvent {
+            unix: unix_now(),
+            message: message.into(),
+        });
+        if self.history.len() > HISTORY_LIMIT {
+            let cut = self.history.len() - HISTORY_LIMIT;
+            self.history.drain(..cut);
+        }
+    }
+
+    /// The proto view of the job.
+    pub fn to_proto(&self) -> v1::JobStatus {
+        v1::JobStatus {
+            job_id: self.job_id.clone(),
+            label: self.label.clone(),
+            state: self.state.to_proto() as i32,
+            step: self.step,
+            total_steps: self.spec.steps,
+            sample: self.sample,
+            total_samples: self.spec.samples,
+            error: self.error.clone().unwrap_or_default(),
+            settings: Some(self.spec.to_proto()),
+            submitted_unix: self.submitted_unix,
+            finished_unix: self.finished_unix.unwrap_or(0.0),
+            retries: self.retries,
+            model_id: self.model.model_id.clone(),
+            model_hash: self.model.content_hash.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve_and_round_trip() {
+        let s = v1::JobSettings {
+            task: v1::Task::Dipinv as i32,
+            ..Default::default()
+        };
+        let spec = JobSpec::from_proto(&s, 4).unwrap();
+        assert_eq!(spec.steps, 25);
+        assert_eq!(spec.overlap, 8);
+        assert_eq!(spec.samples, 1);
+        assert_eq!(spec.factor, [1, 1, 1]);
+        assert_eq!(spec.tkd_threshold, 0.1);
+        assert_eq!(spec.guidance, GuidanceKind::Approx);
+        let back = JobSpec::from_proto(&spec.to_proto(), 4).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let cases: Vec<(v1::JobSettings, &str)> = vec![
+            (v1::JobSettings::default(), "settings.task"),
+            (
+                v1::JobSettings {
+                    task: 1,
+                    eta: 2.0,
+                    ..Default::default()
+                },
+                "settings.eta",
+            ),
+            (
+                v1::JobSettings {
+                    task: 2,
+                    factor: vec![2, 2],
+                    ..Default::default()
+                },
+                "settings.factor",
+            ),
+            (
+                v1::JobSettings {
+                    task: 1,
+                    field_units: "hz".into(),
+                    ..Default::default()
+                },
+                "b0_tesla",
+            ),
+        ];
+        for (s, needle) in cases {
+            let e = JobSpec::from_proto(&s, 4).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} should mention {needle}");
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! One job's life: wait for a run slot, build the problem, drive the sampler state
+//! machine over the [`Dispatcher`](crate::dispatch::Dispatcher), checkpoint, and store
+//! the results.
+//!
+//! Each round the sampler's deterministic batch plan (`plan_batches(batch_size)`, with the
+//! batch size fixed in the job) becomes one [`WorkBatch`] per group of patch indices;
+//! all batches of the round are queued at once, so several workers share them. Answers
+//! are handed back to the sampler in plan order once all have arrived, and the sampler
+//! sums per-patch results in patch-index order, so the step is bitwise the same whatever
+//! worker answered which batch, in which order, after how many retries.
+//!
+//! Every `checkpoint_every` steps the sampler state is written to sled and flushed
+//! before the job moves on; a restarted coordinator resumes from there and computes the
+//! same bits (noise is a pure function of seed, step and voxel).
+
+use crate::dispatch::{BatchOutcome, BatchReply, BatchRequest, DispatchError, WorkBatch};
+use crate::error::{CoordinatorError, Result};
+use crate::job::{GuidanceKind, JobRecord, JobSpec, JobState, unix_now};
+use crate::service::{JobHandle, Shared};
+use dmqsm_common::diffusion::sampler::{
+    Checkpoint, Guidance, Reconstruction, RoundKind, Sampler, SamplerSettings,
+};
+use dmqsm_common::patch::GridSpacing;
+use dmqsm_common::tasks::Problem;
+use dmqsm_proto::tensor;
+use dmqsm_proto::v1;
+use ndarray::Array4;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// How a run ended early.
+enum Stop {
+    Cancelled,
+    Failed(String),
+}
+
+impl From<dmqsm_common::Error> for Stop {
+    fn from(e: dmqsm_common::Error) -> Self {
+        Stop::Failed(e.to_string())
+    }
+}
+
+impl From<CoordinatorError> for Stop {
+    fn from(e: CoordinatorError) -> Self {
+        Stop::Failed(e.to_string())
+    }
+}
+
+/// The sampler settings of sample `k` of a job.
+pub fn sampler_settings(spec: &JobSpec, k: u32) -> SamplerSettings {
+    SamplerSettings {
+        steps: spec.steps as usize,
+        eta: spec.eta,
+        xi: spec.xi,
+        guidance: match spec.guidance {
+            GuidanceKind::Exact => Guidance::Exact,
+            GuidanceKind::Approx => Guidance::Approx,
+        },
+        spacing: GridSpacing::Overlap(spec.overlap as usize),
+        shift_grid: false,
+        clamp_ppm: None,
+        seed: spec.seed.wrapping_add(k as u64),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoordinatorError::Store(format!("{what} panicked: {e}")))?
+}
+
+/// Runs a job to its end and records the outcome. Never panics on job errors: they end
+/// the job as failed with a message naming job, worker and cause.
+pub(crate) async fn run_job(shared: Arc<Shared>, job_id: String) {
+    let Some(handle) = shared.handle(&job_id) else {
+        return;
+    };
+    let mut cancel = handle.cancel.subscribe();
+    // Wait for a run slot (bounded concurrent samplers), or a cancel.
+    let permit = tokio::select! {
+        p = shared.run_slots.clone().acquire_owned() => p.ok(),
+        _ = cancel.wait_for(|c| *c) => None,
+    };
+    let outcome = match permit {
+        None => Err(Stop::Cancelled),
+        Some(_permit) => execute(&shared, &job_id, &handle, cancel.clone()).await,
+    };
+    shared.dispatcher.close_job(&job_id);
+    let mut rec = match shared.store.get_job(&job_id) {
+        Ok(Some(r)) => r,
+        _ => return,
+    };
+    match outcome {
+        Ok(()) => {}
+        Err(Stop::Cancelled) => {
+            rec.state = JobState::Cancelled;
+            rec.error = Some(format!("job {job_id}: cancelled by user"));
+            rec.finished_unix = Some(unix_now());
+            rec.log("cancelled");
+            let _ = shared.store.clear_checkpoints(&job_id);
+            tracing::info!(job = %job_id, "job cancelled");
+        }
+        Err(Stop::Failed(msg)) => {
+            let msg = if msg.contains(&job_id) {
+                msg
+            } else {
+                format!("job {job_id}: {msg}")
+            };
+            rec.state = JobState::Failed;
+            rec.error = Some(msg.clone());
+            rec.finished_unix = Some(unix_now());
+            rec.log(format!("failed: {msg}"));
+            let _ = shared.store.clear_checkpoints(&job_id);
+            tracing::error!(job = %job_id, "job failed: {msg}");
+        }
+    }
+    if let Err(e) = shared.store.put_job(&rec).and_then(|_| shared.store.flush()) {
+        tracing::error!(job = %job_id, "cannot record the job's end: {e}");
+    }
+    handle.progress.send_replace(v1::JobProgress {
+        status: Some(rec.to_proto()),
+        ..Default::default()
+    });
+}
+
+/// Progress bookkeeping for `WatchJob`.
+struct Meter {
+    started: Instant,
+    rounds_done: u64,
+    patches_done: u64,
+    rounds_per_step: u64,
+}
+
+impl Meter {
+    fn report(&self, shared: &Shared, rec: &JobRecord) -> v1::JobProgress {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let steps_left = (rec.spec.samples.saturating_sub(rec.sample) as u64)
+            * rec.spec.steps as u64
+            - (rec.step as u64).min(rec.spec.steps as u64);
+        let eta = if self.rounds_done > 0 {
+            elapsed / self.rounds_done as f64 * (steps_left * self.rounds_per_step) as f64
+        } else {
+            0.0
+        };
+        v1::JobProgress {
+            status: Some(rec.to_proto()),
+            eta_seconds: eta,
+            patches_per_second: if elapsed > 0.0 {
+                self.patches_done as f64 / elapsed
+            } else {
+                0.0
+            },
+            workers: shared
+                .dispatcher
+                .load()
+                .into_iter()
+                .map(|w| v1::WorkerLoad {
+                    worker_id: w.worker_id,
+                    in_flight: w.in_flight,
+                    batches_done: w.batches_done,
+                })
+                .collect(),
+        }
+    }
+}
+
+async fn execute(
+    shared: &Arc<Shared>,
+    job_id: &str,
+    handle: &JobHandle,
+    mut cancel: watch::Receiver<bool>,
+) -> std::result::Result<(), Stop> {
+    let store = shared.store.clone();
+    let mut rec = store
+        .get_job(job_id)?
+        .ok_or_else(|| Stop::Failed(format!("job {job_id} vanished from the store")))?;
+    if rec.state.is_terminal() {
+        return Ok(());
+    }
+    let run_start = Instant::now();
+    let resuming = rec.state == JobState::Running;
+    rec.state = JobState::Running;
+    rec.started_unix.get_or_insert_with(unix_now);
+    rec.log(if resuming {
+        "restarted after a coordinator restart"
+    } else {
+        "started"
+    });
+    store.put_job(&rec)?;
+
+    // Inputs → problem (CPU work off the reactor).
+    let measurement = store
+        .get_input(job_id, "measurement")?
+        .ok_or_else(|| Stop::Failed(format!("job {job_id}: its measurement is not stored")))?;
+    let mask = store.get_input(job_id, "mask")?;
+    let problem = {
+        let (spec, model) = (rec.spec.clone(), rec.model.clone());
+        blocking("problem builder", move || {
+            crate::problem::build_problem(&spec, &model, &measurement, mask.as_deref())
+        })
+        .await?
+    };
+    let problem = Arc::new(problem);
+    shared
+        .dispatcher
+        .open_job(job_id, rec.spec.priority, &rec.model.content_hash);
+
+    let mut meter = Meter {
+        started: Instant::now(),
+        rounds_done: 0,
+        patches_done: 0,
+        rounds_per_step: if rec.spec.guidance == GuidanceKind::Exact {
+            2
+        } else {
+            1
+        },
+    };
+    let mut samples: Vec<Reconstruction> = Vec::new();
+    for k in 0..rec.spec.samples {
+        if let Some(bytes) = store.get_sample(job_id, k)? {
+            samples.push(crate::results::decode_sample(&bytes).map_err(Stop::Failed)?);
+            continue;
+        }
+        let settings = sampler_settings(&rec.spec, k);
+        let mut sampler = start_sampler(&store, &mut rec, &problem, settings).await?;
+        rec.sample = k;
+        rec.step = sampler.progress().step as u32;
+        store.put_job(&rec)?;
+        handle.progress.send_replace(meter.report(shared, &rec));
+        while !sampler.is_finished() {
+            sampler = run_round(shared, &mut rec, sampler, &mut meter, &mut cancel).await?;
+            let step = sampler.progress().step as u32;
+            if step != rec.step {
+                rec.step = step;
+                let every = shared.config.checkpoint_every;
+                if every > 0 && step % every == 0 && !sampler.is_finished() {
+                    let t = Instant::now();
+                    let ck = sampler.checkpoint();
+                    let (store2, id) = (store.clone(), job_id.to_string());
+                    blocking("checkpoint writer", move || {
+                        let bytes = ck.to_bytes()?;
+                        store2.put_checkpoint(&id, &bytes)
+                    })
+                    .await?;
+                    rec.log(format!("checkpoint at step {step} of sample {k}"));
+                    rec.timings.coordinator_numerics_s += t.elapsed().as_secs_f64();
+                }
+                store.put_job(&rec)?;
+            }
+            handle.progress.send_replace(meter.report(shared, &rec));
+        }
+        let result = sampler.result()?;
+        if rec.spec.samples > 1 {
+            let bytes = crate::results::encode_sample(&result);
+            store.put_sample(job_id, k, &bytes)?;
+        }
+        samples.push(result);
+        rec.sample = k + 1;
+        rec.log(format!("sample {k} finished"));
+        store.put_job(&rec)?;
+    }
+
+    // Results.
+    rec.timings.running_s += run_start.elapsed().as_secs_f64();
+    let files = {
+        let rec2 = rec.clone();
+        blocking("result writer", move || {
+            crate::results::build_results(&rec2, &samples)
+        })
+        .await?
+    };
+    for (name, bytes) in &files {
+        store.put_result(job_id, name, bytes)?;
+    }
+    store.clear_checkpoints(job_id)?;
+    rec.state = JobState::Succeeded;
+    rec.step = rec.spec.steps;
+    rec.sample = rec.spec.samples;
+    rec.finished_unix = Some(unix_now());
+    rec.log("succeeded");
+    store.put_job(&rec)?;
+    store.flush()?;
+    handle.progress.send_replace(meter.report(shared, &rec));
+    tracing::info!(job = %job_id, "job succeeded");
+    Ok(())
+}
+
+/// A new sampler for `settings`, or the one restored from the job's checkpoint when it
+/// belongs to this sample (same seed) and problem.
+async fn start_sampler(
+    store: &crate::store::JobStore,
+    rec: &mut JobRecord,
+    problem: &Arc<Problem>,
+    settings: SamplerSettings,
+) -> std::result::Result<Sampler, Stop> {
+    let ck = store.get_checkpoint(&rec.job_id)?;
+    let (p, spec) = (problem.clone(), rec.model.clone());
+    let restored = blocking("sampler setup", move || {
+        if let Some(bytes) = ck {
+            match Checkpoint::from_bytes(&bytes) {
+                Ok(ck) if ck.settings == settings => {
+                    let s = Sampler::restore(p, &spec, &ck)?;
+                    return Ok((s, Some(ck.step)));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("ignoring unreadable checkpoint: {e}"),
+            }
+        }
+        Ok((Sampler::new(p, &spec, settings)?, None))
+    })
+    .await?;
+    let (sampler, from) = restored;
+    if let Some(step) = from {
+        rec.resumed_from.push(step as u32);
+        rec.log(format!("resumed from the checkpoint at step {step}"));
+        tracing::info!(job = %rec.job_id, step, "resumed from checkpoint");
+    }
+    Ok(sampler)
+}
+
+/// Builds the round's batches, runs them on the workers and completes the round.
+async fn run_round(
+    shared: &Arc<Shared>,
+    rec: &mut JobRecord,
+    sampler: Sampler,
+    meter: &mut Meter,
+    cancel: &mut watch::Receiver<bool>,
+) -> std::result::Result<Sampler, Stop> {
+    let job_id = rec.job_id.clone();
+    let round = sampler
+        .round()
+        .ok_or_else(|| Stop::Failed("the sampler has no open round".into()))?;
+    let batch_size = rec.spec.batch_size as usize;
+    let dtype = shared.config.wire_dtype;
+    let hash = rec.model.content_hash.clone();
+    let label = format!(
+        "sample {} step {}/{} {}",
+        rec.sample,
+        round.id.step + 1,
+        rec.spec.steps,
+        match round.id.kind {
+            RoundKind::Eps => "eps",
+            RoundKind::Vjp => "vjp",
+        }
+    );
+    let t0 = Instant::now();
+    // 1. Encode the batches.
+    let (sampler, plan, requests) = {
+        let (job, label) = (job_id.clone(), label.clone());
+        blocking("batch encoder", move || {
+            let plan = sampler.plan_batches(batch_size)?;
+            let n = plan.len();
+            let mut out = Vec::with_capacity(n);
+            for (b, indices) in plan.iter().enumerate() {
+                let wb = sampler.batch(indices)?;
+                let shape = wb.x.shape().to_vec();
+                let patches = encode(&wb.x, &shape, dtype);
+                let request = match (&wb.cotangent, round.id.kind) {
+                    (Some(c), RoundKind::Vjp) => BatchRequest::Vjp(v1::DenoiseVjpRequest {
+                        model_hash: hash.clone(),
+                        patches: Some(patches),
+                        timesteps: wb.timesteps.clone(),
+                        cotangents: Some(encode(c, &shape, dtype)),
+                        response_dtype: dtype as i32,
+                    }),
+                    _ => BatchRequest::Eps(v1::DenoiseRequest {
+                        model_hash: hash.clone(),
+                        patches: Some(patches),
+                        timesteps: wb.timesteps.clone(),
+                        response_dtype: dtype as i32,
+                    }),
+                };
+                out.push(WorkBatch {
+                    job_id: job.clone(),
+                    label: format!("{label} batch {}/{n}", b + 1),
+                    request,
+                });
+            }
+            Ok((sampler, plan, out))
+        })
+        .await?
+    };
+    let t_encoded = Instant::now();
+    // 2. Queue them all and wait for every answer (or a cancel / failure).
+    let receivers: Vec<_> = requests
+        .into_iter()
+        .map(|b| shared.dispatcher.submit(b))
+        .collect();
+    let all = futures::future::join_all(receivers.into_iter().map(|rx| async move {
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(DispatchError::Cancelled { job: String::new() }),
+        }
+    }));
+    let answers: Vec<std::result::Result<BatchOutcome, DispatchError>> = tokio::select! {
+        a = all => a,
+        _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
+    };
+    let t_answered = Instant::now();
+    let mut outcomes = Vec::with_capacity(answers.len());
+    for a in answers {
+        match a {
+            Ok(o) => outcomes.push(o),
+            Err(DispatchError::Cancelled { .. }) if *cancel.borrow() => {
+                return Err(Stop::Cancelled);
+            }
+            Err(e) => return Err(Stop::Failed(e.to_string())),
+        }
+    }
+    for o in &outcomes {
+        *rec.workers_used.entry(o.worker_id.clone()).or_insert(0) += 1;
+        rec.retries += o.retries;
+        if o.retries > 0 {
+            rec.log(format!(
+                "a batch of {label} succeeded on worker {} after {} retries",
+                o.worker_id, o.retries
+            ));
+        }
+    }
+    // 3. Hand the answers back in plan order and finish the round.
+    let patches: usize = plan.iter().map(Vec::len).sum();
+    let sampler = {
+        let (job, label) = (job_id.clone(), label.clone());
+        blocking("round completion", move || {
+            let mut sampler = sampler;
+            for (indices, o) in plan.iter().zip(outcomes) {
+                let (eps, vjp) = match o.reply {
+                    BatchReply::Eps(r) => (r.eps, None),
+                    BatchReply::Vjp(r) => (r.eps, r.vjp),
+                };
+                let worker = o.worker_id.clone();
+                let decode4 = |t: Option<v1::Tensor>, what: &str| -> Result<Option<Array4<f32>>> {
+                    let Some(t) = t else { return Ok(None) };
+                    let (values, shape) = tensor::decode(&t).map_err(|e| {
+                        CoordinatorError::JobFailed {
+                            job: job.clone(),
+                            cause: format!("{label}: worker {worker} sent a bad {what}: {e}"),
+                        }
+                    })?;
+                    let dims: [usize; 4] = shape.try_into().map_err(|s: Vec<usize>| {
+                        CoordinatorError::JobFailed {
+                            job: job.clone(),
+                            cause: format!("{label}: worker {worker} sent {what} of shape {s:?}"),
+                        }
+                    })?;
+                    Array4::from_shape_vec(dims, values)
+                        .map(Some)
+                        .map_err(|e| CoordinatorError::JobFailed {
+                            job: job.clone(),
+                            cause: format!("{label}: {what}: {e}"),
+                        })
+                };
+                let eps = decode4(eps, "eps")?;
+                let vjp = decode4(vjp, "vjp")?;
+                sampler
+                    .submit_batch(
+                        round.id,
+                        indices,
+                        eps.as_ref().map(|a| a.view()),
+                        vjp.as_ref().map(|a| a.view()),
+                    )
+                    .map_err(|e| CoordinatorError::JobFailed {
+                        job: job.clone(),
+                        cause: format!("{label}: result from worker {worker} rejected: {e}"),
+                    })?;
+            }
+            sampler.complete_round()?;
+            Ok(sampler)
+        })
+        .await?
+    };
+    let t_done = Instant::now();
+    rec.timings.waiting_for_workers_s += (t_answered - t_encoded).as_secs_f64();
+    rec.timings.coordinator_numerics_s +=
+        (t_encoded - t0).as_secs_f64() + (t_done - t_answered).as_secs_f64();
+    meter.rounds_done += 1;
+    meter.patches_done += patches as u64;
+    Ok(sampler)
+}
+
+fn encode(a: &Array4<f32>, shape: &[usize], dtype: v1::Dtype) -> v1::Tensor {
+    match a.as_slice() {
+        Some(s) => tensor::encode(s, shape, dtype),
+        None => {
+            let v: Vec<f32> = a.iter().copied().collect();
+            tensor::encode(&v, shape, dtype)
+        }
+    }
+}

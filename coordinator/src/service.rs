@@ -1,0 +1,551 @@
+//! [`Coordinator`]: the job service (submit, status, cancel, watch, fetch, workers) and
+//! its gRPC face ([`serve`]).
+//!
+//! Every job runs in its own task ([`crate::runner`]); the [`Dispatcher`] multiplexes
+//! the batches of all jobs onto the workers. On start, jobs left queued or running by a
+//! previous process resume from their last checkpoint.
+
+use crate::config::CoordinatorConfig;
+use crate::dispatch::Dispatcher;
+use crate::error::{CoordinatorError, Result};
+use crate::job::{JobRecord, JobSpec, JobState, unix_now};
+use crate::store::JobStore;
+use dmqsm_proto::v1;
+use dmqsm_proto::v1::coordinator_server::{self, CoordinatorServer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+use tonic::{Request, Response, Status};
+
+/// Largest result chunk streamed by `FetchResult`, in bytes.
+pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
+
+/// A live job's control channels.
+pub(crate) struct JobHandle {
+    /// Set to true to cancel.
+    pub cancel: watch::Sender<bool>,
+    /// The latest progress report.
+    pub progress: watch::Sender<v1::JobProgress>,
+}
+
+/// State shared by the service and the job runners.
+pub(crate) struct Shared {
+    pub config: CoordinatorConfig,
+    pub store: JobStore,
+    pub dispatcher: Dispatcher,
+    pub jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    pub run_slots: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub(crate) fn handle(&self, job_id: &str) -> Option<Arc<JobHandle>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(job_id)
+            .cloned()
+    }
+}
+
+/// The coordinator: store, dispatcher and running jobs (see the module docs).
+#[derive(Clone)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("data_dir", &self.shared.config.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Coordinator {
+    /// Opens the store, connects the statically listed `workers` (addresses such as
+    /// `http://127.0.0.1:50061`) and resumes unfinished jobs. Needs a tokio runtime.
+    pub async fn start(config: CoordinatorConfig, workers: &[String]) -> Result<Self> {
+        config.validate()?;
+        let store = JobStore::open(&config.data_dir)?;
+        let dispatcher = Dispatcher::new(config.clone());
+        for w in workers {
+            dispatcher.add_static_worker(w).await?;
+        }
+        let shared = Arc::new(Shared {
+            run_slots: Arc::new(Semaphore::new(config.max_running_jobs)),
+            config,
+            store,
+            dispatcher,
+            jobs: Mutex::new(HashMap::new()),
+        });
+        let c = Self { shared };
+        for job in c.shared.store.list_jobs()? {
+            if !job.state.is_terminal() {
+                tracing::info!(job = %job.job_id, step = job.step, "resuming unfinished job");
+                c.launch(&job);
+            }
+        }
+        Ok(c)
+    }
+
+    /// The dispatcher (workers and batches).
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.shared.dispatcher
+    }
+
+    /// The store.
+    pub fn store(&self) -> &JobStore {
+        &self.shared.store
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.shared.config
+    }
+
+    fn launch(&self, job: &JobRecord) {
+        let (cancel, _) = watch::channel(false);
+        let (progress, _) = watch::channel(v1::JobProgress {
+            status: Some(job.to_proto()),
+            ..Default::default()
+        });
+        let handle = Arc::new(JobHandle { cancel, progress });
+        self.shared
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.job_id.clone(), handle);
+        let shared = self.shared.clone();
+        let job_id = job.job_id.clone();
+        tokio::spawn(async move {
+            crate::runner::run_job(shared.clone(), job_id.clone()).await;
+            shared
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&job_id);
+        });
+    }
+
+    /// Validates a submission, stores it and starts it. Returns the job id. Rejected
+    /// submissions (bad NIfTI, shapes, NaN, path outside the data root, unknown model, no
+    /// workers) get [`CoordinatorError::InvalidSubmission`] naming the problem; nothing
+    /// is stored for them.
+    pub async fn submit(&self, req: v1::SubmitJobRequest) -> Result<String> {
+        let settings = req.settings.clone().ok_or_else(|| {
+            CoordinatorError::InvalidSubmission("settings are missing".to_string())
+        })?;
+        let spec = JobSpec::from_proto(&settings, self.shared.config.batch_size)?;
+        let model = self.pick_model(&spec.model_id)?;
+        let root = self.shared.config.data_root.clone();
+        let (measurement, mask) = {
+            let req = req.clone();
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                let m = crate::inputs::read_input(
+                    req.measurement.as_ref(),
+                    root.as_deref(),
+                    "measurement",
+                )?
+                .ok_or_else(|| {
+                    CoordinatorError::InvalidSubmission("measurement is missing".to_string())
+                })?;
+                let k = crate::inputs::read_input(req.mask.as_ref(), root.as_deref(), "mask")?;
+                Ok((m, k))
+            })
+            .await
+            .map_err(|e| CoordinatorError::Store(format!("input reader panicked: {e}")))??
+        };
+        // Build the problem once now so that bad inputs are refused at submission.
+        {
+            let (spec, model, m, k) = (spec.clone(), model.clone(), measurement.clone(), mask.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::problem::build_problem(&spec, &model, &m, k.as_deref())
+            })
+            .await
+            .map_err(|e| CoordinatorError::Store(format!("input check panicked: {e}")))?
+            .map_err(|e| CoordinatorError::InvalidSubmission(e.to_string()))?;
+        }
+        let store = &self.shared.store;
+        let job_id = store.next_job_id()?;
+        let record = JobRecord::new(job_id.clone(), req.label.clone(), spec, model);
+        store.put_input(&job_id, "measurement", &measurement)?;
+        if let Some(k) = &mask {
+            store.put_input(&job_id, "mask", k)?;
+        }
+        store.put_job(&record)?;
+        store.flush()?;
+        tracing::info!(job = %job_id, task = record.spec.task.name(), model = %record.model.content_hash, "job submitted");
+        self.launch(&record);
+        Ok(job_id)
+    }
+
+    /// Chooses the model a new job is pinned to: the requested id (or any, if empty)
+    /// among the ready workers; the hash served by most workers wins.
+    fn pick_model(&self, model_id: &str) -> Result<dmqsm_common::diffusion::model::ModelSpec> {
+        let models = self.shared.dispatcher.ready_models();
+        if models.is_empty() {
+            return Err(CoordinatorError::InvalidSubmission(
+                "no workers are ready (zero workers connected); start dmqsm-worker or list \
+                 workers with --worker"
+                    .to_string(),
+            ));
+        }
+        let found = models
+            .iter()
+            .find(|(m, _)| model_id.is_empty() || m.model_id == model_id || m.content_hash == model_id);
+        let Some((m, _)) = found else {
+            let served: Vec<String> = models
+                .iter()
+                .map(|(m, n)| format!("{} ({}, {n} workers)", m.model_id, short(&m.content_hash)))
+                .collect();
+            return Err(CoordinatorError::InvalidSubmission(format!(
+                "unknown model {model_id:?}; the workers serve {}",
+                served.join(", ")
+            )));
+        };
+        crate::problem::model_spec(m)
+    }
+
+    /// A job's record.
+    pub fn get(&self, job_id: &str) -> Result<JobRecord> {
+        self.shared
+            .store
+            .get_job(job_id)?
+            .ok_or_else(|| CoordinatorError::JobNotFound(job_id.to_string()))
+    }
+
+    /// Every job, in submission order.
+    pub fn list(&self) -> Result<Vec<JobRecord>> {
+        self.shared.store.list_jobs()
+    }
+
+    /// Cancels a job. A finished job is returned unchanged. Waits briefly for the runner
+    /// to record the cancellation.
+    pub async fn cancel(&self, job_id: &str) -> Result<JobRecord> {
+        let job = self.get(job_id)?;
+        if job.state.is_terminal() {
+            return Ok(job);
+        }
+        if let Some(h) = self.shared.handle(job_id) {
+            h.cancel.send_replace(true);
+            let mut rx = h.progress.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    let done = rx
+                        .borrow_and_update()
+                        .status
+                        .as_ref()
+                        .map(|s| {
+                            matches!(
+                                v1::JobState::try_from(s.state),
+                                Ok(v1::JobState::Cancelled
+                                    | v1::JobState::Failed
+                                    | v1::JobState::Succeeded)
+                            )
+                        })
+                        .unwrap_or(false);
+                    if done || rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        } else {
+            // No runner (should not happen for a non-terminal job): record it directly.
+            let mut job = job;
+            job.state = JobState::Cancelled;
+            job.error = Some("cancelled by user".into());
+            job.finished_unix = Some(unix_now());
+            job.log("cancelled by user");
+            self.shared.store.put_job(&job)?;
+        }
+        self.get(job_id)
+    }
+
+    /// A stream of progress reports until the job ends (the last report is terminal).
+    pub fn watch(
+        &self,
+        job_id: &str,
+    ) -> Result<Pin<Box<dyn futures::Stream<Item = v1::JobProgress> + Send>>> {
+        let job = self.get(job_id)?;
+        let Some(h) = self.shared.handle(job_id).filter(|_| !job.state.is_terminal()) else {
+            let last = v1::JobProgress {
+                status: Some(job.to_proto()),
+                ..Default::default()
+            };
+            return Ok(Box::pin(futures::stream::iter([last])));
+        };
+        let rx = h.progress.subscribe();
+        let store = self.shared.store.clone();
+        let id = job_id.to_string();
+        let stream = futures::stream::unfold(Some(rx), move |state| {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                let mut rx = state?;
+                let item = rx.borrow_and_update().clone();
+                let terminal = item
+                    .status
+                    .as_ref()
+                    .map(|s| is_terminal_proto(s.state))
+                    .unwrap_or(false);
+                if terminal {
+                    return Some((item, None));
+                }
+                // Emit the current report, then wait for the next change.
+                if rx.changed().await.is_err() {
+                    // Runner ended: report the stored final state.
+                    let last = store
+                        .get_job(&id)
+                        .ok()
+                        .flatten()
+                        .map(|j| v1::JobProgress {
+                            status: Some(j.to_proto()),
+                            ..Default::default()
+                        })
+                        .unwrap_or(item);
+                    return Some((last, None));
+                }
+                Some((item, Some(rx)))
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    /// The result files of a finished job, `(name, bytes)`.
+    pub fn fetch(&self, job_id: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let job = self.get(job_id)?;
+        if job.state != JobState::Succeeded {
+            return Err(CoordinatorError::NoResult {
+                job: job_id.to_string(),
+                reason: match job.state {
+                    JobState::Failed => format!(
+                        "failed: {}",
+                        job.error.unwrap_or_else(|| "unknown cause".into())
+                    ),
+                    JobState::Cancelled => "was cancelled".to_string(),
+                    s => format!("is {s:?}, not finished yet").to_lowercase(),
+                },
+            });
+        }
+        self.shared.store.get_results(job_id)
+    }
+
+    /// Stops background work (jobs stop at their next await point).
+    pub fn shutdown(&self) {
+        for h in self
+            .shared
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            // Not a user cancel: the job stays resumable.
+            let _ = h;
+        }
+        self.shared.dispatcher.shutdown();
+        let _ = self.shared.store.flush();
+    }
+}
+
+fn is_terminal_proto(state: i32) -> bool {
+    matches!(
+        v1::JobState::try_from(state),
+        Ok(v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
+    )
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+/// The tonic service over a [`Coordinator`].
+#[derive(Debug, Clone)]
+pub struct CoordinatorService {
+    coordinator: Coordinator,
+}
+
+impl CoordinatorService {
+    /// Wraps a coordinator.
+    pub fn new(coordinator: Coordinator) -> Self {
+        Self { coordinator }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = std::result::Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl coordinator_server::Coordinator for CoordinatorService {
+    async fn submit_job(
+        &self,
+        request: Request<v1::SubmitJobRequest>,
+    ) -> std::result::Result<Response<v1::SubmitJobResponse>, Status> {
+        let job_id = self.coordinator.submit(request.into_inner()).await?;
+        Ok(Response::new(v1::SubmitJobResponse { job_id }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> std::result::Result<Response<v1::JobStatus>, Status> {
+        Ok(Response::new(
+            self.coordinator.get(&request.into_inner().job_id)?.to_proto(),
+        ))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<v1::ListJobsRequest>,
+    ) -> std::result::Result<Response<v1::ListJobsResponse>, Status> {
+        let jobs = self
+            .coordinator
+            .list()?
+            .iter()
+            .map(JobRecord::to_proto)
+            .collect();
+        Ok(Response::new(v1::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<v1::CancelJobRequest>,
+    ) -> std::result::Result<Response<v1::JobStatus>, Status> {
+        let job = self.coordinator.cancel(&request.into_inner().job_id).await?;
+        Ok(Response::new(job.to_proto()))
+    }
+
+    type WatchJobStream = BoxStream<v1::JobProgress>;
+
+    async fn watch_job(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> std::result::Result<Response<Self::WatchJobStream>, Status> {
+        use futures::StreamExt;
+        let s = self.coordinator.watch(&request.into_inner().job_id)?;
+        Ok(Response::new(Box::pin(s.map(Ok))))
+    }
+
+    type FetchResultStream = BoxStream<v1::ResultChunk>;
+
+    async fn fetch_result(
+        &self,
+        request: Request<v1::FetchResultRequest>,
+    ) -> std::result::Result<Response<Self::FetchResultStream>, Status> {
+        let files = self.coordinator.fetch(&request.into_inner().job_id)?;
+        let mut chunks = Vec::new();
+        for (name, data) in files {
+            let data = bytes::Bytes::from(data);
+            if data.is_empty() {
+                chunks.push(Ok(v1::ResultChunk {
+                    name,
+                    data,
+                    last: true,
+                }));
+                continue;
+            }
+            let n = data.len().div_ceil(RESULT_CHUNK_BYTES);
+            for i in 0..n {
+                let lo = i * RESULT_CHUNK_BYTES;
+                let hi = (lo + RESULT_CHUNK_BYTES).min(data.len());
+                chunks.push(Ok(v1::ResultChunk {
+                    name: name.clone(),
+                    data: data.slice(lo..hi),
+                    last: i + 1 == n,
+                }));
+            }
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<v1::ListWorkersRequest>,
+    ) -> std::result::Result<Response<v1::ListWorkersResponse>, Status> {
+        Ok(Response::new(v1::ListWorkersResponse {
+            workers: self.coordinator.dispatcher().workers(),
+        }))
+    }
+
+    async fn register_worker(
+        &self,
+        request: Request<v1::RegisterWorkerRequest>,
+    ) -> std::result::Result<Response<v1::RegisterWorkerResponse>, Status> {
+        let r = request.into_inner();
+        if r.address.is_empty() {
+            return Err(Status::invalid_argument(
+                "RegisterWorker: address is empty (give the URL the coordinator should dial)",
+            ));
+        }
+        self.coordinator
+            .dispatcher()
+            .register_worker(&r.address, &r.worker_id)
+            .await?;
+        Ok(Response::new(v1::RegisterWorkerResponse {
+            heartbeat_interval_ms: self.coordinator.config().heartbeat_interval.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> std::result::Result<Response<v1::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let known = self.coordinator.dispatcher().heartbeat(&r.worker_id, r.draining);
+        Ok(Response::new(v1::HeartbeatResponse { known }))
+    }
+}
+
+/// Serves the coordinator (plus standard health and reflection) on `listener` until
+/// `shutdown` resolves.
+pub async fn serve(
+    coordinator: Coordinator,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let max = coordinator.config().max_message_bytes;
+    let svc = CoordinatorServer::new(CoordinatorService::new(coordinator))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dmqsm_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordinatorError::Config(format!("reflection service: {e}")))?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| CoordinatorError::Config(format!("gRPC server: {e}")))
+}
+
+/// Binds `addr` (port 0 picks a free one) and serves in a background task. Returns the
+/// bound address and a sender that stops the server.
+pub async fn spawn_server(
+    coordinator: Coordinator,
+    addr: SocketAddr,
+) -> Result<(SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CoordinatorError::Config(format!("cannot listen on {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::Config(format!("listener address: {e}")))?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(serve(coordinator, listener, async move {
+        let _ = rx.await;
+    }));
+    Ok((bound, tx, handle))
+}

@@ -1,0 +1,264 @@
+//! [`JobStore`]: the coordinator's durable state in sled 0.34.
+//!
+//! Trees, all keyed by job id:
+//! - `jobs`: `job-…` → [`JobRecord`] as JSON (settings, state, progress, history);
+//! - `inputs`: `job-…/measurement`, `job-…/mask` → the NIfTI bytes as submitted (path
+//!   inputs are read once at submission, so a resumed job never sees a changed file);
+//! - `checkpoints`: `job-…/step` → the latest step checkpoint (one per job, replaced as the
+//!   job runs), `job-…/sample/NNNN` → finished posterior samples of multi-sample jobs;
+//! - `results`: `job-…/<file>` → result files (`chi.nii.gz`, `std.nii.gz`,
+//!   `preview.png`, `report.json`).
+//!
+//! sled fsyncs on its own every 500 ms; [`JobStore::put_checkpoint`] flushes before it
+//! returns, so a checkpoint only counts once it is on disk (REFERENCE.md §9). Checkpoints
+//! and samples are removed when a job ends, so disk use stays bounded by the running jobs
+//! plus the kept results.
+
+use crate::error::{CoordinatorError, Result};
+use crate::job::JobRecord;
+use std::path::Path;
+
+/// The sled-backed store of jobs, inputs, checkpoints and results.
+#[derive(Clone)]
+pub struct JobStore {
+    db: sled::Db,
+    jobs: sled::Tree,
+    inputs: sled::Tree,
+    checkpoints: sled::Tree,
+    results: sled::Tree,
+}
+
+impl std::fmt::Debug for JobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobStore").finish_non_exhaustive()
+    }
+}
+
+fn key(job_id: &str, name: &str) -> Vec<u8> {
+    format!("{job_id}/{name}").into_bytes()
+}
+
+fn prefix(job_id: &str) -> Vec<u8> {
+    format!("{job_id}/").into_bytes()
+}
+
+impl JobStore {
+    /// Opens (or creates) the store in `dir`. Fails with a message naming the directory,
+    /// e.g. when another coordinator holds it.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            CoordinatorError::Store(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
+        let db = sled::Config::new()
+            .path(dir.join("sled"))
+            .open()
+            .map_err(|e| {
+                CoordinatorError::Store(format!("cannot open store in {}: {e}", dir.display()))
+            })?;
+        Ok(Self {
+            jobs: db.open_tree("jobs")?,
+            inputs: db.open_tree("inputs")?,
+            checkpoints: db.open_tree("checkpoints")?,
+            results: db.open_tree("results")?,
+            db,
+        })
+    }
+
+    /// A fresh job id, `job-000001` style, unique for the life of the store.
+    pub fn next_job_id(&self) -> Result<String> {
+        Ok(format!("job-{:06}", self.db.generate_id()? + 1))
+    }
+
+    /// Stores (creates or replaces) a job record.
+    pub fn put_job(&self, job: &JobRecord) -> Result<()> {
+        let json = serde_json::to_vec(job)
+            .map_err(|e| CoordinatorError::Store(format!("encoding job {}: {e}", job.job_id)))?;
+        self.jobs.insert(job.job_id.as_bytes(), json)?;
+        Ok(())
+    }
+
+    /// The record of a job, if stored.
+    pub fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>> {
+        match self.jobs.get(job_id.as_bytes())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| {
+                CoordinatorError::Store(format!("job {job_id}: corrupt record: {e}"))
+            }),
+        }
+    }
+
+    /// Every stored job, in submission order.
+    pub fn list_jobs(&self) -> Result<Vec<JobRecord>> {
+        let mut out = Vec::new();
+        for kv in self.jobs.iter() {
+            let (k, v) = kv?;
+            match serde_json::from_slice::<JobRecord>(&v) {
+                Ok(j) => out.push(j),
+                Err(e) => tracing::warn!(
+                    job = %String::from_utf8_lossy(&k),
+                    "skipping corrupt job record: {e}"
+                ),
+            }
+        }
+        out.sort_by(|a, b| {
+            a.submitted_unix
+                .total_cmp(&b.submitted_unix)
+                .then_with(|| a.job_id.cmp(&b.job_id))
+        });
+        Ok(out)
+    }
+
+    /// Stores an input file of a job (`measurement` or `mask`).
+    pub fn put_input(&self, job_id: &str, name: &str, bytes: &[u8]) -> Result<()> {
+        self.inputs.insert(key(job_id, name), bytes)?;
+        Ok(())
+    }
+
+    /// An input file of a job.
+    pub fn get_input(&self, job_id: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.inputs.get(key(job_id, name))?.map(|v| v.to_vec()))
+    }
+
+    /// Replaces the job's step checkpoint and flushes the store: when this returns Ok the
+    /// checkpoint is durable.
+    pub fn put_checkpoint(&self, job_id: &str, bytes: &[u8]) -> Result<()> {
+        self.checkpoints.insert(key(job_id, "step"), bytes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The job's latest step checkpoint.
+    pub fn get_checkpoint(&self, job_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.checkpoints.get(key(job_id, "step"))?.map(|v| v.to_vec()))
+    }
+
+    /// Stores finished posterior sample `k` of a job (flushed, like a checkpoint).
+    pub fn put_sample(&self, job_id: &str, k: u32, bytes: &[u8]) -> Result<()> {
+        self.checkpoints
+            .insert(key(job_id, &format!("sample/{k:04}")), bytes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Finished posterior sample `k` of a job.
+    pub fn get_sample(&self, job_id: &str, k: u32) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .checkpoints
+            .get(key(job_id, &format!("sample/{k:04}")))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Removes the step checkpoint and stored samples of a job (at its end).
+    pub fn clear_checkpoints(&self, job_id: &str) -> Result<()> {
+        let keys: Vec<_> = self
+            .checkpoints
+            .scan_prefix(prefix(job_id))
+            .keys()
+            .collect::<std::result::Result<_, _>>()?;
+        for k in keys {
+            self.checkpoints.remove(k)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a result file of a job.
+    pub fn put_result(&self, job_id: &str, name: &str, bytes: &[u8]) -> Result<()> {
+        self.results.insert(key(job_id, name), bytes)?;
+        Ok(())
+    }
+
+    /// The result files of a job, `(name, bytes)` in name order.
+    pub fn get_results(&self, job_id: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let p = prefix(job_id);
+        let mut out = Vec::new();
+        for kv in self.results.scan_prefix(&p) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[p.len()..]).into_owned();
+            out.push((name, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Flushes everything to disk.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the store occupies on disk (sled's own estimate).
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    /// Bytes held in the checkpoint tree (step checkpoints and samples).
+    pub fn checkpoint_bytes(&self) -> u64 {
+        self.checkpoints
+            .iter()
+            .values()
+            .filter_map(|v| v.ok())
+            .map(|v| v.len() as u64)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobSpec, JobState};
+    use dmqsm_common::diffusion::model::ModelSpec;
+    use dmqsm_proto::v1;
+
+    fn record(store: &JobStore) -> JobRecord {
+        let spec = JobSpec::from_proto(
+            &v1::JobSettings {
+                task: v1::Task::Dipinv as i32,
+                ..Default::default()
+            },
+            4,
+        )
+        .unwrap();
+        let model = ModelSpec {
+            model_id: "m".into(),
+            content_hash: "h".into(),
+            patch_size: 16,
+            schedule: Default::default(),
+            chi_scale: 1.0,
+        };
+        JobRecord::new(store.next_job_id().unwrap(), "l".into(), spec, model)
+    }
+
+    #[test]
+    fn jobs_checkpoints_and_results_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        {
+            let s = JobStore::open(dir.path()).unwrap();
+            let mut j = record(&s);
+            id = j.job_id.clone();
+            j.state = JobState::Running;
+            s.put_job(&j).unwrap();
+            s.put_input(&id, "measurement", b"nii").unwrap();
+            s.put_checkpoint(&id, b"ck1").unwrap();
+            s.put_checkpoint(&id, b"ck2").unwrap();
+            s.put_sample(&id, 0, b"s0").unwrap();
+            s.put_result(&id, "report.json", b"{}").unwrap();
+            s.flush().unwrap();
+        }
+        let s = JobStore::open(dir.path()).unwrap();
+        let j = s.get_job(&id).unwrap().unwrap();
+        assert_eq!(j.state, JobState::Running);
+        assert_eq!(s.get_input(&id, "measurement").unwrap().unwrap(), b"nii");
+        // The checkpoint is replaced, not accumulated.
+        assert_eq!(s.get_checkpoint(&id).unwrap().unwrap(), b"ck2");
+        assert_eq!(s.get_sample(&id, 0).unwrap().unwrap(), b"s0");
+        assert_eq!(s.checkpoint_bytes(), 5);
+        s.clear_checkpoints(&id).unwrap();
+        assert!(s.get_checkpoint(&id).unwrap().is_none());
+        assert_eq!(s.checkpoint_bytes(), 0);
+        let r = s.get_results(&id).unwrap();
+        assert_eq!(r, vec![("report.json".to_string(), b"{}".to_vec())]);
+        assert_eq!(s.list_jobs().unwrap().len(), 1);
+        // Ids keep increasing across reopen.
+        assert_ne!(s.next_job_id().unwrap(), id);
+    }
+}

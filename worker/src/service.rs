@@ -1,0 +1,226 @@
+//! The gRPC `Worker` service: decodes and validates requests, queues them on the
+//! [`BatchQueue`], encodes the answers.
+//!
+//! Status codes: malformed requests (missing tensor, unsupported dtype, byte length not
+//! matching the shape, wrong shape or patch size, empty batch, batch over `max_batch`,
+//! timesteps missing, non-finite or outside [0, T−1], NaN/∞ in patches or cotangents,
+//! unknown `response_dtype`, a `model_hash` that is not this worker's) answer
+//! `INVALID_ARGUMENT` naming the problem; model failures answer `INTERNAL` with
+//! libtorch's message; a draining worker answers `UNAVAILABLE`. Nothing a client sends
+//! can crash the worker.
+
+use crate::batching::BatchQueue;
+use dmqsm_proto::tensor::{decode, encode};
+use dmqsm_proto::v1::worker_server::Worker;
+use dmqsm_proto::v1::{
+    DenoiseRequest, DenoiseResponse, DenoiseVjpRequest, DenoiseVjpResponse, Dtype, InfoRequest,
+    Tensor, WorkerInfo,
+};
+use ndarray::Array4;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tonic::{Request, Response, Status};
+
+/// Limits a request is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Patch edge P.
+    pub patch_size: usize,
+    /// Largest batch B accepted.
+    pub max_batch: usize,
+    /// Training timesteps T (t must lie in [0, T−1]).
+    pub timesteps: usize,
+    /// Content hash of the served model; a request naming another hash is refused.
+    pub content_hash: String,
+}
+
+impl RequestLimits {
+    /// Refuses a request pinned to another model.
+    pub fn check_hash(&self, requested: &str) -> Result<(), Status> {
+        if !requested.is_empty() && requested != self.content_hash {
+            return Err(Status::invalid_argument(format!(
+                "unknown model hash {requested}: this worker serves {}",
+                self.content_hash
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decodes a `[B, P, P, P]` tensor, checking dtype, byte length, shape, batch size
+    /// and finiteness. `what` names the field in messages; `batch` (if given) is the B the
+    /// tensor must have.
+    pub fn decode_patches(
+        &self,
+        tensor: Option<&Tensor>,
+        what: &str,
+        batch: Option<usize>,
+    ) -> Result<Array4<f32>, Status> {
+        let tensor =
+            tensor.ok_or_else(|| Status::invalid_argument(format!("the request has no {what}")))?;
+        let (values, shape) =
+            decode(tensor).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))?;
+        let p = self.patch_size;
+        if shape.len() != 4 || shape[1] != p || shape[2] != p || shape[3] != p {
+            return Err(Status::invalid_argument(format!(
+                "{what} have shape {shape:?}; this worker's model needs [B, {p}, {p}, {p}]"
+            )));
+        }
+        let b = shape[0];
+        if b == 0 {
+            return Err(Status::invalid_argument(format!(
+                "{what}: the batch is empty"
+            )));
+        }
+        if b > self.max_batch {
+            return Err(Status::invalid_argument(format!(
+                "{what}: batch of {b} patches exceeds this worker's max batch {}",
+                self.max_batch
+            )));
+        }
+        if let Some(expected) = batch
+            && b != expected
+        {
+            return Err(Status::invalid_argument(format!(
+                "{what} have batch {b}, the patches {expected}"
+            )));
+        }
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            let first = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            let vox = p * p * p;
+            return Err(Status::invalid_argument(format!(
+                "{what} contain {bad} NaN or infinite value(s), the first in patch {} at \
+                 voxel {}",
+                first / vox,
+                first % vox
+            )));
+        }
+        Array4::from_shape_vec((b, p, p, p), values)
+            .map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
+    }
+
+    /// Checks one timestep per patch, each finite and in [0, T−1].
+    pub fn check_timesteps(&self, t: &[f32], batch: usize) -> Result<(), Status> {
+        if t.len() != batch {
+            return Err(Status::invalid_argument(format!(
+                "{} timesteps for {batch} patches",
+                t.len()
+            )));
+        }
+        let max = self.timesteps.saturating_sub(1) as f32;
+        if let Some((i, v)) = t
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(v.is_finite() && **v >= 0.0 && **v <= max))
+        {
+            return Err(Status::invalid_argument(format!(
+                "timestep {v} at position {i} is outside [0, {max}] (the model's schedule)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The element type to answer in (`UNSPECIFIED` means f32).
+pub fn response_dtype(value: i32) -> Result<Dtype, Status> {
+    match Dtype::try_from(value) {
+        Ok(Dtype::Unspecified) => Ok(Dtype::F32),
+        Ok(d) => Ok(d),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "response_dtype {value} is not a known dtype (use F32, BF16 or F16)"
+        ))),
+    }
+}
+
+fn encode_patches(a: &Array4<f32>, dtype: Dtype) -> Result<Tensor, Status> {
+    let std = a.as_standard_layout();
+    let values = std
+        .as_slice()
+        .ok_or_else(|| Status::internal("result is not contiguous"))?;
+    Ok(encode(values, a.shape(), dtype))
+}
+
+/// The `Worker` gRPC service.
+#[derive(Debug, Clone)]
+pub struct WorkerService {
+    queue: Arc<BatchQueue>,
+    info: WorkerInfo,
+    limits: RequestLimits,
+    draining: Arc<AtomicBool>,
+}
+
+impl WorkerService {
+    /// A service answering `Info` with `info` and checking requests against `limits`.
+    /// While `draining` is set it refuses new work with `UNAVAILABLE`.
+    pub fn new(
+        queue: Arc<BatchQueue>,
+        info: WorkerInfo,
+        limits: RequestLimits,
+        draining: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            queue,
+            info,
+            limits,
+            draining,
+        }
+    }
+
+    fn check_draining(&self) -> Result<(), Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(
+                "the worker is draining (shutting down)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<WorkerInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+
+    async fn denoise(
+        &self,
+        request: Request<DenoiseRequest>,
+    ) -> Result<Response<DenoiseResponse>, Status> {
+        self.check_draining()?;
+        let req = request.into_inner();
+        self.limits.check_hash(&req.model_hash)?;
+        let dtype = response_dtype(req.response_dtype)?;
+        let patches = self
+            .limits
+            .decode_patches(req.patches.as_ref(), "patches", None)?;
+        self.limits
+            .check_timesteps(&req.timesteps, patches.shape()[0])?;
+        let eps = self.queue.eps(patches, req.timesteps).await?;
+        Ok(Response::new(DenoiseResponse {
+            eps: Some(encode_patches(&eps, dtype)?),
+        }))
+    }
+
+    async fn denoise_vjp(
+        &self,
+        request: Request<DenoiseVjpRequest>,
+    ) -> Result<Response<DenoiseVjpResponse>, Status> {
+        self.check_draining()?;
+        let req = request.into_inner();
+        self.limits.check_hash(&req.model_hash)?;
+        let dtype = response_dtype(req.response_dtype)?;
+        let patches = self
+            .limits
+            .decode_patches(req.patches.as_ref(), "patches", None)?;
+        let b = patches.shape()[0];
+        self.limits.check_timesteps(&req.timesteps, b)?;
+        let cot = self
+            .limits
+            .decode_patches(req.cotangents.as_ref(), "cotangents", Some(b))?;
+        let (eps, vjp) = self.queue.vjp(patches, req.timesteps, cot).await?;
+        Ok(Response::new(DenoiseVjpResponse {
+            eps: Some(encode_patches(&eps, dtype)?),
+            vjp: Some(encode_patches(&vjp, dtype)?),
+        }))
+    }
+}
