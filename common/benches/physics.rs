@@ -20,9 +20,7 @@ use dmqsm_common::Volume;
 use dmqsm_common::fft::Padding;
 use dmqsm_common::geometry::B0Direction;
 use dmqsm_common::inversion::tkd::tkd;
-use dmqsm_common::operators::{
-    Compose, DipoleConvolution, KSpaceDownsample, LinearOperator, Mask,
-};
+use dmqsm_common::operators::{Compose, DipoleConvolution, KSpaceDownsample, LinearOperator, Mask};
 use dmqsm_common::simulate::forward_field;
 use ndarray::Array3;
 use std::path::PathBuf;
@@ -124,7 +122,10 @@ fn main() {
     let (t_chain, y) = best_of(runs, || chain.apply(&x).expect("apply"));
     let (t_chain_adj, _) = best_of(runs, || chain.adjoint(&y).expect("adjoint"));
     println!("dmqsm  operators at {s:?}:");
-    println!("         DipoleConvolution apply         {:8.1} ms", t_dip * 1e3);
+    println!(
+        "         DipoleConvolution apply         {:8.1} ms",
+        t_dip * 1e3
+    );
     println!(
         "         KSpaceDownsample ×2 apply/adjoint {:6.1} / {:.1} ms",
         t_ks * 1e3,
@@ -145,7 +146,13 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cmd = Command::new(&python);
     cmd.arg(&script)
-        .args(["--n", &n.to_string(), "--runs", &py_runs.to_string(), "--out"])
+        .args([
+            "--n",
+            &n.to_string(),
+            "--runs",
+            &py_runs.to_string(),
+            "--out",
+        ])
         .arg(dir.path());
     if std::env::var_os("PHYSICS_BENCH_NO_F64").is_some() {
         cmd.arg("--skip-f64");

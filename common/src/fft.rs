@@ -187,7 +187,7 @@ pub fn crop<A: Clone>(data: ArrayView3<'_, A>, shape: [usize; 3]) -> Result<Arra
 }
 
 /// Columns per gathered tile for the strided axes (16 complex values = 128 bytes in f32).
-const TILE: usize = 64;
+const TILE: usize = 16;
 
 fn check_nonempty(shape: [usize; 3], what: &str) -> Result<()> {
     if shape.contains(&0) {
@@ -434,8 +434,9 @@ impl<T: FftFloat> RealFft3<T> {
     }
 
     /// Inverse transform (normalised by 1/N) of a Hermitian half spectrum, cropped to the
-    /// corner of `out_shape`. Imaginary parts that Hermitian symmetry requires to vanish
-    /// are ignored, i.e. the result is Re(ifftn) of the full spectrum.
+    /// corner of `out_shape`. For any half spectrum H the result is Re(ifftn(Z)), Z the
+    /// full spectrum implied by H (Z[q] = conj(H[−q]) on the missing half), as
+    /// `numpy.fft.irfftn`.
     pub fn inverse(
         &self,
         mut spec: Array3<Complex<T>>,

@@ -105,7 +105,10 @@ pub async fn wait(
 }
 
 /// Downloads every result file of a finished job, `(name, bytes)` in name order.
-pub async fn fetch(client: &mut Client, job_id: &str) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
+pub async fn fetch(
+    client: &mut Client,
+    job_id: &str,
+) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
     let mut stream = client
         .fetch_result(v1::FetchResultRequest {
             job_id: job_id.to_string(),

@@ -217,10 +217,14 @@ impl Dispatcher {
     /// does not answer yet it is kept as lost and probed until it does. Returns its id.
     pub async fn add_static_worker(&self, address: &str) -> Result<String> {
         let mut client = connect(address, self.inner.config.max_message_bytes)?;
-        let info = fetch_info(&mut client, address, self.inner.config.heartbeat_interval * 2)
-            .await
-            .map_err(|e| tracing::warn!("static worker {address} not answering yet: {e}"))
-            .ok();
+        let info = fetch_info(
+            &mut client,
+            address,
+            self.inner.config.heartbeat_interval * 2,
+        )
+        .await
+        .map_err(|e| tracing::warn!("static worker {address} not answering yet: {e}"))
+        .ok();
         let id = info
             .as_ref()
             .map(|i| i.worker_id.clone())
@@ -288,7 +292,10 @@ impl Dispatcher {
     /// Removes a worker; its in-flight batches are reassigned.
     pub fn remove_worker(&self, worker_id: &str) -> bool {
         let mut st = self.inner.lock();
-        let found = st.workers.remove(worker_id).map(|mut w| w.mark_lost("removed"));
+        let found = st
+            .workers
+            .remove(worker_id)
+            .map(|mut w| w.mark_lost("removed"));
         drop(st);
         self.inner.wake.notify_one();
         found.is_some()
@@ -321,7 +328,10 @@ impl Dispatcher {
             }
         }
         let mut v: Vec<_> = by_hash.into_values().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.content_hash.cmp(&b.0.content_hash)));
+        v.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| a.0.content_hash.cmp(&b.0.content_hash))
+        });
         v
     }
 
@@ -342,13 +352,16 @@ impl Dispatcher {
     /// Opens (or updates) the queue of a job pinned to `model_hash`.
     pub fn open_job(&self, job_id: &str, priority: i32, model_hash: &str) {
         let mut st = self.inner.lock();
-        let q = st.jobs.entry(job_id.to_string()).or_insert_with(|| JobQueue {
-            priority,
-            model_hash: model_hash.to_string(),
-            pending: VecDeque::new(),
-            last_served: 0,
-            starved_since: None,
-        });
+        let q = st
+            .jobs
+            .entry(job_id.to_string())
+            .or_insert_with(|| JobQueue {
+                priority,
+                model_hash: model_hash.to_string(),
+                pending: VecDeque::new(),
+                last_served: 0,
+                starved_since: None,
+            });
         q.priority = priority;
         q.model_hash = model_hash.to_string();
     }
@@ -438,8 +451,11 @@ fn schedule(st: &mut State, config: &CoordinatorConfig) -> Vec<Assignment> {
     }
     let mut out = Vec::new();
     loop {
-        let mut order: Vec<(&String, &JobQueue)> =
-            st.jobs.iter().filter(|(_, q)| !q.pending.is_empty()).collect();
+        let mut order: Vec<(&String, &JobQueue)> = st
+            .jobs
+            .iter()
+            .filter(|(_, q)| !q.pending.is_empty())
+            .collect();
         order.sort_by(|a, b| {
             b.1.priority
                 .cmp(&a.1.priority)
@@ -539,7 +555,8 @@ fn schedule(st: &mut State, config: &CoordinatorConfig) -> Vec<Assignment> {
 }
 
 async fn scheduler_loop(inner: Arc<Inner>) {
-    let tick = (inner.config.no_worker_grace / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+    let tick = (inner.config.no_worker_grace / 4)
+        .clamp(Duration::from_millis(20), Duration::from_millis(250));
     loop {
         let assignments = {
             let mut st = inner.lock();
@@ -560,7 +577,10 @@ async fn scheduler_loop(inner: Arc<Inner>) {
 
 /// Checks an answer's tensors against the request's patch shape.
 fn check_reply(request: &BatchRequest, reply: &BatchReply) -> std::result::Result<(), String> {
-    let want = request.patches().map(|t| t.shape.clone()).unwrap_or_default();
+    let want = request
+        .patches()
+        .map(|t| t.shape.clone())
+        .unwrap_or_default();
     let check = |name: &str, t: Option<&v1::Tensor>| -> std::result::Result<(), String> {
         let t = t.ok_or_else(|| format!("answer has no {name} tensor"))?;
         if t.shape != want {
@@ -591,12 +611,18 @@ fn check_reply(request: &BatchRequest, reply: &BatchReply) -> std::result::Resul
     }
 }
 
-async fn call_worker(a: &mut Assignment, timeout: Duration) -> std::result::Result<BatchReply, String> {
+async fn call_worker(
+    a: &mut Assignment,
+    timeout: Duration,
+) -> std::result::Result<BatchReply, String> {
     let request = a.pending.batch.request.clone();
     let mut client = a.client.clone();
     let rpc = async move {
         match request {
-            BatchRequest::Eps(r) => client.denoise(r).await.map(|r| BatchReply::Eps(r.into_inner())),
+            BatchRequest::Eps(r) => client
+                .denoise(r)
+                .await
+                .map(|r| BatchReply::Eps(r.into_inner())),
             BatchRequest::Vjp(r) => client
                 .denoise_vjp(r)
                 .await
@@ -692,7 +718,9 @@ async fn health_loop(inner: Arc<Inner>) {
             let now = Instant::now();
             for w in st.workers.values_mut() {
                 if w.registered {
-                    if w.health != WorkerHealth::Lost && now.duration_since(w.last_seen) > lost_after {
+                    if w.health != WorkerHealth::Lost
+                        && now.duration_since(w.last_seen) > lost_after
+                    {
                         w.mark_lost(&format!(
                             "no heartbeat for {:.1} s",
                             now.duration_since(w.last_seen).as_secs_f64()
@@ -731,9 +759,7 @@ async fn health_loop(inner: Arc<Inner>) {
                         }
                     }
                     Err(e) => {
-                        if w.health != WorkerHealth::Lost
-                            && w.last_seen.elapsed() > lost_after
-                        {
+                        if w.health != WorkerHealth::Lost && w.last_seen.elapsed() > lost_after {
                             w.mark_lost(&format!("probe failed: {e}"));
                         }
                     }
@@ -780,7 +806,10 @@ mod tests {
 
     #[tonic::async_trait]
     impl Worker for Fake {
-        async fn info(&self, _r: Request<v1::InfoRequest>) -> std::result::Result<Response<v1::WorkerInfo>, Status> {
+        async fn info(
+            &self,
+            _r: Request<v1::InfoRequest>,
+        ) -> std::result::Result<Response<v1::WorkerInfo>, Status> {
             Ok(Response::new(v1::WorkerInfo {
                 model: Some(v1::ModelInfo {
                     model_id: "fake".into(),
@@ -792,7 +821,10 @@ mod tests {
                 ..Default::default()
             }))
         }
-        async fn denoise(&self, r: Request<v1::DenoiseRequest>) -> std::result::Result<Response<v1::DenoiseResponse>, Status> {
+        async fn denoise(
+            &self,
+            r: Request<v1::DenoiseRequest>,
+        ) -> std::result::Result<Response<v1::DenoiseResponse>, Status> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_active.fetch_max(now, Ordering::SeqCst);
@@ -803,13 +835,17 @@ mod tests {
             }
             let r = r.into_inner();
             let t = r.patches.unwrap_or_default();
-            let (v, shape) = dmqsm_proto::tensor::decode(&t).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let (v, shape) = dmqsm_proto::tensor::decode(&t)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let half: Vec<f32> = v.iter().map(|x| x / 2.0).collect();
             Ok(Response::new(v1::DenoiseResponse {
                 eps: Some(dmqsm_proto::tensor::encode(&half, &shape, v1::Dtype::F32)),
             }))
         }
-        async fn denoise_vjp(&self, _r: Request<v1::DenoiseVjpRequest>) -> std::result::Result<Response<v1::DenoiseVjpResponse>, Status> {
+        async fn denoise_vjp(
+            &self,
+            _r: Request<v1::DenoiseVjpRequest>,
+        ) -> std::result::Result<Response<v1::DenoiseVjpResponse>, Status> {
             Err(Status::unimplemented("no vjp"))
         }
     }
@@ -843,7 +879,11 @@ mod tests {
             label: format!("batch {i}"),
             request: BatchRequest::Eps(v1::DenoiseRequest {
                 model_hash: "h1".into(),
-                patches: Some(dmqsm_proto::tensor::encode(&x, &[1, 2, 2, 2], v1::Dtype::F32)),
+                patches: Some(dmqsm_proto::tensor::encode(
+                    &x,
+                    &[1, 2, 2, 2],
+                    v1::Dtype::F32,
+                )),
                 timesteps: vec![1.0],
                 response_dtype: v1::Dtype::F32 as i32,
             }),
@@ -852,7 +892,11 @@ mod tests {
 
     fn first_value(o: &BatchOutcome) -> f32 {
         match &o.reply {
-            BatchReply::Eps(r) => dmqsm_proto::tensor::decode(r.eps.as_ref().unwrap()).unwrap().0[0],
+            BatchReply::Eps(r) => {
+                dmqsm_proto::tensor::decode(r.eps.as_ref().unwrap())
+                    .unwrap()
+                    .0[0]
+            }
             BatchReply::Vjp(_) => panic!("eps expected"),
         }
     }
@@ -880,9 +924,16 @@ mod tests {
         }
         assert!(fakes[0].calls.load(Ordering::SeqCst) > 0);
         assert!(fakes[1].calls.load(Ordering::SeqCst) > 0);
-        assert_eq!(fakes[2].calls.load(Ordering::SeqCst), 0, "worker of another model used");
+        assert_eq!(
+            fakes[2].calls.load(Ordering::SeqCst),
+            0,
+            "worker of another model used"
+        );
         for f in &fakes[..2] {
-            assert!(f.max_active.load(Ordering::SeqCst) <= 2, "in-flight bound exceeded");
+            assert!(
+                f.max_active.load(Ordering::SeqCst) <= 2,
+                "in-flight bound exceeded"
+            );
         }
         d.shutdown();
     }
@@ -932,12 +983,31 @@ mod tests {
         let (url, _h) = start(bad.clone()).await;
         d.add_static_worker(&url).await.unwrap();
         d.open_job("j", 0, "h1");
-        let e = d.submit(batch("j", 0)).await.unwrap().unwrap_err().to_string();
-        assert!(e.contains("job j") && e.contains("batch 0") && e.contains(&url) && e.contains("scripted failure"), "{e}");
+        let e = d
+            .submit(batch("j", 0))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("job j")
+                && e.contains("batch 0")
+                && e.contains(&url)
+                && e.contains("scripted failure"),
+            "{e}"
+        );
         // A job pinned to a model nobody serves fails after the grace period.
         d.open_job("k", 0, "nobody");
-        let e = d.submit(batch("k", 0)).await.unwrap().unwrap_err().to_string();
-        assert!(e.contains("job k") && e.contains("no usable worker") && e.contains("nobody"), "{e}");
+        let e = d
+            .submit(batch("k", 0))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("job k") && e.contains("no usable worker") && e.contains("nobody"),
+            "{e}"
+        );
         // Closing a job answers its pending batches.
         d.close_job("j");
         let e = d.submit(batch("j", 1)).await.unwrap().unwrap_err();

@@ -32,7 +32,9 @@ pub fn resolve_under_root(root: &Path, path: &str, what: &str) -> Result<PathBuf
                 root.display()
             ))
         } else {
-            bad(format!("{what}: cannot open {path:?} under the data root: {e}"))
+            bad(format!(
+                "{what}: cannot open {path:?} under the data root: {e}"
+            ))
         }
     })?;
     if !canon.starts_with(&root) {
@@ -116,24 +118,37 @@ mod tests {
         let abs = root.join("sub/a.nii");
         assert!(resolve_under_root(&root, abs.to_str().unwrap(), "field").is_ok());
         for bad in ["../secret.nii", "sub/../../secret.nii", "/etc/passwd"] {
-            let e = resolve_under_root(&root, bad, "field").unwrap_err().to_string();
+            let e = resolve_under_root(&root, bad, "field")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("outside the data root"), "{bad}: {e}");
         }
         #[cfg(unix)]
         {
             std::os::unix::fs::symlink(dir.path().join("secret.nii"), root.join("link.nii"))
                 .unwrap();
-            let e = resolve_under_root(&root, "link.nii", "field").unwrap_err().to_string();
+            let e = resolve_under_root(&root, "link.nii", "field")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("outside the data root"), "{e}");
         }
-        let e = resolve_under_root(&root, "missing.nii", "mask").unwrap_err().to_string();
+        let e = resolve_under_root(&root, "missing.nii", "mask")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mask") && e.contains("cannot open"), "{e}");
         let input = VolumeInput {
             source: Some(Source::Path("sub/a.nii".into())),
         };
-        let e = read_input(Some(&input), None, "field").unwrap_err().to_string();
+        let e = read_input(Some(&input), None, "field")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("path inputs are disabled"), "{e}");
-        assert_eq!(read_input(Some(&input), Some(&root), "field").unwrap().unwrap(), b"x");
+        assert_eq!(
+            read_input(Some(&input), Some(&root), "field")
+                .unwrap()
+                .unwrap(),
+            b"x"
+        );
         assert!(read_input(None, Some(&root), "mask").unwrap().is_none());
     }
 }

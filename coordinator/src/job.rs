@@ -201,7 +201,12 @@ impl JobSpec {
                 }
                 Some([x / n, y / n, z / n])
             }
-            _ => return bad(format!("settings.b0_dir needs 3 values, got {:?}", s.b0_dir)),
+            _ => {
+                return bad(format!(
+                    "settings.b0_dir needs 3 values, got {:?}",
+                    s.b0_dir
+                ));
+            }
         };
         let tkd_threshold = if s.tkd_threshold == 0.0 {
             0.1

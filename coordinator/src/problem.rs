@@ -2,11 +2,11 @@
 
 use crate::error::{CoordinatorError, Result};
 use crate::job::{JobSpec, TaskKind};
+use dmqsm_common::diffusion::model::ModelSpec;
+use dmqsm_common::diffusion::schedule::{ScheduleConfig, ScheduleKind};
 use dmqsm_common::nifti_io::read_nifti_bytes;
 use dmqsm_common::tasks::{Downsampling, Problem, Resolution, Task, TaskOptions, prepare};
 use dmqsm_common::units::{FieldScale, FieldUnit};
-use dmqsm_common::diffusion::model::ModelSpec;
-use dmqsm_common::diffusion::schedule::{ScheduleConfig, ScheduleKind};
 use dmqsm_proto::v1;
 
 /// The [`ModelSpec`] of a worker's model, as the sampler needs it.
@@ -90,7 +90,10 @@ pub fn build_problem(
         .transpose()
         .map_err(|e| bad("mask", e))?;
     if spec.task.takes_field() && spec.field_units != "ppm" {
-        let unit: FieldUnit = spec.field_units.parse().map_err(|e| bad("field units", e))?;
+        let unit: FieldUnit = spec
+            .field_units
+            .parse()
+            .map_err(|e| bad("field units", e))?;
         let te = (spec.te_seconds > 0.0).then_some(spec.te_seconds);
         let scale = FieldScale::new(spec.b0_tesla, te).map_err(|e| bad("field units", e))?;
         let f = scale
@@ -105,7 +108,6 @@ pub fn build_problem(
         )));
     }
     let options = task_options(spec)?;
-    prepare(&options, &m, k.as_ref()).map_err(|e| {
-        CoordinatorError::InvalidSubmission(format!("{}: {e}", spec.task.name()))
-    })
+    prepare(&options, &m, k.as_ref())
+        .map_err(|e| CoordinatorError::InvalidSubmission(format!("{}: {e}", spec.task.name())))
 }

@@ -84,7 +84,10 @@ pub fn nifti_bytes(v: &Volume, description: &str) -> Result<Vec<u8>> {
 }
 
 /// Builds every result file of a finished job from its samples (in seed order).
-pub fn build_results(rec: &JobRecord, samples: &[Reconstruction]) -> Result<Vec<(String, Vec<u8>)>> {
+pub fn build_results(
+    rec: &JobRecord,
+    samples: &[Reconstruction],
+) -> Result<Vec<(String, Vec<u8>)>> {
     let job = &rec.job_id;
     let fail = |m: String| CoordinatorError::JobFailed {
         job: job.clone(),
@@ -152,7 +155,9 @@ mod tests {
 
     #[test]
     fn samples_round_trip_exactly() {
-        let data = Array3::from_shape_fn((3, 4, 5), |(i, j, k)| (i * 20 + j * 5 + k) as f32 * 0.1 - 2.0);
+        let data = Array3::from_shape_fn((3, 4, 5), |(i, j, k)| {
+            (i * 20 + j * 5 + k) as f32 * 0.1 - 2.0
+        });
         let r = Reconstruction {
             chi: Volume::new(data, [1.0, 1.5, 2.0]),
             seed: 7,

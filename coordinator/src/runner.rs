@@ -87,7 +87,25 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job_id: String) {
     };
     let outcome = match permit {
         None => Err(Stop::Cancelled),
-        Some(_permit) => execute(&shared, &job_id, &handle, cancel.clone()).await,
+        Some(_permit) => {
+            // A bug must fail the job with a message, never leave it hanging.
+            use futures::FutureExt;
+            let run =
+                std::panic::AssertUnwindSafe(execute(&shared, &job_id, &handle, cancel.clone()));
+            match run.catch_unwind().await {
+                Ok(r) => r,
+                Err(p) => {
+                    let what = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(Stop::Failed(format!(
+                        "internal error in the coordinator: {what}"
+                    )))
+                }
+            }
+        }
     };
     shared.dispatcher.close_job(&job_id);
     let mut rec = match shared.store.get_job(&job_id) {
@@ -118,7 +136,11 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job_id: String) {
             tracing::error!(job = %job_id, "job failed: {msg}");
         }
     }
-    if let Err(e) = shared.store.put_job(&rec).and_then(|_| shared.store.flush()) {
+    if let Err(e) = shared
+        .store
+        .put_job(&rec)
+        .and_then(|_| shared.store.flush())
+    {
         tracing::error!(job = %job_id, "cannot record the job's end: {e}");
     }
     handle.progress.send_replace(v1::JobProgress {
@@ -138,9 +160,9 @@ struct Meter {
 impl Meter {
     fn report(&self, shared: &Shared, rec: &JobRecord) -> v1::JobProgress {
         let elapsed = self.started.elapsed().as_secs_f64();
-        let steps_left = (rec.spec.samples.saturating_sub(rec.sample) as u64)
-            * rec.spec.steps as u64
-            - (rec.step as u64).min(rec.spec.steps as u64);
+        let total = rec.spec.samples as u64 * rec.spec.steps as u64;
+        let done = rec.sample as u64 * rec.spec.steps as u64 + rec.step as u64;
+        let steps_left = total.saturating_sub(done);
         let eta = if self.rounds_done > 0 {
             elapsed / self.rounds_done as f64 * (steps_left * self.rounds_per_step) as f64
         } else {
@@ -435,24 +457,26 @@ async fn run_round(
                 let worker = o.worker_id.clone();
                 let decode4 = |t: Option<v1::Tensor>, what: &str| -> Result<Option<Array4<f32>>> {
                     let Some(t) = t else { return Ok(None) };
-                    let (values, shape) = tensor::decode(&t).map_err(|e| {
-                        CoordinatorError::JobFailed {
+                    let (values, shape) =
+                        tensor::decode(&t).map_err(|e| CoordinatorError::JobFailed {
                             job: job.clone(),
                             cause: format!("{label}: worker {worker} sent a bad {what}: {e}"),
-                        }
-                    })?;
-                    let dims: [usize; 4] = shape.try_into().map_err(|s: Vec<usize>| {
+                        })?;
+                    let dims: [usize; 4] =
+                        shape
+                            .try_into()
+                            .map_err(|s: Vec<usize>| CoordinatorError::JobFailed {
+                                job: job.clone(),
+                                cause: format!(
+                                    "{label}: worker {worker} sent {what} of shape {s:?}"
+                                ),
+                            })?;
+                    Array4::from_shape_vec(dims, values).map(Some).map_err(|e| {
                         CoordinatorError::JobFailed {
                             job: job.clone(),
-                            cause: format!("{label}: worker {worker} sent {what} of shape {s:?}"),
-                        }
-                    })?;
-                    Array4::from_shape_vec(dims, values)
-                        .map(Some)
-                        .map_err(|e| CoordinatorError::JobFailed {
-                            job: job.clone(),
                             cause: format!("{label}: {what}: {e}"),
-                        })
+                        }
+                    })
                 };
                 let eps = decode4(eps, "eps")?;
                 let vjp = decode4(vjp, "vjp")?;

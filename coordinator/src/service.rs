@@ -160,7 +160,12 @@ impl Coordinator {
         };
         // Build the problem once now so that bad inputs are refused at submission.
         {
-            let (spec, model, m, k) = (spec.clone(), model.clone(), measurement.clone(), mask.clone());
+            let (spec, model, m, k) = (
+                spec.clone(),
+                model.clone(),
+                measurement.clone(),
+                mask.clone(),
+            );
             tokio::task::spawn_blocking(move || {
                 crate::problem::build_problem(&spec, &model, &m, k.as_deref())
             })
@@ -193,9 +198,9 @@ impl Coordinator {
                     .to_string(),
             ));
         }
-        let found = models
-            .iter()
-            .find(|(m, _)| model_id.is_empty() || m.model_id == model_id || m.content_hash == model_id);
+        let found = models.iter().find(|(m, _)| {
+            model_id.is_empty() || m.model_id == model_id || m.content_hash == model_id
+        });
         let Some((m, _)) = found else {
             let served: Vec<String> = models
                 .iter()
@@ -271,7 +276,11 @@ impl Coordinator {
         job_id: &str,
     ) -> Result<Pin<Box<dyn futures::Stream<Item = v1::JobProgress> + Send>>> {
         let job = self.get(job_id)?;
-        let Some(h) = self.shared.handle(job_id).filter(|_| !job.state.is_terminal()) else {
+        let Some(h) = self
+            .shared
+            .handle(job_id)
+            .filter(|_| !job.state.is_terminal())
+        else {
             let last = v1::JobProgress {
                 status: Some(job.to_proto()),
                 ..Default::default()
@@ -392,7 +401,9 @@ impl coordinator_server::Coordinator for CoordinatorService {
         request: Request<v1::GetJobRequest>,
     ) -> std::result::Result<Response<v1::JobStatus>, Status> {
         Ok(Response::new(
-            self.coordinator.get(&request.into_inner().job_id)?.to_proto(),
+            self.coordinator
+                .get(&request.into_inner().job_id)?
+                .to_proto(),
         ))
     }
 
@@ -413,7 +424,10 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::CancelJobRequest>,
     ) -> std::result::Result<Response<v1::JobStatus>, Status> {
-        let job = self.coordinator.cancel(&request.into_inner().job_id).await?;
+        let job = self
+            .coordinator
+            .cancel(&request.into_inner().job_id)
+            .await?;
         Ok(Response::new(job.to_proto()))
     }
 
@@ -493,7 +507,10 @@ impl coordinator_server::Coordinator for CoordinatorService {
         request: Request<v1::HeartbeatRequest>,
     ) -> std::result::Result<Response<v1::HeartbeatResponse>, Status> {
         let r = request.into_inner();
-        let known = self.coordinator.dispatcher().heartbeat(&r.worker_id, r.draining);
+        let known = self
+            .coordinator
+            .dispatcher()
+            .heartbeat(&r.worker_id, r.draining);
         Ok(Response::new(v1::HeartbeatResponse { known }))
     }
 }
@@ -536,7 +553,11 @@ pub async fn serve(
 pub async fn spawn_server(
     coordinator: Coordinator,
     addr: SocketAddr,
-) -> Result<(SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<()>>)> {
+) -> Result<(
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<()>>,
+)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| CoordinatorError::Config(format!("cannot listen on {addr}: {e}")))?;

@@ -81,9 +81,9 @@ impl JobStore {
     pub fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>> {
         match self.jobs.get(job_id.as_bytes())? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| {
-                CoordinatorError::Store(format!("job {job_id}: corrupt record: {e}"))
-            }),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| CoordinatorError::Store(format!("job {job_id}: corrupt record: {e}"))),
         }
     }
 
@@ -129,7 +129,10 @@ impl JobStore {
 
     /// The job's latest step checkpoint.
     pub fn get_checkpoint(&self, job_id: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.checkpoints.get(key(job_id, "step"))?.map(|v| v.to_vec()))
+        Ok(self
+            .checkpoints
+            .get(key(job_id, "step"))?
+            .map(|v| v.to_vec()))
     }
 
     /// Stores finished posterior sample `k` of a job (flushed, like a checkpoint).

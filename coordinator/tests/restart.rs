@@ -38,8 +38,24 @@ fn start_worker(model: ServedModel, id: &str) -> (String, tokio::runtime::Runtim
     (url, rt)
 }
 
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
+struct Guard(Child);
+
+impl Guard {
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// Starts `dmqsm serve` and returns the child and the URL it printed.
-fn start_coordinator(data_dir: &std::path::Path, workers: &[String]) -> (Child, String) {
+fn start_coordinator(data_dir: &std::path::Path, workers: &[String]) -> (Guard, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dmqsm"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -65,14 +81,12 @@ fn start_coordinator(data_dir: &std::path::Path, workers: &[String]) -> (Child, 
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let url = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "unexpected first line {line:?}");
-    (child, url)
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(
+        url.starts_with("http://127.0.0.1:"),
+        "unexpected first line {line:?}"
+    );
+    (Guard(child), url)
 }
 
 fn inputs() -> (Vec<u8>, Vec<u8>) {
@@ -102,8 +116,8 @@ async fn kill_9_coordinator_mid_job_resumes_from_checkpoint_with_identical_outpu
         Duration::from_millis(25),
         Duration::ZERO,
     ));
-    let (u1, _r1) = start_worker(served.clone(), "w0");
-    let (u2, _r2) = start_worker(served, "w1");
+    let (u1, r1) = start_worker(served.clone(), "w0");
+    let (u2, r2) = start_worker(served, "w1");
     let workers = vec![u1, u2];
     let dir = tempfile::tempdir().unwrap();
     let (m, k) = inputs();
@@ -146,8 +160,7 @@ async fn kill_9_coordinator_mid_job_resumes_from_checkpoint_with_identical_outpu
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(step >= 7 && step < 16, "job at step {step} before the kill");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.kill9();
 
     let (mut child, url) = start_coordinator(dir.path(), &workers);
     let mut c = client::connect(&url).await.unwrap();
@@ -158,7 +171,9 @@ async fn kill_9_coordinator_mid_job_resumes_from_checkpoint_with_identical_outpu
     assert_eq!(st.state, v1::JobState::Succeeded as i32, "{}", st.error);
     let files = client::fetch(&mut c, &id).await.unwrap();
     let chi_bytes = &files.iter().find(|f| f.0 == "chi.nii.gz").unwrap().1;
-    let chi = dmqsm_common::nifti_io::read_nifti_bytes(chi_bytes).unwrap().data;
+    let chi = dmqsm_common::nifti_io::read_nifti_bytes(chi_bytes)
+        .unwrap()
+        .data;
     let report: serde_json::Value =
         serde_json::from_slice(&files.iter().find(|f| f.0 == "report.json").unwrap().1).unwrap();
     let resumed: Vec<u64> = report["resumed_from_steps"]
@@ -168,13 +183,16 @@ async fn kill_9_coordinator_mid_job_resumes_from_checkpoint_with_identical_outpu
         .map(|v| v.as_u64().unwrap())
         .collect();
     assert_eq!(resumed.len(), 1, "{report}");
-    assert!(resumed[0] >= 6 && resumed[0] % 2 == 0, "resumed from {resumed:?}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert!(
+        resumed[0] >= 6 && resumed[0] % 2 == 0,
+        "resumed from {resumed:?}"
+    );
+    child.kill9();
 
     // The in-process reference.
     let spec = JobSpec::from_proto(&settings, 2).unwrap();
-    let problem = dmqsm_coordinator::problem::build_problem(&spec, model.spec(), &m, Some(&k)).unwrap();
+    let problem =
+        dmqsm_coordinator::problem::build_problem(&spec, model.spec(), &m, Some(&k)).unwrap();
     let s = dmqsm_coordinator::runner::sampler_settings(&spec, 0);
     let want = dmqsm_common::driver::sample(&model, Arc::new(problem), &s, 2).unwrap();
     assert_eq!(chi.shape(), want.chi.data.shape());
@@ -183,4 +201,6 @@ async fn kill_9_coordinator_mid_job_resumes_from_checkpoint_with_identical_outpu
         .zip(want.chi.data.iter())
         .all(|(a, b)| a.to_bits() == b.to_bits());
     assert!(same, "resumed output differs from the reference");
+    r1.shutdown_background();
+    r2.shutdown_background();
 }

@@ -185,7 +185,11 @@ pub fn ball(n: usize) -> Array3<f32> {
     let c = (n as f64 - 1.0) / 2.0;
     Array3::from_shape_fn((n, n, n), |(i, j, k)| {
         let r2 = (i as f64 - c).powi(2) + (j as f64 - c).powi(2) + (k as f64 - c).powi(2);
-        if r2.sqrt() <= 0.42 * n as f64 { 1.0 } else { 0.0 }
+        if r2.sqrt() <= 0.42 * n as f64 {
+            1.0
+        } else {
+            0.0
+        }
     })
 }
 
@@ -287,14 +291,9 @@ pub fn reference(
     let s = dmqsm_coordinator::runner::sampler_settings(&spec, 0);
     let bs = spec.batch_size as usize;
     if spec.samples > 1 {
-        let (_, summary) = dmqsm_common::driver::sample_posterior(
-            model,
-            problem,
-            &s,
-            spec.samples as usize,
-            bs,
-        )
-        .unwrap();
+        let (_, summary) =
+            dmqsm_common::driver::sample_posterior(model, problem, &s, spec.samples as usize, bs)
+                .unwrap();
         (summary.mean.data, Some(summary.std.data))
     } else {
         let r = dmqsm_common::driver::sample(model, problem, &s, bs).unwrap();

@@ -18,11 +18,16 @@ async fn a_worker_killed_mid_job_leaves_the_job_to_the_others_with_identical_out
     // A simulated GPU: 15 ms per batch, so the job runs long enough to be interrupted.
     let mut cluster = Cluster::start(vec![served(&m, Duration::from_millis(15)); 3], |_| {}).await;
     let mut c = cluster.client().await;
-    let req = request(settings(v1::Task::Dipinv, v1::Guidance::Exact, 12), "kill-worker");
+    let req = request(
+        settings(v1::Task::Dipinv, v1::Guidance::Exact, 12),
+        "kill-worker",
+    );
     let id = c.submit_job(req.clone()).await.unwrap().into_inner().job_id;
     wait_for_step(&mut c, &id, 3).await;
     cluster.workers[0].kill();
-    let st = dmqsm_coordinator::client::wait(&mut c, &id, |_| {}).await.unwrap();
+    let st = dmqsm_coordinator::client::wait(&mut c, &id, |_| {})
+        .await
+        .unwrap();
     assert_eq!(st.state, v1::JobState::Succeeded as i32, "{}", st.error);
     let (chi, _, _) = fetch_chi(&mut c, &id).await;
     assert_bitwise(&chi, &reference(&m, &req, 2).0, "after a worker was killed");
@@ -37,15 +42,24 @@ async fn a_worker_killed_mid_job_leaves_the_job_to_the_others_with_identical_out
 async fn a_slow_worker_past_its_timeout_is_bypassed_with_identical_output() {
     let m = model();
     let cluster = Cluster::start(
-        vec![served(&m, Duration::from_secs(2)), served(&m, Duration::ZERO)],
+        vec![
+            served(&m, Duration::from_secs(2)),
+            served(&m, Duration::ZERO),
+        ],
         |c| c.batch_timeout = Duration::from_millis(300),
     )
     .await;
     let mut c = cluster.client().await;
-    let req = request(settings(v1::Task::Sr, v1::Guidance::Approx, 4), "slow-worker");
+    let req = request(
+        settings(v1::Task::Sr, v1::Guidance::Approx, 4),
+        "slow-worker",
+    );
     let st = run_job(&mut c, req.clone()).await;
     assert_eq!(st.state, v1::JobState::Succeeded as i32, "{}", st.error);
-    assert!(st.retries > 0, "the slow worker should have timed out at least once");
+    assert!(
+        st.retries > 0,
+        "the slow worker should have timed out at least once"
+    );
     let (chi, _, report) = fetch_chi(&mut c, &st.job_id).await;
     assert_bitwise(&chi, &reference(&m, &req, 2).0, "with a slow worker");
     assert!(report["retries"].as_u64().unwrap() > 0);
@@ -59,7 +73,12 @@ async fn cancel_stops_a_job_and_leaves_others_untouched() {
     let long = request(settings(v1::Task::Dipinv, v1::Guidance::Exact, 200), "long");
     let short = request(settings(v1::Task::Dipinv, v1::Guidance::Approx, 4), "short");
     let long_id = c.submit_job(long).await.unwrap().into_inner().job_id;
-    let short_id = c.submit_job(short.clone()).await.unwrap().into_inner().job_id;
+    let short_id = c
+        .submit_job(short.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     wait_for_step(&mut c, &long_id, 1).await;
     let st = c
         .cancel_job(v1::CancelJobRequest {
@@ -78,11 +97,20 @@ async fn cancel_stops_a_job_and_leaves_others_untouched() {
         .err()
         .expect("no result for a cancelled job");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    assert!(e.message().contains(&long_id) && e.message().contains("cancelled"), "{e}");
-    let st = dmqsm_coordinator::client::wait(&mut c, &short_id, |_| {}).await.unwrap();
+    assert!(
+        e.message().contains(&long_id) && e.message().contains("cancelled"),
+        "{e}"
+    );
+    let st = dmqsm_coordinator::client::wait(&mut c, &short_id, |_| {})
+        .await
+        .unwrap();
     assert_eq!(st.state, v1::JobState::Succeeded as i32, "{}", st.error);
     let (chi, _, _) = fetch_chi(&mut c, &short_id).await;
-    assert_bitwise(&chi, &reference(&m, &short, 2).0, "job next to a cancelled one");
+    assert_bitwise(
+        &chi,
+        &reference(&m, &short, 2).0,
+        "job next to a cancelled one",
+    );
     // Unknown ids are named.
     let e = c
         .get_job(v1::GetJobRequest {
@@ -105,7 +133,12 @@ async fn bad_submissions_get_clear_errors_while_another_job_finishes() {
     .await;
     let mut c = cluster.client().await;
     let good = request(settings(v1::Task::Dipinv, v1::Guidance::Exact, 6), "good");
-    let good_id = c.submit_job(good.clone()).await.unwrap().into_inner().job_id;
+    let good_id = c
+        .submit_job(good.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
 
     let base = || request(settings(v1::Task::Dipinv, v1::Guidance::Approx, 4), "bad");
     let nifti = |b: Vec<u8>| {
@@ -144,15 +177,29 @@ async fn bad_submissions_get_clear_errors_while_another_job_finishes() {
     for (req, needle) in cases {
         let (code, msg) = code_and_message(c.submit_job(req).await.unwrap_err());
         assert_eq!(code, tonic::Code::InvalidArgument, "{msg}");
-        assert!(msg.contains(needle), "error {msg:?} should mention {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "error {msg:?} should mention {needle:?}"
+        );
     }
     // Nothing was stored for the rejected submissions.
-    let jobs = c.list_jobs(v1::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    let jobs = c
+        .list_jobs(v1::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
     assert_eq!(jobs.len(), 1);
-    let st = dmqsm_coordinator::client::wait(&mut c, &good_id, |_| {}).await.unwrap();
+    let st = dmqsm_coordinator::client::wait(&mut c, &good_id, |_| {})
+        .await
+        .unwrap();
     assert_eq!(st.state, v1::JobState::Succeeded as i32, "{}", st.error);
     let (chi, _, _) = fetch_chi(&mut c, &good_id).await;
-    assert_bitwise(&chi, &reference(&m, &good, 2).0, "job next to bad submissions");
+    assert_bitwise(
+        &chi,
+        &reference(&m, &good, 2).0,
+        "job next to bad submissions",
+    );
 
     // Zero workers: refused at submission.
     let empty = Cluster::start(vec![], |_| {}).await;
@@ -194,7 +241,10 @@ async fn a_job_that_loses_every_worker_fails_with_a_reason_instead_of_hanging() 
     })
     .await;
     let mut c = cluster.client().await;
-    let req = request(settings(v1::Task::Dipinv, v1::Guidance::Exact, 100), "orphan");
+    let req = request(
+        settings(v1::Task::Dipinv, v1::Guidance::Exact, 100),
+        "orphan",
+    );
     let id = c.submit_job(req).await.unwrap().into_inner().job_id;
     wait_for_step(&mut c, &id, 1).await;
     cluster.workers[0].kill();

@@ -14,11 +14,7 @@ const STEPS: u32 = 4;
 async fn all_tasks_in_both_guidance_modes_match_the_reference_with_1_and_3_workers() {
     let m = model();
     let one = Cluster::start(vec![served(&m, Duration::ZERO)], |_| {}).await;
-    let three = Cluster::start(
-        (0..3).map(|_| served(&m, Duration::ZERO)).collect(),
-        |_| {},
-    )
-    .await;
+    let three = Cluster::start((0..3).map(|_| served(&m, Duration::ZERO)).collect(), |_| {}).await;
     let mut cases = Vec::new();
     for task in [
         v1::Task::Dipinv,
@@ -28,7 +24,10 @@ async fn all_tasks_in_both_guidance_modes_match_the_reference_with_1_and_3_worke
         v1::Task::SrDipinvPhysics,
     ] {
         for guidance in [v1::Guidance::Exact, v1::Guidance::Approx] {
-            cases.push(request(settings(task, guidance, STEPS), &format!("{task:?}-{guidance:?}")));
+            cases.push(request(
+                settings(task, guidance, STEPS),
+                &format!("{task:?}-{guidance:?}"),
+            ));
         }
     }
     // Submit everything to both clusters at once (many concurrent jobs), then check.
@@ -36,14 +35,26 @@ async fn all_tasks_in_both_guidance_modes_match_the_reference_with_1_and_3_worke
     let mut c3 = three.client().await;
     let mut ids = Vec::new();
     for req in &cases {
-        let a = c1.submit_job(req.clone()).await.unwrap().into_inner().job_id;
-        let b = c3.submit_job(req.clone()).await.unwrap().into_inner().job_id;
+        let a = c1
+            .submit_job(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        let b = c3
+            .submit_job(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
         ids.push((a, b));
     }
     for (req, (a, b)) in cases.iter().zip(&ids) {
         let want = reference(&m, req, 2).0;
         for (c, id, n) in [(&mut c1, a, 1), (&mut c3, b, 3)] {
-            let st = dmqsm_coordinator::client::wait(c, id, |_| {}).await.unwrap();
+            let st = dmqsm_coordinator::client::wait(c, id, |_| {})
+                .await
+                .unwrap();
             assert_eq!(
                 st.state,
                 v1::JobState::Succeeded as i32,
@@ -85,13 +96,27 @@ async fn posterior_samples_give_the_reference_mean_and_std_and_results_stay_fetc
     let (chi, std, report) = fetch_chi(&mut c, &st.job_id).await;
     let (want_mean, want_std) = reference(&m, &req, 2);
     assert_bitwise(&chi, &want_mean, "posterior mean");
-    assert_bitwise(&std.expect("std.nii.gz"), &want_std.unwrap(), "posterior std");
+    assert_bitwise(
+        &std.expect("std.nii.gz"),
+        &want_std.unwrap(),
+        "posterior std",
+    );
     assert_eq!(report["samples"].as_array().unwrap().len(), 3);
     // Checkpoints are gone once the job is done; the results stay listed and fetchable.
     assert_eq!(cluster.coordinator.store().checkpoint_bytes(), 0);
-    let listed = c.list_jobs(v1::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    let listed = c
+        .list_jobs(v1::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
     assert!(listed.iter().any(|j| j.job_id == st.job_id));
-    let files = dmqsm_coordinator::client::fetch(&mut c, &st.job_id).await.unwrap();
+    let files = dmqsm_coordinator::client::fetch(&mut c, &st.job_id)
+        .await
+        .unwrap();
     let names: Vec<_> = files.iter().map(|f| f.0.as_str()).collect();
-    assert!(names.contains(&"report.json") && names.contains(&"std.nii.gz"), "{names:?}");
+    assert!(
+        names.contains(&"report.json") && names.contains(&"std.nii.gz"),
+        "{names:?}"
+    );
 }

@@ -22,6 +22,8 @@
 //! Units: patches are in model units (χ_model = χ_ppm × chi_scale), timesteps are indices
 //! 0 … T−1 of the model's training schedule carried as f32.
 
+#![warn(missing_docs)]
+
 pub mod batching;
 pub mod card;
 pub mod device;

@@ -79,7 +79,7 @@ impl UNetConfig {
         if self.widths.is_empty() {
             return err("widths must name at least one level".into());
         }
-        if self.widths.iter().any(|&w| w == 0) || self.widths[0] % 2 != 0 {
+        if self.widths.contains(&0) || !self.widths[0].is_multiple_of(2) {
             return err(format!(
                 "widths {:?} must be positive and the first one even",
                 self.widths
@@ -92,7 +92,7 @@ impl UNetConfig {
             return err("groups must be at least 1".into());
         }
         let factor = 1usize << (self.widths.len() - 1);
-        if patch_size == 0 || patch_size % factor != 0 {
+        if patch_size == 0 || !patch_size.is_multiple_of(factor) {
             return err(format!(
                 "patch size {patch_size} must be a positive multiple of 2^(levels−1) = {factor}"
             ));
@@ -113,7 +113,7 @@ impl UNetConfig {
 fn groups_for(channels: usize, max: usize) -> i64 {
     (1..=max.min(channels))
         .rev()
-        .find(|g| channels % g == 0)
+        .find(|g| channels.is_multiple_of(*g))
         .unwrap_or(1) as i64
 }
 

@@ -84,8 +84,8 @@ fn det_ln(x: f64) -> f64 {
 /// x = k·ln 2 + r, |r| ≤ ln2/2 (ln 2 split in a high and a low part), e^r by its Taylor
 /// series to r^14 (truncation < 1e-18), times 2^k built from the exponent bits.
 fn det_exp(x: f64) -> f64 {
-    const LN2_HI: f64 = 0.693_147_180_369_123_816_49;
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // fdlibm ln2_hi
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // fdlibm ln2_lo
     if x < -700.0 {
         return 0.0;
     }

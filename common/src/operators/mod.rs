@@ -27,6 +27,14 @@ pub use dipole::DipoleConvolution;
 pub use mask::{Identity, Mask};
 pub use resample::{BlockDownsample, KSpaceDownsample};
 
+/// Sinc upsampling (k-space zero-fill), the exact adjoint of [`KSpaceDownsample`]; for the
+/// constant-preserving interpolation use [`KSpaceDownsample::upsample`].
+pub type KSpaceUpsample = Adjoint<KSpaceDownsample>;
+
+/// Block replication divided by the block size, the exact adjoint of
+/// [`BlockDownsample`]; for plain replication use [`BlockDownsample::upsample`].
+pub type BlockUpsample = Adjoint<BlockDownsample>;
+
 /// A real linear map between 3D arrays with its adjoint.
 pub trait LinearOperator: Send + Sync {
     /// Shape of x in y = A x.
@@ -231,7 +239,7 @@ mod tests {
             let m = adjoint_mismatch(&c, seed).unwrap();
             assert!(m < 1e-5, "seed {seed}: {m}");
         }
-        let up = Adjoint(BlockDownsample::new(shape, [3, 2, 1]).unwrap());
+        let up: BlockUpsample = Adjoint(BlockDownsample::new(shape, [3, 2, 1]).unwrap());
         assert_eq!(up.input_shape(), [4, 5, 8]);
         assert!(adjoint_mismatch(&up, 1).unwrap() < 1e-5);
         let arc: Arc<dyn LinearOperator> = Arc::new(Identity::new(shape));

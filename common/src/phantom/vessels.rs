@@ -1,9 +1,11 @@
 //! Veins (tubes along smooth random curves) and lesions (blobs) painted into the label map.
 //!
 //! Curves and radii are generated in the anatomy frame (mm) and rasterised on the voxel
-//! grid by sweeping spheres along a Catmull–Rom spline through the control points. The
-//! painted radius is never below [`VEIN_MIN_RADIUS_VOXELS`] × the largest voxel size, so a
-//! vein stays a connected tube at coarse resolution instead of breaking into dots.
+//! grid by sweeping spheres along a Catmull–Rom spline through the control points. Along
+//! each axis the painted radius is never below [`VEIN_MIN_RADIUS_VOXELS`] × that axis'
+//! voxel size (the footprint becomes an axis-aligned ellipsoid), so a vein stays a
+//! connected tube at coarse or anisotropic resolution instead of breaking into dots, while
+//! staying thin along the finely sampled axes.
 
 use super::Label;
 use super::anatomy::{Anatomy, Frame, v3};
@@ -11,11 +13,16 @@ use super::random::Rng;
 use ndarray::Array3;
 use std::collections::HashMap;
 
-/// Smallest painted vein radius, in units of the largest voxel size.
+/// Smallest painted vein radius along an axis, in voxels of that axis.
 pub(crate) const VEIN_MIN_RADIUS_VOXELS: f64 = 0.75;
-/// Smallest painted lesion radius, in units of the largest voxel size (a sphere this big
-/// always contains a voxel centre).
+/// Smallest painted lesion radius along an axis, in voxels of that axis (an ellipsoid
+/// with semi-axes ≥ 0.9 voxel (> sqrt(3)/2) always contains a voxel centre).
 pub(crate) const LESION_MIN_RADIUS_VOXELS: f64 = 0.9;
+
+/// Per-axis painted radii (mm) for a physical radius `r` and a minimum in voxels.
+fn radii(frame: &Frame, r: f64, min_voxels: f64) -> [f64; 3] {
+    frame.voxel.map(|v| r.max(min_voxels * v))
+}
 
 /// A vessel: control points (anatomy mm) and radii (anatomy mm) at those points.
 #[derive(Debug, Clone)]
@@ -283,20 +290,20 @@ pub(crate) fn lesions(
     out
 }
 
-/// Calls `f(flat_index)` for every brain voxel whose centre lies within `radius_mm`
-/// (physical) of the anatomy point `p`.
-fn for_sphere(
+/// Calls `f(flat_index)` for every brain voxel whose centre lies inside the axis-aligned
+/// ellipsoid with physical semi-axes `radius_mm` around the anatomy point `p`.
+fn for_ellipsoid(
     labels: &Array3<u8>,
     frame: &Frame,
     p: [f64; 3],
-    radius_mm: f64,
+    radius_mm: [f64; 3],
     mut f: impl FnMut(usize),
 ) {
     let ci = frame.index_of(p);
     let mut lo = [0usize; 3];
     let mut hi = [0usize; 3];
     for a in 0..3 {
-        let ext = radius_mm / frame.voxel[a];
+        let ext = radius_mm[a] / frame.voxel[a];
         let l = (ci[a] - ext).ceil();
         let h = (ci[a] + ext).floor();
         if h < 0.0 || l > frame.shape[a] as f64 - 1.0 || l > h {
@@ -305,15 +312,14 @@ fn for_sphere(
         lo[a] = l.max(0.0) as usize;
         hi[a] = h.min(frame.shape[a] as f64 - 1.0) as usize;
     }
-    let r2 = radius_mm * radius_mm;
     let [_, ny, nz] = frame.shape;
     for i in lo[0]..=hi[0] {
-        let dx = (i as f64 - ci[0]) * frame.voxel[0];
+        let dx = (i as f64 - ci[0]) * frame.voxel[0] / radius_mm[0];
         for j in lo[1]..=hi[1] {
-            let dy = (j as f64 - ci[1]) * frame.voxel[1];
+            let dy = (j as f64 - ci[1]) * frame.voxel[1] / radius_mm[1];
             for k in lo[2]..=hi[2] {
-                let dz = (k as f64 - ci[2]) * frame.voxel[2];
-                if dx * dx + dy * dy + dz * dz <= r2 {
+                let dz = (k as f64 - ci[2]) * frame.voxel[2] / radius_mm[2];
+                if dx * dx + dy * dy + dz * dz <= 1.0 {
                     let is_brain = Label::from_u8(labels[[i, j, k]]).is_some_and(Label::is_brain);
                     if is_brain {
                         f((i * ny + j) * nz + k);
@@ -342,9 +348,7 @@ pub(crate) fn paint_tube(labels: &mut Array3<u8>, frame: &Frame, tube: &Tube) {
     if n == 0 {
         return;
     }
-    let vmax = frame.voxel.iter().cloned().fold(0.0, f64::max);
     let vmin = frame.voxel.iter().cloned().fold(f64::INFINITY, f64::min);
-    let rmin = VEIN_MIN_RADIUS_VOXELS * vmax;
     let mut hits = Vec::new();
     for seg in 0..n.saturating_sub(1).max(1) {
         let idx = |o: isize| -> [f64; 3] {
@@ -355,14 +359,18 @@ pub(crate) fn paint_tube(labels: &mut Array3<u8>, frame: &Frame, tube: &Tube) {
         let r0 = tube.radii[seg.min(n - 1)];
         let r1 = tube.radii[(seg + 1).min(n - 1)];
         let len_phys = v3::norm(v3::sub(ctrl[2], ctrl[1])) * frame.scale;
-        let rphys = (r0.min(r1) * frame.scale).max(rmin);
+        let rphys = (r0.min(r1) * frame.scale).max(VEIN_MIN_RADIUS_VOXELS * vmin);
         let step = 0.5 * rphys.min(vmin);
         let m = ((len_phys / step).ceil() as usize).max(1);
         for s in 0..=m {
             let t = s as f64 / m as f64;
             let p = catmull_rom(ctrl, t);
-            let r = ((r0 + (r1 - r0) * t) * frame.scale).max(rmin);
-            for_sphere(labels, frame, p, r, |f| hits.push(f));
+            let r = radii(
+                frame,
+                (r0 + (r1 - r0) * t) * frame.scale,
+                VEIN_MIN_RADIUS_VOXELS,
+            );
+            for_ellipsoid(labels, frame, p, r, |f| hits.push(f));
         }
     }
     if let Some(s) = labels.as_slice_mut() {
@@ -379,13 +387,10 @@ pub(crate) fn paint_blob(
     blob: &Blob,
     values: &mut HashMap<usize, f64>,
 ) {
-    let vmax = frame.voxel.iter().cloned().fold(0.0, f64::max);
-    let rmin = LESION_MIN_RADIUS_VOXELS * vmax;
     let mut hits = Vec::new();
     for &(p, r) in &blob.spheres {
-        for_sphere(labels, frame, p, (r * frame.scale).max(rmin), |f| {
-            hits.push(f)
-        });
+        let r = radii(frame, r * frame.scale, LESION_MIN_RADIUS_VOXELS);
+        for_ellipsoid(labels, frame, p, r, |f| hits.push(f));
     }
     if let Some(s) = labels.as_slice_mut() {
         for f in hits {

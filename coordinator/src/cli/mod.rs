@@ -490,7 +490,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             s.sample,
             s.total_samples,
             s.retries,
-            if s.error.is_empty() { &s.label } else { &s.error }
+            if s.error.is_empty() {
+                &s.label
+            } else {
+                &s.error
+            }
         );
     }
     Ok(())
@@ -541,7 +545,12 @@ pub async fn workers(args: WorkersArgs) -> anyhow::Result<()> {
         w.info
             .as_ref()
             .and_then(|i| i.model.as_ref())
-            .map(|m| (m.model_id.clone(), m.content_hash.chars().take(12).collect::<String>()))
+            .map(|m| {
+                (
+                    m.model_id.clone(),
+                    m.content_hash.chars().take(12).collect::<String>(),
+                )
+            })
             .unwrap_or_default()
     };
     if args.json {

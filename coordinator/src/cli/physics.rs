@@ -328,7 +328,13 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         }
         None => metrics::evaluate(&recon, &truth, &mask),
     }
-    .with_context(|| format!("scoring {} against {}", a.recon.display(), a.truth.display()))?;
+    .with_context(|| {
+        format!(
+            "scoring {} against {}",
+            a.recon.display(),
+            a.truth.display()
+        )
+    })?;
     print!("{}", metrics_table(&[(a.recon.display().to_string(), &m)]));
     let out = a.json.unwrap_or_else(|| {
         let mut p = sidecar_path(&a.recon);
@@ -436,16 +442,22 @@ pub fn same_grid(a: &Volume, b: &Volume, an: &str, bn: &str) -> Result<()> {
     Ok(())
 }
 
-fn parse_list<T: std::str::FromStr, const N: usize>(s: &str) -> std::result::Result<[T; N], String> {
+fn parse_list<T: std::str::FromStr, const N: usize>(
+    s: &str,
+) -> std::result::Result<[T; N], String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     if parts.len() != N {
         return Err(format!("expected {N} comma-separated values, got {:?}", s));
     }
     let mut out = Vec::with_capacity(N);
     for p in parts {
-        out.push(p.parse::<T>().map_err(|_| format!("{p:?} is not a valid number"))?);
+        out.push(
+            p.parse::<T>()
+                .map_err(|_| format!("{p:?} is not a valid number"))?,
+        );
     }
-    out.try_into().map_err(|_| "internal: wrong length".to_string())
+    out.try_into()
+        .map_err(|_| "internal: wrong length".to_string())
 }
 
 fn parse_usize3(s: &str) -> std::result::Result<[usize; 3], String> {

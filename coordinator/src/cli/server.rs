@@ -61,7 +61,11 @@ pub struct TuningArgs {
 
 impl TuningArgs {
     /// A configuration with the store in `data_dir`.
-    pub fn config(&self, data_dir: PathBuf, data_root: Option<PathBuf>) -> anyhow::Result<CoordinatorConfig> {
+    pub fn config(
+        &self,
+        data_dir: PathBuf,
+        data_root: Option<PathBuf>,
+    ) -> anyhow::Result<CoordinatorConfig> {
         let secs = |v: f64, name: &str| -> anyhow::Result<Duration> {
             Duration::try_from_secs_f64(v)
                 .ok()
@@ -142,7 +146,9 @@ async fn shutdown_signal() {
 
 /// `dmqsm serve`: runs until SIGINT / SIGTERM. Unfinished jobs resume on the next start.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.tuning.config(args.data_dir.clone(), args.data_root.clone())?;
+    let config = args
+        .tuning
+        .config(args.data_dir.clone(), args.data_root.clone())?;
     let coordinator = Coordinator::start(config, &args.workers)
         .await
         .with_context(|| format!("starting the coordinator in {}", args.data_dir.display()))?;
@@ -272,7 +278,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let url = format!("http://{bound}");
     let result = async {
-        let mut c = client::connect(&url).await.map_err(super::exit_from_client)?;
+        let mut c = client::connect(&url)
+            .await
+            .map_err(super::exit_from_client)?;
         let job_id = c
             .submit_job(args.job.request(false)?)
             .await

@@ -272,9 +272,12 @@ pub struct TrainReport {
     pub ema_weights: Option<PathBuf>,
 }
 
+/// A χ map (ppm) with its optional brain mask.
+type MaskedMap = (ndarray::Array3<f32>, Option<ndarray::Array3<f32>>);
+
 fn load_volumes(
     config: &TrainConfig,
-) -> Result<Vec<(ndarray::Array3<f32>, Option<ndarray::Array3<f32>>)>> {
+) -> Result<Vec<MaskedMap>> {
     match &config.data {
         DataSource::Phantoms {
             count,

@@ -65,9 +65,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     write_volume(&a.out.join("field.nii.gz"), &field)?;
 
     let regions = metrics::deep_grey_matter_regions();
-    let score = |chi: &Volume| {
-        metrics::evaluate_with_labels(chi, &p.chi, &p.mask, &p.labels, &regions)
-    };
+    let score =
+        |chi: &Volume| metrics::evaluate_with_labels(chi, &p.chi, &p.mask, &p.labels, &regions);
     let mut recons = Vec::new();
     for name in ["TKD", "L2"] {
         let t = Instant::now();
@@ -78,14 +77,24 @@ pub fn run(a: DemoArgs) -> Result<()> {
         chi.data.zip_mut_with(&p.mask.data, |c, m| *c *= *m);
         let seconds = t.elapsed().as_secs_f64();
         let metrics = score(&chi)?;
-        recons.push(Recon { name, chi, metrics, seconds });
+        recons.push(Recon {
+            name,
+            chi,
+            metrics,
+            seconds,
+        });
     }
 
     for r in &recons {
-        write_volume(&a.out.join(format!("chi_{}.nii.gz", r.name.to_lowercase())), &r.chi)?;
+        write_volume(
+            &a.out.join(format!("chi_{}.nii.gz", r.name.to_lowercase())),
+            &r.chi,
+        )?;
     }
-    let rows: Vec<(String, &Metrics)> =
-        recons.iter().map(|r| (r.name.to_string(), &r.metrics)).collect();
+    let rows: Vec<(String, &Metrics)> = recons
+        .iter()
+        .map(|r| (r.name.to_string(), &r.metrics))
+        .collect();
     let table = metrics_table(&rows);
     std::fs::write(a.out.join("metrics.md"), &table)?;
     write_json(
@@ -119,6 +128,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let png = preview::panel_row_png(&panels, &opts)?;
     std::fs::write(a.out.join("demo.png"), png)?;
     print!("{table}");
-    println!("wrote {} (total {:.1} s)", a.out.display(), t0.elapsed().as_secs_f64());
+    println!(
+        "wrote {} (total {:.1} s)",
+        a.out.display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
