@@ -77,17 +77,12 @@ pub async fn wait(
             })
             .await?
             .into_inner();
-        loop {
-            match stream.message().await {
-                Ok(Some(p)) => {
-                    on_progress(&p);
-                    if let Some(s) = &p.status
-                        && is_terminal(s.state)
-                    {
-                        return Ok(s.clone());
-                    }
-                }
-                Ok(None) | Err(_) => break,
+        while let Ok(Some(p)) = stream.message().await {
+            on_progress(&p);
+            if let Some(s) = &p.status
+                && is_terminal(s.state)
+            {
+                return Ok(s.clone());
             }
         }
         // Stream ended without a terminal report: ask directly, then watch again.

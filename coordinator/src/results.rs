@@ -107,6 +107,14 @@ pub fn build_results(
     if let Some(std) = &std {
         files.push(("std.nii.gz".to_string(), nifti_bytes(std, "std_ppm")?));
     }
+    let preview = dmqsm_common::preview::PreviewOptions {
+        title: Some(format!("{} {} χ (ppm)", rec.job_id, rec.spec.task.name())),
+        ..Default::default()
+    };
+    match dmqsm_common::preview::orthogonal_slices_png(&chi, &preview) {
+        Ok(png) => files.push(("preview.png".to_string(), png)),
+        Err(e) => tracing::warn!(job = %job, "no preview: {e}"),
+    }
     let report = serde_json::json!({
         "job_id": rec.job_id,
         "label": rec.label,

@@ -259,7 +259,7 @@ async fn execute(
             if step != rec.step {
                 rec.step = step;
                 let every = shared.config.checkpoint_every;
-                if every > 0 && step % every == 0 && !sampler.is_finished() {
+                if every > 0 && step.is_multiple_of(every) && !sampler.is_finished() {
                     let t = Instant::now();
                     let ck = sampler.checkpoint();
                     let (store2, id) = (store.clone(), job_id.to_string());

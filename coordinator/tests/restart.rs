@@ -159,7 +159,7 @@ async fn kill_9_coordinator_mid_job_resumes_from_checkpoint_with_identical_outpu
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(step >= 7 && step < 16, "job at step {step} before the kill");
+    assert!((7..16).contains(&step), "job at step {step} before the kill");
     child.kill9();
 
     let (mut child, url) = start_coordinator(dir.path(), &workers);
@@ -184,7 +184,7 @@ async fn kill_9_coordinator_mid_job_resumes_from_checkpoint_with_identical_outpu
         .collect();
     assert_eq!(resumed.len(), 1, "{report}");
     assert!(
-        resumed[0] >= 6 && resumed[0] % 2 == 0,
+        resumed[0] >= 6 && resumed[0].is_multiple_of(2),
         "resumed from {resumed:?}"
     );
     child.kill9();

@@ -94,8 +94,7 @@ async fn cancel_stops_a_job_and_leaves_others_untouched() {
             job_id: long_id.clone(),
         })
         .await
-        .err()
-        .expect("no result for a cancelled job");
+        .expect_err("no result for a cancelled job");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(
         e.message().contains(&long_id) && e.message().contains("cancelled"),
