@@ -42,19 +42,23 @@ fn ball(shape: [usize; 3]) -> Array3<f32> {
     })
 }
 
-/// Median and minimum milliseconds per step outside the model.
-fn time_rust(
-    task: Task,
-    guidance: Guidance,
-    shape: [usize; 3],
-    steps: usize,
-) -> (f64, f64, [f64; 3]) {
+/// The benchmark problem of `task`: a small random field in a ball mask.
+fn problem(task: Task, shape: [usize; 3]) -> Arc<dmqsm_common::tasks::Problem> {
     let field = Volume::new(
         dmqsm_common::diffusion::noise::noise_volume(1, 5, shape).mapv(|v| 0.01 * v),
         [1.0; 3],
     );
     let mask = Volume::new(ball(shape), [1.0; 3]);
-    let problem = Arc::new(prepare(&TaskOptions::new(task), &field, Some(&mask)).expect("prepare"));
+    Arc::new(prepare(&TaskOptions::new(task), &field, Some(&mask)).expect("prepare"))
+}
+
+/// Milliseconds per step outside the model: (median step, fastest step, the median
+/// step's [split, hand-back, step math]).
+fn time_rust(
+    problem: &Arc<dmqsm_common::tasks::Problem>,
+    guidance: Guidance,
+    steps: usize,
+) -> (f64, f64, [f64; 3]) {
     let settings = SamplerSettings {
         steps: 200,
         eta: 1.0,
@@ -62,9 +66,8 @@ fn time_rust(
         spacing: GridSpacing::Overlap(8),
         ..SamplerSettings::default()
     };
-    let mut s = Sampler::new(problem, &spec(), settings).expect("sampler");
-    let mut per_step = Vec::new();
-    let mut parts_sum = [0.0f64; 3];
+    let mut s = Sampler::new(problem.clone(), &spec(), settings).expect("sampler");
+    let mut per_step: Vec<(f64, [f64; 3])> = Vec::new();
     for step in 0..steps + 1 {
         let (mut split, mut submit, mut complete) = (0.0f64, 0.0f64, 0.0f64);
         let start = s.progress().step;
@@ -92,14 +95,13 @@ fn time_rust(
             complete += t.elapsed().as_secs_f64();
         }
         if step > 0 {
-            per_step.push(1e3 * (split + submit + complete));
-            for (p, v) in parts_sum.iter_mut().zip([split, submit, complete]) {
-                *p += 1e3 * v / steps as f64;
-            }
+            let parts = [split, submit, complete].map(|v| 1e3 * v);
+            per_step.push((parts.iter().sum(), parts));
         }
     }
-    per_step.sort_by(|a, b| a.total_cmp(b));
-    (per_step[per_step.len() / 2], per_step[0], parts_sum)
+    per_step.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (median, parts) = per_step[per_step.len() / 2];
+    (median, per_step[0].0, parts)
 }
 
 fn time_numpy(
@@ -177,6 +179,7 @@ fn main() {
     );
     let all = rayon::current_num_threads();
     for task in [Task::Dipinv, Task::DipinvPhysics] {
+        let prob = problem(task, shape);
         for guidance in [Guidance::Approx, Guidance::Exact] {
             let np = if no_python {
                 None
@@ -192,7 +195,7 @@ fn main() {
                     .num_threads(threads)
                     .build()
                     .expect("thread pool");
-                let (med, min, parts) = pool.install(|| time_rust(task, guidance, shape, steps));
+                let (med, min, parts) = pool.install(|| time_rust(&prob, guidance, steps));
                 let (np_s, ratio) = match np {
                     Some(v) => (format!("{v:.1}"), format!("{:.2}x", v / med)),
                     None => ("-".into(), "-".into()),

@@ -204,28 +204,38 @@ fn make_standard<A: Clone>(data: &mut Array3<A>) {
     }
 }
 
-/// Per-task buffers: the gathered tile and the FFT scratch.
-fn buffers<T: FftFloat>(len: usize, fft: &dyn Fft<T>) -> (Vec<Complex<T>>, Vec<Complex<T>>) {
+/// Per-task buffers: the gathered tile, the FFT scratch and one filter line.
+type Buffers<T> = (Vec<Complex<T>>, Vec<Complex<T>>, Vec<T>);
+
+fn buffers<T: FftFloat>(len: usize, fft: &dyn Fft<T>) -> Buffers<T> {
     let zero = Complex::new(T::zero(), T::zero());
     (
         vec![zero; len * TILE],
         vec![zero; fft.get_inplace_scratch_len().max(1)],
+        vec![T::zero(); len],
     )
+}
+
+/// An array of `shape` filled with `value`, written in parallel.
+fn par_filled<A: Clone + Send + Sync>(shape: [usize; 3], value: A) -> Array3<A> {
+    let n = shape.iter().product::<usize>();
+    let v: Vec<A> = (0..n).into_par_iter().map(|_| value.clone()).collect();
+    Array3::from_shape_vec(shape, v).unwrap_or_else(|_| Array3::from_elem(shape, value))
 }
 
 /// Transforms every column of `view` (`[len, ncols]`, contiguous rows) in place: tiles of
 /// up to [`TILE`] columns are gathered, transformed with `fft` and scattered back. When
-/// `then` is given, each tile is also multiplied by `filter(row, col)` and transformed
-/// with `then` before scattering (the fused filter step of [`RealFft3::convolve`]).
+/// `then` is given, each column is also multiplied by the filter line that
+/// `filter(col, line)` writes and transformed with `then` before scattering (the fused
+/// filter step of [`RealFft3::convolve_lines`]).
 fn transform_columns<T, F>(
     mut view: ArrayViewMut2<'_, Complex<T>>,
     fft: &dyn Fft<T>,
     then: Option<(&dyn Fft<T>, &F)>,
-    buf: &mut [Complex<T>],
-    scratch: &mut [Complex<T>],
+    (buf, scratch, line): &mut Buffers<T>,
 ) where
     T: FftFloat,
-    F: Fn(usize, usize) -> T + ?Sized,
+    F: Fn(usize, &mut [T]) + ?Sized,
 {
     let (len, ncols) = view.dim();
     let mut c0 = 0;
@@ -250,8 +260,9 @@ fn transform_columns<T, F>(
         fft.process_with_scratch(tile, scratch);
         if let Some((inv, filter)) = then {
             for b in 0..w {
-                for (r, v) in tile[b * len..(b + 1) * len].iter_mut().enumerate() {
-                    *v = *v * filter(r, c0 + b);
+                filter(c0 + b, line);
+                for (v, h) in tile[b * len..(b + 1) * len].iter_mut().zip(line.iter()) {
+                    *v = *v * *h;
                 }
             }
             inv.process_with_scratch(tile, scratch);
@@ -309,24 +320,23 @@ fn fft_axis1<T: FftFloat>(data: &mut Array3<Complex<T>>, slabs: usize, fft: &Arc
         .take(slabs)
         .for_each_init(
             || buffers(n1, fft.as_ref()),
-            |(buf, scratch), slab| {
-                transform_columns::<T, NoFilterT<T>>(slab, fft.as_ref(), None, buf, scratch)
-            },
+            |bufs, slab| transform_columns::<T, NoLine<T>>(slab, fft.as_ref(), None, bufs),
         );
 }
 
-type NoFilterT<T> = dyn Fn(usize, usize) -> T + Sync;
-type NoFilter3<T> = fn(usize, usize, usize) -> T;
+type NoLine<T> = dyn Fn(usize, &mut [T]) + Sync;
+type NoLine3<T> = fn(usize, usize, &mut [T]);
 
-/// Transforms axis 0 in place (parallel over axis 1). With `then`, each line is filtered
-/// by `filter(i, j, l)` and transformed again by `then` (fused convolution step).
+/// Transforms axis 0 in place (parallel over axis 1). With `then`, each line (j, l) is
+/// multiplied by the filter line `filter(j, l, out)` writes and transformed again by
+/// `then` (fused convolution step).
 fn fft_axis0<T, F>(
     data: &mut Array3<Complex<T>>,
     fft: &Arc<dyn Fft<T>>,
     then: Option<(&Arc<dyn Fft<T>>, &F)>,
 ) where
     T: FftFloat,
-    F: Fn(usize, usize, usize) -> T + Sync,
+    F: Fn(usize, usize, &mut [T]) + Sync,
 {
     let n0 = data.shape()[0];
     data.axis_iter_mut(Axis(1))
@@ -334,14 +344,12 @@ fn fft_axis0<T, F>(
         .enumerate()
         .for_each_init(
             || buffers(n0, fft.as_ref()),
-            |(buf, scratch), (j, plane)| match then {
+            |bufs, (j, plane)| match then {
                 Some((inv, filter)) => {
-                    let f = |i: usize, l: usize| filter(i, j, l);
-                    transform_columns(plane, fft.as_ref(), Some((inv.as_ref(), &f)), buf, scratch)
+                    let f = |l: usize, out: &mut [T]| filter(j, l, out);
+                    transform_columns(plane, fft.as_ref(), Some((inv.as_ref(), &f)), bufs)
                 }
-                None => {
-                    transform_columns::<T, NoFilterT<T>>(plane, fft.as_ref(), None, buf, scratch)
-                }
+                None => transform_columns::<T, NoLine<T>>(plane, fft.as_ref(), None, bufs),
             },
         );
 }
@@ -355,7 +363,7 @@ pub fn fft3<T: FftFloat>(data: &mut Array3<Complex<T>>, direction: FftDirection)
     let p: Vec<Arc<dyn Fft<T>>> = shape.iter().map(|&n| plan::<T>(n, direction)).collect();
     fft_axis2(data, shape[0], &p[2]);
     fft_axis1(data, shape[0], &p[1]);
-    fft_axis0::<T, NoFilter3<T>>(data, &p[0], None);
+    fft_axis0::<T, NoLine3<T>>(data, &p[0], None);
     Ok(())
 }
 
@@ -429,7 +437,7 @@ impl<T: FftFloat> RealFft3<T> {
         let m = self.check_inner(x.shape(), "FFT input")?;
         let mut spec = self.r2c_axis2(x);
         fft_axis1(&mut spec, m[0], &self.fwd[1]);
-        fft_axis0::<T, NoFilter3<T>>(&mut spec, &self.fwd[0], None);
+        fft_axis0::<T, NoLine3<T>>(&mut spec, &self.fwd[0], None);
         Ok(spec)
     }
 
@@ -445,7 +453,7 @@ impl<T: FftFloat> RealFft3<T> {
         self.check_spectrum(&spec)?;
         let m = self.check_inner(&out_shape, "FFT output")?;
         make_standard(&mut spec);
-        fft_axis0::<T, NoFilter3<T>>(&mut spec, &self.inv[0], None);
+        fft_axis0::<T, NoLine3<T>>(&mut spec, &self.inv[0], None);
         fft_axis1(&mut spec, m[0], &self.inv[1]);
         Ok(self.c2r_axis2(&spec, m))
     }
@@ -462,6 +470,25 @@ impl<T: FftFloat> RealFft3<T> {
     ) -> Result<Array3<T>>
     where
         F: Fn(usize, usize, usize) -> T + Sync,
+    {
+        self.convolve_lines(x, out_shape, |j, l, out: &mut [T]| {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = filter(i, j, l);
+            }
+        })
+    }
+
+    /// [`RealFft3::convolve`] with the filter given by lines along axis 0:
+    /// `filter(j, l, out)` writes H(i, j, l) for every i into `out` (length n0). Faster
+    /// when the filter is cheaper to evaluate or copy a line at a time.
+    pub fn convolve_lines<F>(
+        &self,
+        x: ArrayView3<'_, T>,
+        out_shape: [usize; 3],
+        filter: F,
+    ) -> Result<Array3<T>>
+    where
+        F: Fn(usize, usize, &mut [T]) + Sync,
     {
         let m_in = self.check_inner(x.shape(), "convolution input")?;
         let m_out = self.check_inner(&out_shape, "convolution output")?;
@@ -488,7 +515,7 @@ impl<T: FftFloat> RealFft3<T> {
         let n2 = self.shape[2];
         let h = n2 / 2 + 1;
         let zero = Complex::new(T::zero(), T::zero());
-        let mut spec = Array3::from_elem(self.spectrum_shape(), zero);
+        let mut spec = par_filled(self.spectrum_shape(), zero);
         let x = x.as_standard_layout();
         let m2 = x.shape()[2];
         let fft = &self.fwd[2];
@@ -553,7 +580,7 @@ impl<T: FftFloat> RealFft3<T> {
         let n_total = self.shape.iter().product::<usize>();
         let scale = T::one() / T::from_usize(n_total).unwrap_or_else(T::one);
         let fft = &self.inv[2];
-        let mut out = Array3::from_elem(m, T::zero());
+        let mut out = par_filled(m, T::zero());
         // Entries whose imaginary part must vanish for a real signal: DC and (even n2)
         // Nyquist.
         let real_only = |k: usize| k == 0 || (n2.is_multiple_of(2) && k == n2 / 2);

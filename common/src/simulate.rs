@@ -76,12 +76,14 @@ pub fn forward_field_with(
     let shifted;
     let input = match offset {
         Some(c) if c != 0.0 => {
-            shifted = chi.data.mapv(|v| v - c);
+            shifted = ndarray::Zip::from(&chi.data).par_map_collect(|v| v - c);
             shifted.view()
         }
         _ => chi.data.view(),
     };
-    let field = fft.convolve(input, shape, |i, j, l| kernel.value(i, j, l) as f32)?;
+    let field = fft.convolve_lines(input, shape, |j, l, out| {
+        kernel.line_map(j, l, out, |_, d| d as f32)
+    })?;
     Ok(chi.like(field))
 }
 

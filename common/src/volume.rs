@@ -1,8 +1,8 @@
 //! [`Volume`]: a 3D f32 image on a voxel grid with its physical geometry.
 
 use crate::error::{Error, Result};
-use ndarray::parallel::prelude::*;
 use ndarray::{Array3, ArrayView3};
+use rayon::prelude::*;
 
 /// A 3D scalar image (χ in ppm, field in ppm, a mask, …) with its geometry.
 ///
@@ -94,8 +94,13 @@ impl Volume {
 /// Errors with [`Error::NonFinite`] (naming `name`, the count of NaN/±∞ values and the
 /// index of the first in C order) unless every element of `data` is finite.
 pub fn check_finite(data: ArrayView3<'_, f32>, name: &str) -> Result<()> {
-    // Fast parallel pass for the common case; the counting pass only runs on failure.
-    if data.view().into_par_iter().all(|v| v.is_finite()) {
+    // Fast pass over contiguous memory for the common case; the counting pass below only
+    // runs on failure (or for non-contiguous views).
+    if let Some(sl) = data.as_slice_memory_order()
+        && sl
+            .par_chunks(1 << 16)
+            .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
+    {
         return Ok(());
     }
     let mut count = 0usize;

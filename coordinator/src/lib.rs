@@ -19,6 +19,7 @@
 //! - [`client`]: the client side, shared by the CLI and the tests.
 
 pub mod client;
+pub mod cohort;
 pub mod config;
 pub mod dispatch;
 pub mod error;

@@ -93,3 +93,15 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Physics(c) => cli::physics::run(c),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        // clap's own checks: unique argument ids, valid defaults, no conflicting flags.
+        Cli::command().debug_assert();
+    }
+}

@@ -63,11 +63,19 @@ pub struct TestWorker {
 impl TestWorker {
     /// Starts a worker with id `id`.
     pub async fn start(model: ServedModel, id: &str) -> Self {
+        Self::start_with(model, id, None).await
+    }
+
+    /// Starts a worker with id `id` that registers itself with the coordinator at
+    /// `coordinator` (when given) and sends heartbeats.
+    pub async fn start_with(model: ServedModel, id: &str, coordinator: Option<&str>) -> Self {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}", std_listener.local_addr().unwrap());
         let config = ServerConfig {
             worker_id: Some(id.to_string()),
+            registration: coordinator
+                .map(|c| dmqsm_worker::registration::RegistrationConfig::new(c, url.clone())),
             ..Default::default()
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -262,3 +262,81 @@ async fn a_job_that_loses_every_worker_fails_with_a_reason_instead_of_hanging() 
         st.error
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_workers_heartbeat_stream_progress_and_are_lost_when_killed() {
+    let m = model();
+    let cluster = Cluster::start(vec![], |_| {}).await;
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        workers.push(
+            TestWorker::start_with(
+                served(&m, Duration::from_millis(10)),
+                &format!("reg{i}"),
+                Some(&cluster.url),
+            )
+            .await,
+        );
+    }
+    // Both register (RegisterWorker, then heartbeats at the coordinator's interval).
+    for _ in 0..200 {
+        let ws = cluster.coordinator.dispatcher().workers();
+        if ws.len() == 2 && ws.iter().all(|w| w.state == "ready") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c = cluster.client().await;
+    let ws = c
+        .list_workers(v1::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(ws.len(), 2, "{ws:?}");
+    assert!(ws.iter().all(|w| w.state == "ready"), "{ws:?}");
+
+    // WatchJob streams progress with step counts, throughput and per-worker load.
+    let req = request(
+        settings(v1::Task::Dipinv, v1::Guidance::Exact, 10),
+        "watched",
+    );
+    let id = c.submit_job(req.clone()).await.unwrap().into_inner().job_id;
+    let mut reports = Vec::new();
+    let st = dmqsm_coordinator::client::wait(&mut c, &id, |p| reports.push(p.clone()))
+        .await
+        .unwrap();
+    assert_eq!(st.state, v1::JobState::Succeeded as i32, "{}", st.error);
+    let steps: Vec<u32> = reports
+        .iter()
+        .map(|p| p.status.as_ref().unwrap().step)
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    assert!(reports.len() >= 3, "{} reports", reports.len());
+    assert!(
+        reports
+            .iter()
+            .any(|p| p.patches_per_second > 0.0 && p.eta_seconds > 0.0)
+    );
+    assert!(reports.iter().any(|p| p.workers.len() == 2));
+    let (chi, _, _) = fetch_chi(&mut c, &id).await;
+    assert_bitwise(&chi, &reference(&m, &req, 2).0, "registered workers");
+
+    // A killed registered worker misses its heartbeats and is marked lost.
+    workers[0].kill();
+    let mut state = String::new();
+    for _ in 0..100 {
+        let ws = cluster.coordinator.dispatcher().workers();
+        state = ws
+            .iter()
+            .find(|w| w.worker_id == "reg0")
+            .unwrap()
+            .state
+            .clone();
+        if state == "lost" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, "lost");
+}

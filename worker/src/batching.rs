@@ -5,7 +5,7 @@
 //!
 //! Coalescing never changes results: [`TorchModel`](crate::TorchModel) evaluates in
 //! fixed-size micro-batches, so a patch's ε is the same whichever request it came with
-//! (see `torch_model`'s docs; checked by `tests/tests/worker_grpc.rs`). Only requests of
+//! (see `torch_model`'s docs; checked by `worker/tests/grpc.rs`). Only requests of
 //! the same kind (ε or VJP) are coalesced. If a coalesced call fails, each request is
 //! retried alone, so an error reaches only the request that caused it.
 

@@ -8,12 +8,16 @@
 //! different blockings: a patch evaluated alone and inside a batch of 16 differ by ~1e-6),
 //! but for a fixed batch size each patch's result depends only on that patch: not on its
 //! position in the batch, its neighbours, or the intra-op thread count, and grad mode
-//! does not change ε (all checked in `tests/tests/worker_model.rs`). So every evaluation
+//! does not change ε (all checked in `worker/tests/model.rs`). So every evaluation
 //! here runs in fixed-size micro-batches of [`EvalOptions::eval_batch`] patches, zero-padding
 //! the last one. Then the ε of a patch is a function of (patch, t, model, device,
 //! eval_batch, precision) only, and coalescing requests in the worker, or splitting a job's
 //! patches differently across workers, cannot change a single bit. Workers that should
 //! give identical results must share device type, precision and `eval_batch`.
+//!
+//! The TorchScript graph executor's optimiser is switched off on evaluating threads: its
+//! profiling runs and the re-optimised (on GPUs possibly fused) graph that follows could
+//! otherwise give different bits for the first calls than for later ones.
 
 use crate::card::{Architecture, ModelCard, card_path_for, sha256_file};
 use crate::device::{DeviceSpec, configure_threads};
@@ -290,6 +294,11 @@ impl TorchModel {
         b: usize,
     ) -> Result<(Array4<f32>, Option<Array4<f32>>)> {
         configure_threads(self.options.threads);
+        // TorchScript's profiling executor re-optimises a graph after its first runs (and
+        // may fuse kernels on GPUs), which could change the bits between the first and
+        // later calls. Run the graph as traced instead (a per-thread setting).
+        tch::jit::f_set_graph_executor_optimize(false)
+            .map_err(|e| WorkerError::torch("disabling the graph optimiser", e))?;
         let p = self.spec.patch_size;
         let vox = p * p * p;
         let eb = self.options.eval_batch;

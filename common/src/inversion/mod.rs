@@ -20,7 +20,7 @@ use crate::kernels::DipoleKernel;
 use crate::volume::Volume;
 
 /// Shared driver: validates the field, builds the kernel on the padded grid and applies
-/// the real k-space filter `filter(D, i, j, l)` to it.
+/// the real k-space filter `filter(D, [i, j, l])` to it.
 fn filter_field<F>(field: &Volume, b0: B0Direction, padding: Padding, filter: F) -> Result<Volume>
 where
     F: Fn(f64, [usize; 3]) -> f64 + Sync,
@@ -31,8 +31,8 @@ where
     let grid = padding.grid(shape)?;
     let kernel = DipoleKernel::new(grid, field.voxel_size, b0)?;
     let fft = RealFft3::<f32>::new(grid)?;
-    let chi = fft.convolve(field.data.view(), shape, |i, j, l| {
-        filter(kernel.value(i, j, l), [i, j, l]) as f32
+    let chi = fft.convolve_lines(field.data.view(), shape, |j, l, out| {
+        kernel.line_map(j, l, out, |i, d| filter(d, [i, j, l]) as f32)
     })?;
     Ok(field.like(chi))
 }

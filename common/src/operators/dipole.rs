@@ -6,6 +6,7 @@ use crate::fft::{Padding, RealFft3};
 use crate::geometry::B0Direction;
 use crate::kernels::DipoleKernel;
 use ndarray::Array3;
+use rayon::prelude::*;
 
 /// The dipole convolution A x = crop(F⁻¹[D · F pad(x)]) with the [`DipoleKernel`]
 /// (D(0) = 0, symmetrised Nyquist planes) on the grid chosen by a [`Padding`]:
@@ -50,7 +51,18 @@ impl DipoleConvolution {
         let grid = padding.grid(shape)?;
         let k = DipoleKernel::new(grid, voxel_size, b0)?;
         let fft = RealFft3::new(grid)?;
-        let kernel = k.half_spectrum().into_raw_vec_and_offset().0;
+        // Half spectrum stored line by line along axis 0: index ((j·h) + l)·n0 + i.
+        let [n0, n1, _] = grid;
+        let h = fft.spectrum_shape()[2];
+        let mut kernel = vec![0f32; n0 * n1 * h];
+        kernel
+            .par_chunks_mut(n0 * h)
+            .enumerate()
+            .for_each(|(j, plane)| {
+                for (l, line) in plane.chunks_mut(n0).enumerate() {
+                    k.line_map(j, l, line, |_, d| d as f32);
+                }
+            });
         Ok(Self {
             shape,
             kernel,
@@ -76,11 +88,13 @@ impl DipoleConvolution {
     }
 
     fn convolve(&self, x: &Array3<f32>) -> Result<Array3<f32>> {
-        let [_, n1, _] = self.fft.shape();
+        let n0 = self.fft.shape()[0];
         let h = self.fft.spectrum_shape()[2];
         let k = &self.kernel;
-        self.fft
-            .convolve(x.view(), self.shape, |i, j, l| k[(i * n1 + j) * h + l])
+        self.fft.convolve_lines(x.view(), self.shape, |j, l, out| {
+            let start = (j * h + l) * n0;
+            out.copy_from_slice(&k[start..start + n0]);
+        })
     }
 }
 

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub mod physics;
-pub mod physics;
 pub mod server;
 
 /// Exit codes of `dmqsm`, shown in `--help`.

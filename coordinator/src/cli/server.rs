@@ -29,7 +29,7 @@ pub enum WireDtype {
 pub struct TuningArgs {
     /// Patches per worker batch (fixed per job at submission).
     #[arg(long = "coord-batch-size", default_value_t = 4)]
-    pub batch_size: usize,
+    pub coord_batch_size: usize,
     /// Batches in flight per worker.
     #[arg(long, default_value_t = 2)]
     pub max_in_flight: usize,
@@ -80,7 +80,7 @@ impl TuningArgs {
         };
         let mut c = CoordinatorConfig::new(data_dir);
         c.data_root = data_root;
-        c.batch_size = self.batch_size;
+        c.batch_size = self.coord_batch_size;
         c.max_in_flight_per_worker = self.max_in_flight;
         c.batch_timeout = secs(self.batch_timeout_s, "batch-timeout-s")?;
         c.max_retries = self.max_retries;
@@ -178,7 +178,7 @@ pub struct RunArgs {
     pub model: Option<PathBuf>,
     /// Use the analytic Gaussian-prior model N(mean, std²) (model units) instead of a
     /// network: fast, for smoke tests. Format: MEAN,STD.
-    #[arg(long, value_delimiter = ',', num_args = 2, allow_hyphen_values = true)]
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub analytic: Option<Vec<f64>>,
     /// Patch size of the analytic model.
     #[arg(long, default_value_t = 48)]
@@ -208,6 +208,13 @@ pub struct RunArgs {
 /// The model the embedded workers serve.
 pub fn load_model(args: &RunArgs) -> anyhow::Result<ServedModel> {
     if let Some(a) = &args.analytic {
+        if a.len() != 2 {
+            return Err(Exit {
+                code: 2,
+                message: format!("--analytic needs MEAN,STD, got {} values", a.len()),
+            }
+            .into());
+        }
         let m = GaussianPriorModel::new(
             a[0],
             a[1],

@@ -46,30 +46,38 @@ struct Args {
     /// Batch sizes.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
     batches: Vec<usize>,
-    /// Minimum seconds per measurement (at least 2 calls after a warm-up call).
+    /// Minimum seconds per mode and batch size (at least 2 timed rounds after a warm-up).
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
     /// libtorch intra-op threads (default: libtorch's choice).
     #[arg(long)]
     threads: Option<usize>,
+    /// Fixed micro-batch of the U-Net's evaluation.
+    #[arg(long, default_value_t = 1)]
+    eval_batch: usize,
     /// Skip the U-Net (transport only).
     #[arg(long)]
     synthetic_only: bool,
 }
 
-/// Calls `f` (which returns the bytes moved) until `seconds` passed and ≥ 2 calls were
-/// timed; returns (calls per second, bytes per second).
-fn time_calls(seconds: f64, mut f: impl FnMut() -> usize) -> (f64, f64) {
-    f();
-    let start = Instant::now();
-    let mut calls = 0usize;
-    let mut bytes = 0usize;
-    while calls < 2 || start.elapsed().as_secs_f64() < seconds {
-        bytes += f();
-        calls += 1;
+/// Accumulated time, calls and bytes of one mode.
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    seconds: f64,
+    calls: usize,
+    bytes: usize,
+}
+
+impl Tally {
+    fn add(&mut self, started: Instant, bytes: usize) {
+        self.seconds += started.elapsed().as_secs_f64();
+        self.calls += 1;
+        self.bytes += bytes;
     }
-    let s = start.elapsed().as_secs_f64();
-    (calls as f64 / s, bytes as f64 / s)
+    fn per_second(&self) -> (f64, f64) {
+        let s = self.seconds.max(1e-12);
+        (self.calls as f64 / s, self.bytes as f64 / s)
+    }
 }
 
 struct Row {
@@ -118,48 +126,47 @@ fn bench_model(
         dmqsm_worker::device::configure_threads(args.threads);
         let reference = model.eps(x.view(), &t)?;
         let f32_bytes = 2 * b * vox * 4;
-        let (ip_calls, ip_bytes) = time_calls(args.seconds, || {
-            let _ = model.eps(x.view(), &t);
-            f32_bytes
-        });
-
         let request = |dtype: Dtype| DenoiseRequest {
             model_hash: String::new(),
             patches: Some(encode(&xv, &[b, p, p, p], dtype)),
             timesteps: t.clone(),
             response_dtype: dtype as i32,
         };
-        let mut measure = |dtype: Dtype| -> anyhow::Result<(f64, f64, f64, Vec<f32>)> {
-            let req = request(dtype);
-            let req_len = req.encoded_len();
-            let mut last = Vec::new();
-            let mut wire = 0usize;
-            let mut failure: Option<String> = None;
-            let (calls, bytes) = time_calls(args.seconds, || {
-                match rt.block_on(client.denoise(req.clone())) {
-                    Ok(resp) => {
-                        let resp = resp.into_inner();
-                        wire = req_len + resp.encoded_len();
-                        if let Some(eps) = resp.eps.as_ref()
-                            && let Ok((v, _)) = decode(eps)
-                        {
-                            last = v;
-                        }
-                        wire
-                    }
-                    Err(s) => {
-                        failure = Some(s.message().to_string());
-                        0
-                    }
-                }
-            });
-            if let Some(f) = failure {
-                anyhow::bail!("Denoise failed: {f}");
+        let requests = [request(Dtype::F32), request(Dtype::Bf16)];
+        // Rounds alternate the three modes (in process, gRPC f32, gRPC bf16) so that
+        // load changes on a shared machine hit all of them alike; round 0 is a warm-up.
+        let mut tallies = [Tally::default(); 3];
+        let mut wire = [0usize; 2];
+        let mut answers: [Vec<f32>; 2] = [Vec::new(), Vec::new()];
+        let mut round = 0usize;
+        let wall = Instant::now();
+        while round < 3 || wall.elapsed().as_secs_f64() < 3.0 * args.seconds {
+            let started = Instant::now();
+            model.eps(x.view(), &t)?;
+            if round > 0 {
+                tallies[0].add(started, f32_bytes);
             }
-            Ok((calls, bytes, wire as f64 / b as f64, last))
-        };
-        let (g32, g32_bytes, wire32, got32) = measure(Dtype::F32)?;
-        let (g16, g16_bytes, wire16, got16) = measure(Dtype::Bf16)?;
+            for (m, req) in requests.iter().enumerate() {
+                let started = Instant::now();
+                let resp = rt
+                    .block_on(client.denoise(req.clone()))
+                    .map_err(|s| anyhow::anyhow!("Denoise failed: {}", s.message()))?
+                    .into_inner();
+                wire[m] = req.encoded_len() + resp.encoded_len();
+                if round > 0 {
+                    tallies[m + 1].add(started, wire[m]);
+                }
+                if let Some(eps) = resp.eps.as_ref() {
+                    answers[m] = decode(eps)?.0;
+                }
+            }
+            round += 1;
+        }
+        let (ip_calls, ip_bytes) = tallies[0].per_second();
+        let (g32, g32_bytes) = tallies[1].per_second();
+        let (g16, g16_bytes) = tallies[2].per_second();
+        let (wire32, wire16) = (wire[0] as f64 / b as f64, wire[1] as f64 / b as f64);
+        let [got32, got16] = answers;
         let exact = reference.as_standard_layout();
         let exact = exact.as_slice().unwrap_or(&[]);
         if got32 != exact {
@@ -220,15 +227,23 @@ fn main() -> anyhow::Result<()> {
         );
         let options = EvalOptions {
             threads: args.threads,
+            eval_batch: args.eval_batch,
             ..EvalOptions::for_device(DeviceSpec::Cpu)
         };
         let model = TorchModel::from_unet(&mut vs, &net, card, DeviceSpec::Cpu, options)?;
         let name = format!(
-            "U-Net {:?} ({} params)",
+            "U-Net {:?} ({} params, eval batch {})",
             args.widths,
-            model.card().parameter_count
+            model.card().parameter_count,
+            args.eval_batch
         );
-        rows.extend(bench_model(&args, &rt, &name, Arc::new(model), 1)?);
+        rows.extend(bench_model(
+            &args,
+            &rt,
+            &name,
+            Arc::new(model),
+            args.eval_batch,
+        )?);
     }
     let gauss = GaussianPriorModel::new(0.0, 0.5, p, 5.0, ScheduleConfig::default())?;
     rows.extend(bench_model(
@@ -241,7 +256,7 @@ fn main() -> anyhow::Result<()> {
 
     println!(
         "Denoise, P = {p} ({} bytes per f32 patch), threads {:?} (libtorch reports {}), \
-         single client, sequential calls\n",
+         single client, sequential calls, modes interleaved\n",
         p * p * p * 4,
         args.threads,
         tch::get_num_threads()

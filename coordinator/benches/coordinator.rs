@@ -1,0 +1,408 @@
+//! Coordinator benchmarks, one command each (release build):
+//!
+//! ```text
+//! cargo bench -p dmqsm-coordinator --bench coordinator -- overhead
+//! cargo bench -p dmqsm-coordinator --bench coordinator -- scaling
+//! cargo bench -p dmqsm-coordinator --bench coordinator -- throughput
+//! cargo bench -p dmqsm-coordinator --bench coordinator -- disk
+//! ```
+//!
+//! - `overhead`: one job through coordinator + 1 worker over loopback gRPC against the
+//!   in-process reference driver with the same model (the default ~0.6 M-parameter 3D
+//!   U-Net, 48³ patches, CPU). Also checks the two outputs are bitwise equal.
+//! - `scaling`: 1, 2, 4 and 8 workers whose model simulates a GPU (a fixed latency per
+//!   batch, analytic numerics); efficiency = T₁ / (n · Tₙ).
+//! - `throughput`: 4 instant workers (analytic model, no latency): patches/s and MB/s on
+//!   the wire (requests + answers), f32 and bf16.
+//! - `disk`: a long job (checkpoints every 5 steps): sled's disk use during and after.
+//!
+//! Timings are wall-clock on whatever machine runs them; compare ratios, not seconds.
+
+use dmqsm_common::Volume;
+use dmqsm_common::diffusion::analytic::GaussianPriorModel;
+use dmqsm_common::diffusion::model::ScoreModel;
+use dmqsm_common::diffusion::schedule::ScheduleConfig;
+use dmqsm_common::geometry::B0Direction;
+use dmqsm_coordinator::job::JobSpec;
+use dmqsm_coordinator::{Coordinator, CoordinatorConfig, client};
+use dmqsm_proto::v1;
+use dmqsm_worker::batching::BatchConfig;
+use dmqsm_worker::unet::{UNetConfig, seeded};
+use dmqsm_worker::{
+    DeviceSpec, EvalOptions, ModelCard, ServedModel, ServerConfig, SimulatedModel, TorchModel,
+};
+use ndarray::Array3;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Field (ppm) and mask NIfTI bytes of a smooth phantom on an n³ grid at 1 mm.
+fn inputs(n: usize) -> AnyResult<(Vec<u8>, Vec<u8>)> {
+    let c = (n as f64 - 1.0) / 2.0;
+    let mask = Array3::from_shape_fn((n, n, n), |(i, j, k)| {
+        let r = ((i as f64 - c).powi(2) + (j as f64 - c).powi(2) + (k as f64 - c).powi(2)).sqrt();
+        if r < 0.42 * n as f64 { 1.0f32 } else { 0.0 }
+    });
+    let chi = Array3::from_shape_fn((n, n, n), |(i, j, k)| {
+        0.1 * ((i as f32) * 0.2).sin() * ((j + k) as f32 * 0.15).cos() * mask[[i, j, k]]
+    });
+    let b0 = B0Direction::new([0.0, 0.0, 1.0])?;
+    let field = dmqsm_common::simulate::forward_field(&Volume::new(chi, [1.0; 3]), b0)?;
+    let masked = &field.data * &mask;
+    Ok((
+        dmqsm_common::nifti_io::write_nifti_bytes(&field.like(masked), true)?,
+        dmqsm_common::nifti_io::write_nifti_bytes(&Volume::new(mask, [1.0; 3]), true)?,
+    ))
+}
+
+fn request(m: &[u8], k: &[u8], settings: v1::JobSettings) -> v1::SubmitJobRequest {
+    let vi = |b: &[u8]| {
+        Some(v1::VolumeInput {
+            source: Some(v1::volume_input::Source::Nifti(b.to_vec().into())),
+        })
+    };
+    v1::SubmitJobRequest {
+        measurement: vi(m),
+        mask: vi(k),
+        settings: Some(settings),
+        label: "bench".into(),
+    }
+}
+
+fn settings(steps: u32, overlap: u32, batch: u32) -> v1::JobSettings {
+    v1::JobSettings {
+        task: v1::Task::Dipinv as i32,
+        steps,
+        eta: 0.0,
+        guidance: v1::Guidance::Approx as i32,
+        overlap: Some(overlap),
+        seed: 1,
+        samples: 1,
+        batch_size: batch,
+        ..Default::default()
+    }
+}
+
+struct Setup {
+    workers: Vec<dmqsm_worker::LocalWorker>,
+    coordinator: Coordinator,
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(
+    models: Vec<ServedModel>,
+    worker_batch: BatchConfig,
+    tune: impl FnOnce(&mut CoordinatorConfig),
+) -> AnyResult<Setup> {
+    let mut workers = Vec::new();
+    for (i, m) in models.into_iter().enumerate() {
+        let config = ServerConfig {
+            worker_id: Some(format!("w{i}")),
+            batch: worker_batch,
+            ..Default::default()
+        };
+        workers.push(dmqsm_worker::spawn_local_worker(m, config).await?);
+    }
+    let dir = tempfile::tempdir()?;
+    let mut config = CoordinatorConfig::new(dir.path());
+    config.checkpoint_every = 0;
+    config.max_in_flight_per_worker = 2;
+    tune(&mut config);
+    let urls: Vec<String> = workers.iter().map(|w| w.url()).collect();
+    let coordinator = Coordinator::start(config, &urls).await?;
+    let (addr, stop, _h) =
+        dmqsm_coordinator::spawn_server(coordinator.clone(), "127.0.0.1:0".parse()?).await?;
+    Ok(Setup {
+        workers,
+        coordinator,
+        url: format!("http://{addr}"),
+        stop,
+        _dir: dir,
+    })
+}
+
+impl Setup {
+    async fn close(self) {
+        let _ = self.stop.send(());
+        self.coordinator.shutdown();
+        for w in self.workers {
+            let _ = w.shutdown().await;
+        }
+    }
+}
+
+/// Runs one job end to end; returns (seconds from submit to succeeded, χ).
+async fn timed_job(url: &str, req: v1::SubmitJobRequest) -> AnyResult<(f64, Array3<f32>)> {
+    let (t, chi, _) = timed_job_report(url, req).await?;
+    Ok((t, chi))
+}
+
+/// Like [`timed_job`], also returning the job's report.json.
+async fn timed_job_report(
+    url: &str,
+    req: v1::SubmitJobRequest,
+) -> AnyResult<(f64, Array3<f32>, serde_json::Value)> {
+    let mut c = client::connect(url).await?;
+    let t = Instant::now();
+    let id = c.submit_job(req).await?.into_inner().job_id;
+    let st = client::wait(&mut c, &id, |_| {}).await?;
+    let secs = t.elapsed().as_secs_f64();
+    if st.state != v1::JobState::Succeeded as i32 {
+        return Err(format!("job failed: {}", st.error).into());
+    }
+    let files = client::fetch(&mut c, &id).await?;
+    let chi = files.iter().find(|f| f.0 == "chi.nii.gz").ok_or("no chi")?;
+    Ok((secs, dmqsm_common::nifti_io::read_nifti_bytes(&chi.1)?.data))
+}
+
+fn reference(
+    model: &dyn ScoreModel,
+    req: &v1::SubmitJobRequest,
+    m: &[u8],
+    k: &[u8],
+) -> AnyResult<(f64, Array3<f32>)> {
+    let t = Instant::now();
+    let settings = req.settings.as_ref().ok_or("settings")?;
+    let spec = JobSpec::from_proto(settings, 4)?;
+    let problem = dmqsm_coordinator::problem::build_problem(&spec, model.spec(), m, Some(k))?;
+    let s = dmqsm_coordinator::runner::sampler_settings(&spec, 0);
+    let r = dmqsm_common::driver::sample(model, Arc::new(problem), &s, spec.batch_size as usize)?;
+    Ok((t.elapsed().as_secs_f64(), r.chi.data))
+}
+
+async fn overhead() -> AnyResult<()> {
+    let p = 48;
+    let config = UNetConfig::default();
+    config.validate(p)?;
+    let (mut vs, net) = seeded(&config, tch::Device::Cpu, 0);
+    let card = ModelCard::for_unet(
+        "bench-unet",
+        &config,
+        p,
+        ScheduleConfig::default(),
+        10.0,
+        0,
+        "",
+    );
+    let model = TorchModel::from_unet(
+        &mut vs,
+        &net,
+        card,
+        DeviceSpec::Cpu,
+        EvalOptions::for_device(DeviceSpec::Cpu),
+    )?;
+    let params = model.card().parameter_count;
+    let model = Arc::new(model);
+    let (m, k) = inputs(64)?;
+    let req = request(&m, &k, settings(6, 8, 4));
+    println!(
+        "overhead: U-Net {:?} ({params} parameters), 64³ volume, 48³ patches, overlap 8 \
+         (8 patches/round), 6 DDIM steps, batch 4, CPU",
+        config.widths
+    );
+    let served = ServedModel::new(model.clone(), "cpu", 1, "f32");
+    let s = setup(vec![served], BatchConfig::default(), |_| {}).await?;
+    let mut best_ref = f64::INFINITY;
+    let mut best_coord = f64::INFINITY;
+    for rep in 0..2 {
+        let (mm, kk, rq, md) = (m.clone(), k.clone(), req.clone(), model.clone());
+        let (t_ref, chi_ref) = tokio::task::spawn_blocking(move || {
+            reference(md.as_ref(), &rq, &mm, &kk).map_err(|e| e.to_string())
+        })
+        .await??;
+        let (t_coord, chi) = timed_job(&s.url, req.clone()).await?;
+        let same = chi
+            .iter()
+            .zip(chi_ref.iter())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        println!(
+            "  rep {rep}: reference {t_ref:.2} s, coordinator + 1 worker {t_coord:.2} s, \
+             ratio {:.3}, bitwise equal: {same}",
+            t_coord / t_ref
+        );
+        best_ref = best_ref.min(t_ref);
+        best_coord = best_coord.min(t_coord);
+    }
+    println!(
+        "overhead: best reference {best_ref:.2} s, best coordinator {best_coord:.2} s, \
+         ratio {:.3} (target ≤ 1.05)",
+        best_coord / best_ref
+    );
+    s.close().await;
+    Ok(())
+}
+
+async fn scaling() -> AnyResult<()> {
+    let latency = Duration::from_millis(40);
+    let model = GaussianPriorModel::new(0.0, 0.5, 16, 10.0, ScheduleConfig::default())?;
+    let (m, k) = inputs(64)?;
+    // 64³, P = 16, overlap 0: 64 patches per round, 16 batches of 4.
+    let req = request(&m, &k, settings(8, 0, 4));
+    println!(
+        "scaling: simulated GPU workers ({} ms per batch, analytic numerics), 64³ volume, \
+         16³ patches, 16 batches of 4 per round, 8 steps, 2 batches in flight per worker",
+        latency.as_millis()
+    );
+    let mut t1 = 0.0;
+    let mut reference_chi: Option<Array3<f32>> = None;
+    for n in [1usize, 2, 4, 8] {
+        let served = ServedModel::simulated(SimulatedModel::new(
+            Arc::new(model.clone()),
+            latency,
+            Duration::ZERO,
+        ));
+        // One model call per request (no coalescing), like a GPU busy with one batch.
+        let wb = BatchConfig {
+            max_batch: 4,
+            max_queue_delay: Duration::ZERO,
+        };
+        let s = setup(vec![served; n], wb, |_| {}).await?;
+        let (t, chi, report) = timed_job_report(&s.url, req.clone()).await?;
+        let timings = &report["timings_s"];
+        let same = match &reference_chi {
+            None => {
+                reference_chi = Some(chi);
+                true
+            }
+            Some(r) => r
+                .iter()
+                .zip(chi.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+        };
+        if n == 1 {
+            t1 = t;
+        }
+        let ideal = 8.0 * 16.0 * latency.as_secs_f64() / n as f64;
+        println!(
+            "  {n} worker(s): {t:.2} s (ideal {ideal:.2} s), speed-up {:.2}, efficiency {:.3}, \
+             output equal to 1 worker: {same}; job running {:.2} s of which waiting for \
+             workers {:.2} s, coordinator numerics {:.2} s",
+            t1 / t,
+            t1 / (n as f64 * t),
+            timings["running"].as_f64().unwrap_or(0.0),
+            timings["waiting_for_workers"].as_f64().unwrap_or(0.0),
+            timings["coordinator_numerics"].as_f64().unwrap_or(0.0),
+        );
+        s.close().await;
+    }
+    Ok(())
+}
+
+async fn throughput() -> AnyResult<()> {
+    let model = GaussianPriorModel::new(0.0, 0.5, 48, 10.0, ScheduleConfig::default())?;
+    let (m, k) = inputs(96)?;
+    let steps = 10u32;
+    // 96³, P = 48, overlap 8: 27 patches per round.
+    let req = request(&m, &k, settings(steps, 8, 4));
+    println!(
+        "throughput: 4 instant workers (analytic model, no latency), 96³ volume, 48³ patches, \
+         27 patches/round, {steps} steps, batch 4"
+    );
+    for (name, dtype) in [("f32", v1::Dtype::F32), ("bf16", v1::Dtype::Bf16)] {
+        let served = ServedModel::new(Arc::new(model.clone()), "cpu", 1, "f32");
+        let s = setup(vec![served; 4], BatchConfig::default(), |c| {
+            c.wire_dtype = dtype
+        })
+        .await?;
+        // Warm-up job (connections, allocations), then the timed one.
+        timed_job(&s.url, request(&m, &k, settings(1, 8, 4))).await?;
+        let (t, _) = timed_job(&s.url, req.clone()).await?;
+        let patches = 27.0 * steps as f64;
+        let bytes_per_value = if dtype == v1::Dtype::F32 { 4.0 } else { 2.0 };
+        let wire = patches * 2.0 * 48f64.powi(3) * bytes_per_value;
+        println!(
+            "  {name}: {t:.2} s, {:.0} patches/s, {:.0} MB/s of patch tensors on the wire \
+             ({:.0} KiB per patch round trip)",
+            patches / t,
+            wire / t / 1e6,
+            2.0 * 48f64.powi(3) * bytes_per_value / 1024.0
+        );
+        s.close().await;
+    }
+    Ok(())
+}
+
+async fn disk() -> AnyResult<()> {
+    let model = GaussianPriorModel::new(0.0, 0.5, 48, 10.0, ScheduleConfig::default())?;
+    let (m, k) = inputs(96)?;
+    let steps = 100u32;
+    let served = ServedModel::new(Arc::new(model.clone()), "cpu", 1, "f32");
+    let s = setup(vec![served; 2], BatchConfig::default(), |c| {
+        c.checkpoint_every = 5
+    })
+    .await?;
+    let store = s.coordinator.store().clone();
+    let before = store.size_on_disk()?;
+    let peak_disk = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let peak_ck = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampling = {
+        let (store, pd, pc) = (store.clone(), peak_disk.clone(), peak_ck.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                pd.fetch_max(
+                    store.size_on_disk().unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                pc.fetch_max(
+                    store.checkpoint_bytes(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        })
+    };
+    let (t, _) = timed_job(&s.url, request(&m, &k, settings(steps, 8, 4))).await?;
+    sampling.abort();
+    store.flush()?;
+    let after = store.size_on_disk()?;
+    let ck_after = store.checkpoint_bytes();
+    let state_bytes = 4 * 128usize.pow(3);
+    println!(
+        "disk: {steps}-step job on 96³ (padded state 128³ = {:.1} MB per checkpoint), \
+         checkpoint every 5 steps ({} checkpoints), {t:.1} s",
+        state_bytes as f64 / 1e6,
+        steps / 5 - 1
+    );
+    println!(
+        "  sled size on disk: {:.1} MB before, peak {:.1} MB while running, {:.1} MB after; \
+         checkpoint tree peak {:.1} MB, {ck_after} bytes left after completion",
+        before as f64 / 1e6,
+        peak_disk.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6,
+        after as f64 / 1e6,
+        peak_ck.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+    );
+    s.close().await;
+    Ok(())
+}
+
+fn main() -> AnyResult<()> {
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let which = which.first().map(String::as_str).unwrap_or("all");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match which {
+            "overhead" => overhead().await,
+            "scaling" => scaling().await,
+            "throughput" => throughput().await,
+            "disk" => disk().await,
+            "all" => {
+                overhead().await?;
+                scaling().await?;
+                throughput().await?;
+                disk().await
+            }
+            other => Err(format!(
+                "unknown benchmark {other:?}: overhead, scaling, throughput, disk or all"
+            )
+            .into()),
+        }
+    })
+}
