@@ -434,9 +434,8 @@ impl<T: FftFloat> RealFft3<T> {
     /// Forward transform of `x` zero-padded (at the far end) to [`RealFft3::shape`];
     /// returns the unnormalised half spectrum. Errors if `x` is larger than the grid.
     pub fn forward(&self, x: ArrayView3<'_, T>) -> Result<Array3<Complex<T>>> {
-        let m = self.check_inner(x.shape(), "FFT input")?;
-        let mut spec = self.r2c_axis2(x);
-        fft_axis1(&mut spec, m[0], &self.fwd[1]);
+        self.check_inner(x.shape(), "FFT input")?;
+        let mut spec = self.r2c_slabs(x);
         fft_axis0::<T, NoLine3<T>>(&mut spec, &self.fwd[0], None);
         Ok(spec)
     }
@@ -454,8 +453,7 @@ impl<T: FftFloat> RealFft3<T> {
         let m = self.check_inner(&out_shape, "FFT output")?;
         make_standard(&mut spec);
         fft_axis0::<T, NoLine3<T>>(&mut spec, &self.inv[0], None);
-        fft_axis1(&mut spec, m[0], &self.inv[1]);
-        Ok(self.c2r_axis2(&spec, m))
+        Ok(self.c2r_slabs(&mut spec, m))
     }
 
     /// Circular convolution on the grid: Re(ifftn(H · fftn(pad(x)))) cropped to
@@ -490,13 +488,11 @@ impl<T: FftFloat> RealFft3<T> {
     where
         F: Fn(usize, usize, &mut [T]) + Sync,
     {
-        let m_in = self.check_inner(x.shape(), "convolution input")?;
+        self.check_inner(x.shape(), "convolution input")?;
         let m_out = self.check_inner(&out_shape, "convolution output")?;
-        let mut spec = self.r2c_axis2(x);
-        fft_axis1(&mut spec, m_in[0], &self.fwd[1]);
+        let mut spec = self.r2c_slabs(x);
         fft_axis0(&mut spec, &self.fwd[0], Some((&self.inv[0], &filter)));
-        fft_axis1(&mut spec, m_out[0], &self.inv[1]);
-        Ok(self.c2r_axis2(&spec, m_out))
+        Ok(self.c2r_slabs(&mut spec, m_out))
     }
 
     fn check_spectrum(&self, spec: &Array3<Complex<T>>) -> Result<()> {
@@ -510,8 +506,10 @@ impl<T: FftFloat> RealFft3<T> {
         Ok(())
     }
 
-    /// Real-to-complex transform along axis 2, two rows per complex FFT.
-    fn r2c_axis2(&self, x: ArrayView3<'_, T>) -> Array3<Complex<T>> {
+    /// Real-to-complex transform along axis 2 (two rows per complex FFT) followed by the
+    /// forward transform along axis 1, slab by slab while the slab is in cache. Slabs and
+    /// rows beyond the input are zero and skipped.
+    fn r2c_slabs(&self, x: ArrayView3<'_, T>) -> Array3<Complex<T>> {
         let n2 = self.shape[2];
         let h = n2 / 2 + 1;
         let zero = Complex::new(T::zero(), T::zero());
@@ -519,6 +517,7 @@ impl<T: FftFloat> RealFft3<T> {
         let x = x.as_standard_layout();
         let m2 = x.shape()[2];
         let fft = &self.fwd[2];
+        let fft1 = self.fwd[1].as_ref();
         let half = T::from_f64(0.5).unwrap_or_else(T::one);
         spec.axis_iter_mut(Axis(0))
             .into_par_iter()
@@ -528,9 +527,10 @@ impl<T: FftFloat> RealFft3<T> {
                     (
                         vec![zero; n2],
                         vec![zero; fft.get_inplace_scratch_len().max(1)],
+                        buffers(self.shape[1], fft1),
                     )
                 },
-                |(buf, scratch), (mut out, inp)| {
+                |(buf, scratch, ybufs), (mut out, inp)| {
                     let rows = inp.shape()[0];
                     let mut j = 0;
                     while j < rows {
@@ -567,34 +567,39 @@ impl<T: FftFloat> RealFft3<T> {
                         }
                         j += 2;
                     }
+                    transform_columns::<T, NoLine<T>>(out, fft1, None, ybufs);
                 },
             );
         spec
     }
 
-    /// Complex-to-real inverse along axis 2 of slabs/rows inside `m`, normalised by 1/N.
-    fn c2r_axis2(&self, spec: &Array3<Complex<T>>, m: [usize; 3]) -> Array3<T> {
+    /// Inverse transform along axis 1 then complex-to-real along axis 2, slab by slab, of
+    /// the slabs and rows inside `m` only; normalised by 1/N.
+    fn c2r_slabs(&self, spec: &mut Array3<Complex<T>>, m: [usize; 3]) -> Array3<T> {
         let n2 = self.shape[2];
         let h = n2 / 2 + 1;
         let zero = Complex::new(T::zero(), T::zero());
         let n_total = self.shape.iter().product::<usize>();
         let scale = T::one() / T::from_usize(n_total).unwrap_or_else(T::one);
         let fft = &self.inv[2];
+        let fft1 = self.inv[1].as_ref();
         let mut out = par_filled(m, T::zero());
         // Entries whose imaginary part must vanish for a real signal: DC and (even n2)
         // Nyquist.
         let real_only = |k: usize| k == 0 || (n2.is_multiple_of(2) && k == n2 / 2);
         out.axis_iter_mut(Axis(0))
             .into_par_iter()
-            .zip(spec.axis_iter(Axis(0)).into_par_iter())
+            .zip(spec.axis_iter_mut(Axis(0)).into_par_iter())
             .for_each_init(
                 || {
                     (
                         vec![zero; n2],
                         vec![zero; fft.get_inplace_scratch_len().max(1)],
+                        buffers(self.shape[1], fft1),
                     )
                 },
-                |(buf, scratch), (mut out, sp)| {
+                |(buf, scratch, ybufs), (mut out, mut sp)| {
+                    transform_columns::<T, NoLine<T>>(sp.view_mut(), fft1, None, ybufs);
                     let rows = m[1];
                     let mut j = 0;
                     while j < rows {

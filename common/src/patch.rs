@@ -301,7 +301,19 @@ impl PatchGrid {
     pub fn crop<T: Clone>(&self, padded: ArrayView3<'_, T>) -> Result<Array3<T>> {
         self.check_shape("padded volume", padded.shape(), self.padded_shape)?;
         let [rx, ry, rz] = self.volume_region();
-        Ok(padded.slice(ndarray::s![rx, ry, rz]).to_owned())
+        let Some(src) = padded.as_slice() else {
+            return Ok(padded.slice(ndarray::s![rx, ry, rz]).to_owned());
+        };
+        // Row-wise copies of the contiguous padded volume.
+        let [_, ly, lz] = self.padded_shape;
+        let mut out = Vec::with_capacity(self.volume_shape.iter().product());
+        for i in rx {
+            for j in ry.clone() {
+                let row = (i * ly + j) * lz;
+                out.extend_from_slice(&src[row + rz.start..row + rz.end]);
+            }
+        }
+        Array3::from_shape_vec(self.volume_shape, out).map_err(|e| Error::Shape(e.to_string()))
     }
 
     /// Patch `index` of a padded volume, `[P, P, P]`.

@@ -155,7 +155,15 @@ async fn timed_job_report(
     }
     let files = client::fetch(&mut c, &id).await?;
     let chi = files.iter().find(|f| f.0 == "chi.nii.gz").ok_or("no chi")?;
-    Ok((secs, dmqsm_common::nifti_io::read_nifti_bytes(&chi.1)?.data))
+    let report = files
+        .iter()
+        .find(|f| f.0 == "report.json")
+        .ok_or("no report")?;
+    Ok((
+        secs,
+        dmqsm_common::nifti_io::read_nifti_bytes(&chi.1)?.data,
+        serde_json::from_slice(&report.1)?,
+    ))
 }
 
 fn reference(
@@ -236,14 +244,15 @@ async fn overhead() -> AnyResult<()> {
 }
 
 async fn scaling() -> AnyResult<()> {
+    const STEPS: u32 = 20;
     let latency = Duration::from_millis(40);
     let model = GaussianPriorModel::new(0.0, 0.5, 16, 10.0, ScheduleConfig::default())?;
     let (m, k) = inputs(64)?;
     // 64³, P = 16, overlap 0: 64 patches per round, 16 batches of 4.
-    let req = request(&m, &k, settings(8, 0, 4));
+    let req = request(&m, &k, settings(STEPS, 0, 4));
     println!(
         "scaling: simulated GPU workers ({} ms per batch, analytic numerics), 64³ volume, \
-         16³ patches, 16 batches of 4 per round, 8 steps, 2 batches in flight per worker",
+         16³ patches, 16 batches of 4 per round, {STEPS} steps, 2 batches in flight per worker",
         latency.as_millis()
     );
     let mut t1 = 0.0;
@@ -275,7 +284,7 @@ async fn scaling() -> AnyResult<()> {
         if n == 1 {
             t1 = t;
         }
-        let ideal = 8.0 * 16.0 * latency.as_secs_f64() / n as f64;
+        let ideal = STEPS as f64 * 16.0 * latency.as_secs_f64() / n as f64;
         println!(
             "  {n} worker(s): {t:.2} s (ideal {ideal:.2} s), speed-up {:.2}, efficiency {:.3}, \
              output equal to 1 worker: {same}; job running {:.2} s of which waiting for \

@@ -38,6 +38,9 @@ enum Command {
     Workers(cli::WorkersArgs),
     /// Embedded mode: coordinator and N local workers in this process, one job.
     Run(Box<cli::server::RunArgs>),
+    /// Reconstruct a BIDS dataset: one job per subject/session, results in
+    /// derivatives/dmqsm (or --slurm DIR: write sbatch scripts).
+    Cohort(Box<cli::cohort::CohortArgs>),
     /// Physics subcommands: phantom, simulate, tkd, eval, preview, demo.
     #[command(flatten)]
     Physics(cli::physics::PhysicsCommand),
@@ -90,6 +93,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Fetch(a) => runtime()?.block_on(cli::fetch(a)),
         Command::Workers(a) => runtime()?.block_on(cli::workers(a)),
         Command::Run(a) => runtime()?.block_on(cli::server::run(*a)),
+        Command::Cohort(a) => runtime()?.block_on(cli::cohort::cohort(*a)),
         Command::Physics(c) => cli::physics::run(c),
     }
 }

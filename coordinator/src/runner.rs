@@ -108,6 +108,11 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job_id: String) {
         }
     };
     shared.dispatcher.close_job(&job_id);
+    shared
+        .prepared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&job_id);
     let mut rec = match shared.store.get_job(&job_id) {
         Ok(Some(r)) => r,
         _ => return,
@@ -214,19 +219,29 @@ async fn execute(
     });
     store.put_job(&rec)?;
 
-    // Inputs → problem (CPU work off the reactor).
-    let measurement = store
-        .get_input(job_id, "measurement")?
-        .ok_or_else(|| Stop::Failed(format!("job {job_id}: its measurement is not stored")))?;
-    let mask = store.get_input(job_id, "mask")?;
-    let problem = {
-        let (spec, model) = (rec.spec.clone(), rec.model.clone());
-        blocking("problem builder", move || {
-            crate::problem::build_problem(&spec, &model, &measurement, mask.as_deref())
-        })
-        .await?
+    // Inputs → problem: the one built at submission, else (after a restart) from the
+    // stored inputs, off the reactor.
+    let cached = shared
+        .prepared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(job_id);
+    let problem = match cached {
+        Some(p) => p,
+        None => {
+            let measurement = store.get_input(job_id, "measurement")?.ok_or_else(|| {
+                Stop::Failed(format!("job {job_id}: its measurement is not stored"))
+            })?;
+            let mask = store.get_input(job_id, "mask")?;
+            let (spec, model) = (rec.spec.clone(), rec.model.clone());
+            Arc::new(
+                blocking("problem builder", move || {
+                    crate::problem::build_problem(&spec, &model, &measurement, mask.as_deref())
+                })
+                .await?,
+            )
+        }
     };
-    let problem = Arc::new(problem);
     shared
         .dispatcher
         .open_job(job_id, rec.spec.priority, &rec.model.content_hash);

@@ -38,6 +38,9 @@ pub(crate) struct Shared {
     pub dispatcher: Dispatcher,
     pub jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
     pub run_slots: Arc<Semaphore>,
+    /// Problems built while validating a submission, taken by the job's runner (so the
+    /// inputs are decoded once; a resumed job rebuilds from the stored inputs).
+    pub prepared: Mutex<HashMap<String, Arc<dmqsm_common::tasks::Problem>>>,
 }
 
 impl Shared {
@@ -80,6 +83,7 @@ impl Coordinator {
             store,
             dispatcher,
             jobs: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
         });
         let c = Self { shared };
         for job in c.shared.store.list_jobs()? {
@@ -158,8 +162,8 @@ impl Coordinator {
             .await
             .map_err(|e| CoordinatorError::Store(format!("input reader panicked: {e}")))??
         };
-        // Build the problem once now so that bad inputs are refused at submission.
-        {
+        // Build the problem now so that bad inputs are refused at submission.
+        let problem = {
             let (spec, model, m, k) = (
                 spec.clone(),
                 model.clone(),
@@ -171,8 +175,11 @@ impl Coordinator {
             })
             .await
             .map_err(|e| CoordinatorError::Store(format!("input check panicked: {e}")))?
-            .map_err(|e| CoordinatorError::InvalidSubmission(e.to_string()))?;
-        }
+            .map_err(|e| match e {
+                CoordinatorError::InvalidSubmission(_) => e,
+                other => CoordinatorError::InvalidSubmission(other.to_string()),
+            })?
+        };
         let store = &self.shared.store;
         let job_id = store.next_job_id()?;
         let record = JobRecord::new(job_id.clone(), req.label.clone(), spec, model);
@@ -183,6 +190,11 @@ impl Coordinator {
         store.put_job(&record)?;
         store.flush()?;
         tracing::info!(job = %job_id, task = record.spec.task.name(), model = %record.model.content_hash, "job submitted");
+        self.shared
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job_id.clone(), Arc::new(problem));
         self.launch(&record);
         Ok(job_id)
     }

@@ -22,7 +22,7 @@
 use crate::card::{Architecture, ModelCard, card_path_for, sha256_file};
 use crate::device::{DeviceSpec, configure_threads};
 use crate::error::{Result, WorkerError, catch_torch};
-use crate::unet::{UNet3d, load_safetensors, parameter_count, trace};
+use crate::unet::{UNet3d, load_safetensors, parameter_count, trace, trace_bf16};
 use dmqsm_common::diffusion::model::{ModelSpec, ScoreModel};
 use ndarray::{Array4, ArrayView4};
 use std::path::Path;
@@ -133,14 +133,19 @@ impl TorchModel {
             )));
         }
         card.weights_sha256 = file_hash;
+        let bf16 = options.bf16;
         let module = catch_torch("building the U-Net", || {
             let mut vs = tch::nn::VarStore::new(device.to_tch());
             let net = UNet3d::new(&vs.root(), &config);
             load_safetensors(&vs, path)?;
             card.parameter_count = parameter_count(&vs);
-            trace(&mut vs, &net, card.patch_size)
+            if bf16 {
+                trace_bf16(&vs, &config, card.patch_size)
+            } else {
+                trace(&mut vs, &net, card.patch_size)
+            }
         })?;
-        Self::from_module(module, card, device, options)
+        Self::wrap(module, card, device, options, bf16)
     }
 
     /// Traces an in-memory U-Net (freezing `vs`) and wraps it. `card.weights_sha256`
@@ -156,18 +161,34 @@ impl TorchModel {
             card.weights_sha256 = crate::unet::weights_digest(vs)?;
         }
         card.parameter_count = parameter_count(vs);
-        let module = trace(vs, net, card.patch_size)?;
-        Self::from_module(module, card, device, options)
+        let module = if options.bf16 {
+            trace_bf16(vs, net.config(), card.patch_size)?
+        } else {
+            trace(vs, net, card.patch_size)?
+        };
+        let bf16 = options.bf16;
+        Self::wrap(module, card, device, options, bf16)
     }
 
-    /// Wraps an already built module (e.g. traced in the trainer). Puts it in eval mode,
-    /// casts it for bf16 if asked, and runs one probe batch to check the contract
-    /// (output shape `[B, 1, P, P, P]`).
+    /// Wraps an already built module. Puts it in eval mode, casts its parameters to
+    /// bf16 if asked, and runs one probe batch to check the contract (output shape
+    /// `[B, 1, P, P, P]`). Modules traced from tch keep their weights as graph constants,
+    /// which a cast does not reach: serve native U-Nets in bf16 from their safetensors.
     pub fn from_module(
+        module: CModule,
+        card: ModelCard,
+        device: DeviceSpec,
+        options: EvalOptions,
+    ) -> Result<Self> {
+        Self::wrap(module, card, device, options, false)
+    }
+
+    fn wrap(
         mut module: CModule,
         card: ModelCard,
         device: DeviceSpec,
         options: EvalOptions,
+        already_bf16: bool,
     ) -> Result<Self> {
         card.validate().map_err(WorkerError::Card)?;
         if options.eval_batch == 0 {
@@ -177,7 +198,7 @@ impl TorchModel {
             module
                 .f_set_eval()
                 .map_err(|e| WorkerError::torch("set_eval", e))?;
-            if options.bf16 {
+            if options.bf16 && !already_bf16 {
                 module.to(device.to_tch(), Kind::BFloat16, false);
             }
             Ok(())
@@ -193,9 +214,15 @@ impl TorchModel {
         let p = model.spec.patch_size;
         let probe = Array4::<f32>::zeros((1, p, p, p));
         model.eps_impl(probe.view(), &[0.0]).map_err(|e| {
+            let hint = if model.options.bf16 && !already_bf16 {
+                " (for bf16 the module's weights must be parameters; modules traced by tch \
+                 hold them as constants: serve a native U-Net's .safetensors instead)"
+            } else {
+                ""
+            };
             WorkerError::Card(format!(
                 "the module does not follow the contract forward(x: [B,1,{p},{p},{p}], t: [B]) \
-                 -> [B,1,{p},{p},{p}]: {e}"
+                 -> [B,1,{p},{p},{p}]: {e}{hint}"
             ))
         })?;
         Ok(model)

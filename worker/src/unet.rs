@@ -383,6 +383,21 @@ pub fn weights_digest(vs: &nn::VarStore) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Traces a bfloat16 copy of `net` (weights and activations in bf16; `t` stays f32),
+/// leaving `vs` untouched.
+pub fn trace_bf16(
+    vs: &nn::VarStore,
+    config: &UNetConfig,
+    patch_size: usize,
+) -> Result<tch::CModule> {
+    let mut copy = nn::VarStore::new(vs.device());
+    let net = UNet3d::new(&copy.root(), config);
+    copy.copy(vs)
+        .map_err(|e| WorkerError::torch("copying weights for bf16", e))?;
+    copy.bfloat16();
+    trace(&mut copy, &net, patch_size)
+}
+
 /// Number of trainable scalars in a var store.
 pub fn parameter_count(vs: &nn::VarStore) -> u64 {
     vs.trainable_variables()
@@ -450,13 +465,20 @@ pub fn save_safetensors(vs: &nn::VarStore, path: &std::path::Path) -> Result<()>
 ///
 /// Freezes `vs` first (tracing rejects parameters that require grad); call
 /// `vs.unfreeze()` afterwards to keep training. The example input is one zero patch of
-/// edge `patch_size`; the traced graph runs at any batch size.
+/// edge `patch_size` in the store's floating-point kind (the traced graph holds the
+/// weights as constants of that kind); the traced graph runs at any batch size.
 pub fn trace(vs: &mut nn::VarStore, net: &UNet3d, patch_size: usize) -> Result<tch::CModule> {
     vs.freeze();
     let p = patch_size as i64;
     let device = vs.device();
+    let kind = vs
+        .variables()
+        .values()
+        .next()
+        .map(|t| t.kind())
+        .unwrap_or(Kind::Float);
     crate::error::catch_torch("tracing the U-Net", || {
-        let x = Tensor::zeros([1, 1, p, p, p], (Kind::Float, device));
+        let x = Tensor::zeros([1, 1, p, p, p], (kind, device));
         let t = Tensor::ones([1], (Kind::Float, device));
         tch::CModule::create_by_tracing("UNet3d", "forward", &[x, t], &mut |inputs| {
             vec![net.forward(&inputs[0], &inputs[1])]

@@ -175,16 +175,37 @@ fn nifti_files(dir: &Path) -> Vec<(String, PathBuf)> {
     out
 }
 
+/// The dataset's roots: the raw root first, then the derivative pipelines (not dmqsm).
+fn bases(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    if let Ok(pipelines) = sorted_dirs(&root.join("derivatives"), "") {
+        out.extend(
+            pipelines
+                .into_iter()
+                .filter(|(name, _)| name != "dmqsm")
+                .map(|(_, p)| p),
+        );
+    }
+    out
+}
+
 /// The anat folders of one subject/session: raw first, then derivative pipelines.
 fn anat_dirs(root: &Path, rel: &Path) -> Vec<PathBuf> {
-    let mut dirs = vec![root.join(rel).join("anat")];
-    if let Ok(mut pipelines) = sorted_dirs(&root.join("derivatives"), "") {
-        pipelines.retain(|(name, _)| name != "dmqsm");
-        for (_, p) in pipelines {
-            dirs.push(p.join(rel).join("anat"));
+    bases(root)
+        .into_iter()
+        .map(|b| b.join(rel).join("anat"))
+        .collect()
+}
+
+/// Labels of `prefix`-named folders in any of `dirs` (missing folders are skipped).
+fn labels_in(dirs: &[PathBuf], prefix: &str) -> Result<Vec<String>, CohortError> {
+    let mut set = std::collections::BTreeSet::new();
+    for d in dirs {
+        if d.is_dir() {
+            set.extend(sorted_dirs(d, prefix)?.into_iter().map(|(l, _)| l));
         }
     }
-    dirs
+    Ok(set.into_iter().collect())
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>, String> {
@@ -384,10 +405,11 @@ pub fn discover(
             message: "not a directory".into(),
         });
     }
-    let subjects = sorted_dirs(root, "sub-")?;
+    let bases = bases(root);
+    let subjects = labels_in(&bases, "sub-")?;
     for want in &selection.subjects {
         let label = want.strip_prefix("sub-").unwrap_or(want);
-        if !subjects.iter().any(|(s, _)| s == label) {
+        if !subjects.iter().any(|s| s == label) {
             return Err(CohortError::Options(format!(
                 "--subjects: sub-{label} is not in {}",
                 root.display()
@@ -395,18 +417,22 @@ pub fn discover(
         }
     }
     let mut out = Vec::new();
-    for (subject, dir) in &subjects {
+    for subject in &subjects {
         if !Selection::wants(&selection.subjects, "sub-", subject) {
             continue;
         }
-        let sessions = sorted_dirs(dir, "ses-")?;
+        let dirs: Vec<PathBuf> = bases
+            .iter()
+            .map(|b| b.join(format!("sub-{subject}")))
+            .collect();
+        let sessions = labels_in(&dirs, "ses-")?;
         if sessions.is_empty() {
             if selection.sessions.is_empty() {
                 out.extend(entries_in(root, subject, None, kind));
             }
             continue;
         }
-        for (session, _) in &sessions {
+        for session in &sessions {
             if Selection::wants(&selection.sessions, "ses-", session) {
                 out.extend(entries_in(root, subject, Some(session), kind));
             }

@@ -275,9 +275,7 @@ pub struct TrainReport {
 /// A χ map (ppm) with its optional brain mask.
 type MaskedMap = (ndarray::Array3<f32>, Option<ndarray::Array3<f32>>);
 
-fn load_volumes(
-    config: &TrainConfig,
-) -> Result<Vec<MaskedMap>> {
+fn load_volumes(config: &TrainConfig) -> Result<Vec<MaskedMap>> {
     match &config.data {
         DataSource::Phantoms {
             count,

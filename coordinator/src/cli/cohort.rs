@@ -1,0 +1,458 @@
+//! `dmqsm cohort <bids_dir>`: one DM-QSM job per subject/session of a BIDS dataset,
+//! on a coordinator (`--coordinator`), on local workers in this process
+//! (`--local-workers N`), or as generated sbatch scripts (`--slurm DIR`).
+//! The logic lives in [`dmqsm_coordinator::cohort`].
+
+use super::{ConnArgs, Exit, GuidanceArg, TaskArg};
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use dmqsm_common::diffusion::analytic::GaussianPriorModel;
+use dmqsm_common::diffusion::schedule::ScheduleConfig;
+use dmqsm_coordinator::cohort::{
+    self, CohortOptions, CohortProgress, CohortReport, Entry, InputKind, Outcome, Selection,
+    SlurmOptions,
+};
+use dmqsm_coordinator::{Coordinator, CoordinatorConfig, client, spawn_server};
+use dmqsm_proto::v1;
+use dmqsm_worker::{DeviceSpec, EvalOptions, ServedModel, ServerConfig, TorchModel};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The input the cohort reconstructs from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InputArg {
+    /// `*_localfield.nii[.gz]` (ppm, or Hz / rad per the sidecar's `Units`).
+    Localfield,
+    /// `*_Chimap.nii[.gz]` low-resolution χ (with `--task sr`).
+    Chimap,
+}
+
+/// `dmqsm cohort`.
+#[derive(Debug, Clone, Args)]
+pub struct CohortArgs {
+    /// BIDS dataset root (results go to <bids_dir>/derivatives/dmqsm).
+    pub bids_dir: PathBuf,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Subjects to process (labels, comma-separated, with or without `sub-`); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub subjects: Vec<String>,
+    /// Sessions to process (labels, with or without `ses-`); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub sessions: Vec<String>,
+    /// Which files are the input.
+    #[arg(long, value_enum, default_value = "localfield")]
+    pub input: InputArg,
+    /// Task.
+    #[arg(long, value_enum, default_value = "dipinv")]
+    pub task: TaskArg,
+    /// Diffusion (DDIM) steps.
+    #[arg(long, default_value_t = 25)]
+    pub steps: u32,
+    /// DDIM η (0 deterministic, 1 ancestral).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// DPS step size ξ (default: the task's).
+    #[arg(long)]
+    pub xi: Option<f64>,
+    /// Guidance mode.
+    #[arg(long, value_enum, default_value = "approx")]
+    pub guidance: GuidanceArg,
+    /// Patch overlap in voxels (DM-QSM: 8).
+    #[arg(long, default_value_t = 8)]
+    pub overlap: u32,
+    /// Noise seed (every subject uses the same seed).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Posterior samples (> 1 also writes a `desc-std` map).
+    #[arg(long, default_value_t = 1)]
+    pub samples: u32,
+    /// Priority of the cohort's jobs (higher runs first).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub priority: i32,
+    /// Required model id ("" accepts what the workers serve).
+    #[arg(long, default_value = "")]
+    pub model_id: String,
+    /// SR factor: one value or three comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub factor: Vec<u32>,
+    /// TKD threshold of the dipinv / sr-dipinv input.
+    #[arg(long, default_value_t = 0.1)]
+    pub tkd_threshold: f64,
+    /// SR downsampling model: kspace or block.
+    #[arg(long, default_value = "kspace")]
+    pub downsample: String,
+    /// Patches per worker batch (0: the coordinator's setting).
+    #[arg(long, default_value_t = 0)]
+    pub batch_size: u32,
+    /// Recompute subjects whose outputs already exist.
+    #[arg(long)]
+    pub force: bool,
+    /// Only list what was found and what would run.
+    #[arg(long)]
+    pub list: bool,
+    /// Run on N workers in this process instead of a coordinator (needs --model or
+    /// --analytic).
+    #[arg(long)]
+    pub local_workers: Option<usize>,
+    /// Local workers: model file (TorchScript or safetensors, card beside it).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Local workers: analytic Gaussian-prior model MEAN,STD (model units), for tests.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub analytic: Option<Vec<f64>>,
+    /// Local workers: patch size of the analytic model.
+    #[arg(long, default_value_t = 48)]
+    pub analytic_patch: usize,
+    /// Local workers: χ scale of the analytic model (χ_model = χ_ppm × scale).
+    #[arg(long, default_value_t = 10.0)]
+    pub analytic_scale: f64,
+    /// Local workers: device (cpu, cuda:N).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Local workers: sled store of the embedded coordinator (default: a temp folder).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Write sbatch scripts (one per subject/session) and submit_all.sh here instead of
+    /// running.
+    #[arg(long)]
+    pub slurm: Option<PathBuf>,
+    /// --slurm: worker tasks per job.
+    #[arg(long, default_value_t = 1)]
+    pub slurm_workers: u32,
+    /// --slurm: GPUs per worker task (0 = CPU workers).
+    #[arg(long, default_value_t = 1)]
+    pub slurm_gpus_per_worker: u32,
+    /// --slurm: CPUs per worker task.
+    #[arg(long, default_value_t = 4)]
+    pub slurm_cpus_per_worker: u32,
+    /// --slurm: the workers' model arguments, e.g. "--model /models/dmqsm.pt"
+    /// (default: --model of this command).
+    #[arg(long, allow_hyphen_values = true)]
+    pub worker_args: Option<String>,
+    /// --slurm: extra #SBATCH option (repeatable), e.g. --sbatch=--partition=gpu.
+    #[arg(long, allow_hyphen_values = true)]
+    pub sbatch: Vec<String>,
+}
+
+fn name<T: ValueEnum>(v: T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
+impl CohortArgs {
+    /// The job settings shared by every subject (per-subject B0 and units are added by
+    /// the cohort runner).
+    pub fn settings(&self) -> v1::JobSettings {
+        v1::JobSettings {
+            task: self.task.to_proto() as i32,
+            steps: self.steps,
+            eta: self.eta,
+            xi: self.xi.unwrap_or(0.0),
+            guidance: match self.guidance {
+                GuidanceArg::Exact => v1::Guidance::Exact as i32,
+                GuidanceArg::Approx => v1::Guidance::Approx as i32,
+            },
+            overlap: Some(self.overlap),
+            seed: self.seed,
+            samples: self.samples,
+            priority: self.priority,
+            model_id: self.model_id.clone(),
+            factor: self.factor.clone(),
+            tkd_threshold: self.tkd_threshold,
+            downsample: self.downsample.clone(),
+            batch_size: self.batch_size,
+            ..Default::default()
+        }
+    }
+
+    /// The settings as `dmqsm cohort` options (forwarded by --slurm).
+    pub fn settings_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--input".into(),
+            name(self.input),
+            "--task".into(),
+            name(self.task),
+            "--steps".into(),
+            self.steps.to_string(),
+            "--eta".into(),
+            self.eta.to_string(),
+            "--guidance".into(),
+            name(self.guidance),
+            "--overlap".into(),
+            self.overlap.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
+            "--samples".into(),
+            self.samples.to_string(),
+            "--priority".into(),
+            self.priority.to_string(),
+            "--tkd-threshold".into(),
+            self.tkd_threshold.to_string(),
+            "--downsample".into(),
+            self.downsample.clone(),
+            "--batch-size".into(),
+            self.batch_size.to_string(),
+        ];
+        if let Some(xi) = self.xi {
+            a.extend(["--xi".into(), xi.to_string()]);
+        }
+        if !self.model_id.is_empty() {
+            a.extend(["--model-id".into(), self.model_id.clone()]);
+        }
+        if !self.factor.is_empty() {
+            let f: Vec<String> = self.factor.iter().map(|x| x.to_string()).collect();
+            a.extend(["--factor".into(), f.join(",")]);
+        }
+        if self.force {
+            a.push("--force".into());
+        }
+        a
+    }
+
+    fn kind(&self) -> InputKind {
+        match self.input {
+            InputArg::Localfield => InputKind::LocalField,
+            InputArg::Chimap => InputKind::Chi,
+        }
+    }
+}
+
+fn usage(message: String) -> anyhow::Error {
+    Exit { code: 2, message }.into()
+}
+
+/// The model of `--local-workers`.
+fn local_model(args: &CohortArgs) -> anyhow::Result<ServedModel> {
+    if let Some(a) = &args.analytic {
+        let [mean, std] = a[..] else {
+            return Err(usage(format!(
+                "--analytic needs MEAN,STD, got {} values",
+                a.len()
+            )));
+        };
+        let m = GaussianPriorModel::new(
+            mean,
+            std,
+            args.analytic_patch,
+            args.analytic_scale,
+            ScheduleConfig::default(),
+        )
+        .map_err(|e| usage(format!("--analytic: {e}")))?;
+        return Ok(ServedModel::new(Arc::new(m), "cpu (analytic)", 1, "f32"));
+    }
+    let Some(path) = &args.model else {
+        return Err(usage(
+            "--local-workers needs --model PATH or --analytic MEAN,STD".into(),
+        ));
+    };
+    let device: DeviceSpec = args
+        .device
+        .parse()
+        .map_err(|e| usage(format!("--device {}: {e}", args.device)))?;
+    let model = TorchModel::load(path, device, EvalOptions::for_device(device))
+        .with_context(|| format!("loading model {}", path.display()))?;
+    Ok(ServedModel::torch(model))
+}
+
+fn print_entries(entries: &[Entry]) {
+    for e in entries {
+        match &e.input {
+            Ok(a) => println!(
+                "{:<28} {}{}{}",
+                e.name(),
+                a.measurement.display(),
+                a.mask
+                    .as_ref()
+                    .map(|m| format!("  mask {}", m.display()))
+                    .unwrap_or_default(),
+                a.truth
+                    .as_ref()
+                    .map(|m| format!("  truth {}", m.display()))
+                    .unwrap_or_default()
+            ),
+            Err(err) => println!("{:<28} PROBLEM: {err}", e.name()),
+        }
+    }
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(1);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "cohort [{elapsed_precise}] {wide_bar} {pos}/{len} steps  {msg}",
+    ) {
+        pb.set_style(style);
+    }
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+fn show(pb: &indicatif::ProgressBar, p: &CohortProgress) {
+    pb.set_length(p.steps_total.max(1));
+    pb.set_position(p.steps_done);
+    pb.set_message(format!(
+        "{} done · {} skipped · {} failed · {} subjects",
+        p.done, p.skipped, p.failed, p.total
+    ));
+    if !p.message.is_empty() {
+        pb.println(&p.message);
+    }
+}
+
+fn summarise(report: &CohortReport) -> anyhow::Result<()> {
+    for s in &report.subjects {
+        match &s.outcome {
+            Outcome::Done { chi, .. } => println!("{:<28} done     {}", s.name, chi.display()),
+            Outcome::Skipped { chi } => println!("{:<28} skipped  {}", s.name, chi.display()),
+            Outcome::Failed { error, .. } => println!("{:<28} FAILED   {error}", s.name),
+        }
+    }
+    println!(
+        "{} done, {} skipped, {} failed of {}",
+        report.done(),
+        report.skipped(),
+        report.failed(),
+        report.subjects.len()
+    );
+    if report.failed() > 0 {
+        let names: Vec<&str> = report
+            .subjects
+            .iter()
+            .filter(|s| matches!(s.outcome, Outcome::Failed { .. }))
+            .map(|s| s.name.as_str())
+            .collect();
+        return Err(Exit {
+            code: super::EXIT_JOB_FAILED,
+            message: format!(
+                "{} of {} cohort entries failed: {}",
+                names.len(),
+                report.subjects.len(),
+                names.join(", ")
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// `dmqsm cohort`.
+pub async fn cohort(args: CohortArgs) -> anyhow::Result<()> {
+    let selection = Selection {
+        subjects: args.subjects.clone(),
+        sessions: args.sessions.clone(),
+    };
+    let entries = cohort::discover(&args.bids_dir, &selection, args.kind()).map_err(|e| Exit {
+        code: 3,
+        message: e.to_string(),
+    })?;
+    if entries.is_empty() {
+        return Err(Exit {
+            code: 3,
+            message: format!("no sub-* subjects selected in {}", args.bids_dir.display()),
+        }
+        .into());
+    }
+    if args.list {
+        print_entries(&entries);
+        return Ok(());
+    }
+    if let Some(dir) = &args.slurm {
+        let worker_args = match (&args.worker_args, &args.model, &args.analytic) {
+            (Some(w), _, _) => w.clone(),
+            (None, Some(m), _) => format!(
+                "--model {}",
+                cohort::slurm::sh_quote(&std::path::absolute(m)?.display().to_string())
+            ),
+            (None, None, Some(_)) => "--synthetic".into(),
+            (None, None, None) => {
+                return Err(usage(
+                    "--slurm needs the workers' model: --model PATH or --worker-args".into(),
+                ));
+            }
+        };
+        let opts = SlurmOptions {
+            workers: args.slurm_workers,
+            gpus_per_worker: args.slurm_gpus_per_worker,
+            cpus_per_worker: args.slurm_cpus_per_worker,
+            worker_args,
+            bin_dir: std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.to_path_buf())),
+            sbatch: args.sbatch.clone(),
+            cohort_args: args.settings_args(),
+        };
+        let plan = cohort::write_slurm_scripts(dir, &args.bids_dir, &entries, &opts)
+            .map_err(|e| usage(e.to_string()))?;
+        for s in &plan.scripts {
+            println!("{}", s.display());
+        }
+        println!("submit them all with: sh {}", plan.submit_all.display());
+        return Ok(());
+    }
+    let mut opts = CohortOptions::new(args.settings());
+    opts.force = args.force;
+    let pb = progress_bar();
+    let report = match args.local_workers {
+        None => {
+            let mut c = client::connect(&args.conn.coordinator)
+                .await
+                .map_err(super::exit_from_client)?;
+            cohort::run_cohort(&mut c, &args.bids_dir, &entries, &opts, |p| show(&pb, p)).await?
+        }
+        Some(0) => return Err(usage("--local-workers must be at least 1".into())),
+        Some(n) => {
+            let model = local_model(&args)?;
+            let mut workers = Vec::new();
+            for i in 0..n {
+                let config = ServerConfig {
+                    worker_id: Some(format!("local-{i}")),
+                    ..Default::default()
+                };
+                workers.push(
+                    dmqsm_worker::spawn_local_worker(model.clone(), config)
+                        .await
+                        .context("starting a local worker")?,
+                );
+            }
+            let urls: Vec<String> = workers.iter().map(|w| w.url()).collect();
+            let tmp;
+            let data_dir = match &args.data_dir {
+                Some(d) => d.clone(),
+                None => {
+                    tmp = std::env::temp_dir().join(format!("dmqsm-cohort-{}", std::process::id()));
+                    tmp.clone()
+                }
+            };
+            let coordinator = Coordinator::start(CoordinatorConfig::new(&data_dir), &urls)
+                .await
+                .with_context(|| format!("starting the coordinator in {}", data_dir.display()))?;
+            let (bound, stop, server) =
+                spawn_server(coordinator.clone(), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+            let result = async {
+                let mut c = client::connect(&format!("http://{bound}"))
+                    .await
+                    .map_err(super::exit_from_client)?;
+                anyhow::Ok(
+                    cohort::run_cohort(&mut c, &args.bids_dir, &entries, &opts, |p| show(&pb, p))
+                        .await?,
+                )
+            }
+            .await;
+            let _ = stop.send(());
+            let _ = server.await;
+            coordinator.shutdown();
+            for w in workers {
+                let _ = w.shutdown().await;
+            }
+            if args.data_dir.is_none() {
+                let _ = std::fs::remove_dir_all(&data_dir);
+            }
+            result?
+        }
+    };
+    pb.finish_and_clear();
+    summarise(&report)
+}
