@@ -15,9 +15,12 @@
 //! Layout: arrays are C-ordered `[n0, n1, n2]`. Axis 2 is transformed row by row in
 //! place; axes 0 and 1 gather tiles of 16 columns into a contiguous buffer, transform
 //! them together and scatter back. Real input uses the half spectrum `[n0, n1, n2/2+1]`
-//! ([`RealFft3`]): two real rows are packed into one complex transform along axis 2, and
-//! zero-padding / cropping is folded into the transforms (rows and slabs that are known
-//! to be zero or are not needed are skipped).
+//! ([`RealFft3`]): two real rows are packed into one complex transform along axis 2;
+//! axes 2 and 1 are done slab by slab (each slab `[n1, n2/2+1]` stays in cache), and a
+//! convolution fuses forward FFT, filter and inverse FFT in its axis-0 pass, so a
+//! convolution makes three passes over the spectrum. Zero-padding and cropping are folded
+//! into the transforms (slabs and rows known to be zero or not needed are skipped), so
+//! the padded real array is never materialised.
 //!
 //! Plans come from a process-wide cache keyed by (length, direction) ([`plan`]); an FFT
 //! plan is `Send + Sync`, so one plan serves every thread.

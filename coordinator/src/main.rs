@@ -44,6 +44,9 @@ enum Command {
     /// Physics subcommands: phantom, simulate, tkd, eval, preview, demo.
     #[command(flatten)]
     Physics(cli::physics::PhysicsCommand),
+    /// Benchmarks: `quality` (DM-QSM vs TKD/L2 on held-out phantoms).
+    #[command(subcommand)]
+    Benchmark(cli::benchmark::BenchmarkCommand),
 }
 
 impl Command {
@@ -95,6 +98,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Run(a) => runtime()?.block_on(cli::server::run(*a)),
         Command::Cohort(a) => runtime()?.block_on(cli::cohort::cohort(*a)),
         Command::Physics(c) => cli::physics::run(c),
+        Command::Benchmark(c) => cli::benchmark::run(c),
     }
 }
 

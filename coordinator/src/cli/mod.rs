@@ -9,6 +9,7 @@ use dmqsm_proto::v1;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod benchmark;
 pub mod cohort;
 pub mod physics;
 pub mod server;

@@ -154,12 +154,20 @@ pub struct CohortProgress {
 /// The settings as JSON (the sidecar's `DmqsmSettings`, also hashed into the
 /// fingerprint).
 pub fn settings_json(s: &v1::JobSettings) -> Value {
-    let task = v1::Task::try_from(s.task)
-        .map(|t| t.as_str_name().to_ascii_lowercase())
-        .unwrap_or_else(|_| format!("unknown({})", s.task));
-    let guidance = v1::Guidance::try_from(s.guidance)
-        .map(|g| g.as_str_name().to_ascii_lowercase())
-        .unwrap_or_else(|_| format!("unknown({})", s.guidance));
+    use crate::job::TaskKind;
+    let task = match v1::Task::try_from(s.task) {
+        Ok(v1::Task::Dipinv) => TaskKind::Dipinv.name().to_string(),
+        Ok(v1::Task::Sr) => TaskKind::Sr.name().to_string(),
+        Ok(v1::Task::SrDipinv) => TaskKind::SrDipinv.name().to_string(),
+        Ok(v1::Task::DipinvPhysics) => TaskKind::DipinvPhysics.name().to_string(),
+        Ok(v1::Task::SrDipinvPhysics) => TaskKind::SrDipinvPhysics.name().to_string(),
+        _ => format!("unknown({})", s.task),
+    };
+    let guidance = match v1::Guidance::try_from(s.guidance) {
+        Ok(v1::Guidance::Exact) => "exact".to_string(),
+        Ok(v1::Guidance::Approx) => "approx".to_string(),
+        _ => format!("unknown({})", s.guidance),
+    };
     json!({
         "task": task, "steps": s.steps, "eta": s.eta, "xi": s.xi, "guidance": guidance,
         "overlap": s.overlap.unwrap_or(8), "seed": s.seed, "samples": s.samples,

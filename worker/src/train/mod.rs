@@ -427,13 +427,16 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainReport
         )));
     }
     let dev = options.device.to_tch();
-    let (vs, net) = seeded(&config.unet, dev, config.seed);
-    let mut ema_vs = nn::VarStore::new(dev);
-    let ema_net = UNet3d::new(&ema_vs.root(), &config.unet);
-    ema_vs
-        .copy(&vs)
-        .map_err(|e| WorkerError::torch("initialising the EMA", e))?;
-    ema_vs.freeze();
+    let (vs, net, mut ema_vs, ema_net) = catch_torch("building the U-Net", || {
+        let (vs, net) = seeded(&config.unet, dev, config.seed);
+        let mut ema_vs = nn::VarStore::new(dev);
+        let ema_net = UNet3d::new(&ema_vs.root(), &config.unet);
+        ema_vs
+            .copy(&vs)
+            .map_err(|e| WorkerError::torch("initialising the EMA", e))?;
+        ema_vs.freeze();
+        Ok((vs, net, ema_vs, ema_net))
+    })?;
     let mut adam = AdamW::new(&vs, config.adamw);
     let mut state = TrainState {
         iteration: 0,
@@ -531,7 +534,9 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainReport
             let mut tensors = prefixed("model", &vs);
             tensors.extend(prefixed("ema", &ema_vs));
             tensors.extend(adam.state());
-            checkpoint::save(dir, &state, &tensors)?;
+            catch_torch("writing a checkpoint", || {
+                checkpoint::save(dir, &state, &tensors)
+            })?;
             write_loss_files(dir, &state)?;
         }
         if stop {
@@ -579,7 +584,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainReport
     let mut outputs = Vec::new();
     for (name, store, weights) in [("model_raw", &vs, "raw"), ("model_ema", &ema_vs, "ema")] {
         let path = dir.join(format!("{name}.safetensors"));
-        save_safetensors(store, &path)?;
+        catch_torch("saving weights", || save_safetensors(store, &path))?;
         let mut card = ModelCard::for_unet(
             config.model_id.clone(),
             &config.unet,

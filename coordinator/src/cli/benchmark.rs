@@ -1,0 +1,1246 @@
+//! `dmqsm benchmark quality`: DM-QSM against the non-learning baselines on held-out
+//! synthetic phantoms (issue 6).
+//!
+//! For every phantom (seeds ≥ 1000; the bundled model trains on seeds < 1000) at 1 mm
+//! with its brain mask, the local field is simulated with B0 along the voxel z axis
+//! (`dmqsm_common::simulate::forward_field`, padded to 2N) and masked. The cases:
+//!
+//! - `dipinv`: noise-free field; DM-QSM `dipinv` (SR at ×1 of TKD δ = 0.1) against TKD
+//!   (δ = 0.1) and closed-form L2 (λ = 0.1);
+//! - `dipinv-snr100`: the same with Gaussian noise at SNR 100 (σ = RMS of the field in
+//!   the mask / 100, [`dmqsm_common::simulate::add_noise`]);
+//! - `sr`: ×2 super-resolution of a k-space-cropped χ map (2 mm); baselines k-space
+//!   zero-fill ([`KSpaceDownsample::upsample`]) and trilinear upsampling
+//!   ([`trilinear_upsample`]);
+//! - `sr-dipinv`: the 2 mm field (k-space crop of the 1 mm field) to 1 mm χ; baselines
+//!   TKD or L2 at 2 mm followed by zero-fill or trilinear upsampling;
+//! - `dipinv-physics`: DPS with A = mask ∘ dipole convolution, against TKD and L2.
+//!
+//! DM-QSM runs in process (`dmqsm_common::driver::sample`) with the given TorchScript or
+//! native U-Net model, in the selected guidance modes and step counts. Every
+//! reconstruction is masked with the truth's brain mask and scored with
+//! `dmqsm_common::metrics` (NRMSE, detrended NRMSE, HFEN, XSIM, CC; QSM Challenge 2.0
+//! definitions, REFERENCE.md §6). Outputs in `--out`: `results.md` (tables),
+//! `results.json` (every run), `triptych-<seed>-<case>.png` (truth, best baseline,
+//! DM-QSM, both errors) and `seams.png`.
+//!
+//! Overlap ablation (DM-QSM's): the first case with overlap 0 and 8. The seam number is
+//! the mean squared forward difference across patch-boundary planes divided by the mean
+//! across all other planes, inside the mask ([`seam_ratio`]); 1 means the boundaries are
+//! invisible, the truth gives the reference value.
+//!
+//! ξ sweep: every case at the smallest step count in the first guidance mode, with ξ =
+//! factor × the task's default (0.5 for dipole inversion, 2 for SR; DM-QSM), best ξ by
+//! NRMSE reported per case.
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use dmqsm_common::diffusion::analytic::GaussianPriorModel;
+use dmqsm_common::diffusion::model::ScoreModel;
+use dmqsm_common::diffusion::sampler::{Guidance, SamplerSettings};
+use dmqsm_common::diffusion::schedule::ScheduleConfig;
+use dmqsm_common::driver;
+use dmqsm_common::geometry::B0Direction;
+use dmqsm_common::inversion::l2::l2;
+use dmqsm_common::inversion::tkd::tkd;
+use dmqsm_common::metrics::{self, Metrics};
+use dmqsm_common::operators::{BlockDownsample, KSpaceDownsample, LinearOperator};
+use dmqsm_common::patch::{GridSpacing, PatchGrid};
+use dmqsm_common::phantom::{self, PhantomConfig};
+use dmqsm_common::preview::{Panel, RowOptions, View, Window, panel_row_png};
+use dmqsm_common::simulate::{add_noise, forward_field};
+use dmqsm_common::tasks::{self, Task, TaskOptions};
+use dmqsm_common::volume::Volume;
+use dmqsm_worker::{DeviceSpec, EvalOptions, TorchModel};
+use ndarray::{Array3, Zip};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The first phantom seed that training never uses (the bundled model trains on < 1000).
+pub const FIRST_HELD_OUT_SEED: u64 = 1000;
+/// TKD threshold δ of the baselines (DM-QSM's value).
+pub const TKD_THRESHOLD: f64 = 0.1;
+/// Closed-form L2 weight λ of the baselines (SEPIA's default).
+pub const L2_LAMBDA: f64 = 0.1;
+/// SNR of the noisy `dipinv` case.
+pub const NOISY_SNR: f64 = 100.0;
+/// Half-width (ppm) of the error-map display window.
+const ERROR_WINDOW_PPM: f32 = 0.05;
+
+/// `dmqsm benchmark …` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchmarkCommand {
+    /// DM-QSM vs TKD / L2 / zero-fill / trilinear on held-out phantoms: metrics table,
+    /// triptychs, overlap ablation with a seam number, ξ sweep.
+    Quality(Box<QualityArgs>),
+}
+
+/// A benchmark case: a task with its measurement simulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Case {
+    /// Noise-free local field → χ (DM-QSM DipInv).
+    Dipinv,
+    /// Local field at SNR 100 → χ.
+    DipinvSnr100,
+    /// 2 mm χ → 1 mm χ (×2 SR).
+    Sr,
+    /// 2 mm field → 1 mm χ.
+    SrDipinv,
+    /// Field → χ with the dipole model in the DPS data term.
+    DipinvPhysics,
+}
+
+impl Case {
+    /// All cases in table order.
+    pub const ALL: [Case; 5] = [
+        Case::Dipinv,
+        Case::DipinvSnr100,
+        Case::Sr,
+        Case::SrDipinv,
+        Case::DipinvPhysics,
+    ];
+
+    /// The sampler task of this case.
+    pub fn task(self) -> Task {
+        match self {
+            Case::Dipinv | Case::DipinvSnr100 => Task::Dipinv,
+            Case::Sr => Task::Sr,
+            Case::SrDipinv => Task::SrDipinv,
+            Case::DipinvPhysics => Task::DipinvPhysics,
+        }
+    }
+
+    /// The name used in tables and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Case::Dipinv => "dipinv",
+            Case::DipinvSnr100 => "dipinv-snr100",
+            Case::Sr => "sr",
+            Case::SrDipinv => "sr-dipinv",
+            Case::DipinvPhysics => "dipinv-physics",
+        }
+    }
+}
+
+/// DPS guidance mode on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuidanceArg {
+    /// Gradient back through the network (DPS): two model rounds per step.
+    Exact,
+    /// Network Jacobian dropped: one round per step.
+    Approx,
+}
+
+impl GuidanceArg {
+    fn guidance(self) -> Guidance {
+        match self {
+            GuidanceArg::Exact => Guidance::Exact,
+            GuidanceArg::Approx => Guidance::Approx,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            GuidanceArg::Exact => "exact",
+            GuidanceArg::Approx => "approx",
+        }
+    }
+}
+
+/// Arguments of `dmqsm benchmark quality`.
+#[derive(Debug, Args)]
+pub struct QualityArgs {
+    /// Score model: TorchScript (`.pt`, card beside it) or native U-Net `.safetensors`.
+    #[arg(long, required_unless_present = "analytic_prior")]
+    pub model: Option<PathBuf>,
+    /// Use the exact score of an i.i.d. Gaussian prior N(0, σ²) instead of a trained
+    /// model (σ in ppm; tests and plumbing checks only).
+    #[arg(long, value_name = "SIGMA_PPM", conflicts_with = "model")]
+    pub analytic_prior: Option<f64>,
+    /// Patch edge of the analytic prior model.
+    #[arg(long, default_value_t = 16)]
+    pub analytic_patch: usize,
+    /// Output directory.
+    #[arg(long, default_value = "benchmark-quality")]
+    pub out: PathBuf,
+    /// Small, fast settings (96×96×64 phantom, 20 steps, ξ sweep ×{0.5, 2}); explicit
+    /// options still override.
+    #[arg(long)]
+    pub quick: bool,
+    /// Number of phantoms (seeds --phantom-seed, +1, …).
+    #[arg(long, default_value_t = 1)]
+    pub phantoms: usize,
+    /// Seed of the first phantom (must be ≥ 1000: seeds below are training data).
+    #[arg(long, default_value_t = FIRST_HELD_OUT_SEED)]
+    pub phantom_seed: u64,
+    /// Allow phantom seeds below 1000 (they were used to train the bundled model).
+    #[arg(long)]
+    pub allow_training_seeds: bool,
+    /// Phantom matrix at 1 mm, anatomy at true size (a smaller matrix shows the brain's
+    /// centre); even on every axis for ×2 SR [default: 160,192,160; --quick 96,96,64].
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    pub shape: Option<Vec<usize>>,
+    /// Cases to run [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub cases: Vec<Case>,
+    /// DM-QSM step counts [default: 50,200; --quick 20].
+    #[arg(long, value_delimiter = ',')]
+    pub steps: Vec<usize>,
+    /// Guidance modes [default: approx,exact].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub guidance: Vec<GuidanceArg>,
+    /// ξ sweep factors (× the task default); `none` disables
+    /// [default: 0.25,0.5,2,4; --quick 0.5,2].
+    #[arg(long, value_delimiter = ',')]
+    pub xi_sweep: Vec<String>,
+    /// Skip the overlap 0 vs 8 ablation.
+    #[arg(long)]
+    pub no_ablation: bool,
+    /// Patch overlap S (voxels) of the main runs (DM-QSM: 8).
+    #[arg(long, default_value_t = 8)]
+    pub overlap: usize,
+    /// DDIM η (1: ancestral, DPS; 0: deterministic DDIM).
+    #[arg(long, default_value_t = 1.0)]
+    pub eta: f64,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Patches per model call.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Resolved settings of a quality benchmark (after `--quick` and the defaults).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QualitySettings {
+    /// Phantom seeds.
+    pub phantom_seeds: Vec<u64>,
+    /// Phantom matrix (1 mm voxels).
+    pub shape: [usize; 3],
+    /// Cases.
+    pub cases: Vec<Case>,
+    /// Step counts.
+    pub steps: Vec<usize>,
+    /// Guidance modes (names).
+    pub guidance: Vec<&'static str>,
+    /// ξ sweep factors (× task default).
+    pub xi_factors: Vec<f64>,
+    /// Whether to run the overlap ablation.
+    pub ablation: bool,
+    /// Main-run overlap (voxels).
+    pub overlap: usize,
+    /// DDIM η.
+    pub eta: f64,
+    /// Sampler seed.
+    pub seed: u64,
+}
+
+/// One scored reconstruction.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Phantom seed.
+    pub phantom: u64,
+    /// Case name.
+    pub case: &'static str,
+    /// Method, e.g. `TKD`, `L2`, `zero-fill`, `DM-QSM`.
+    pub method: String,
+    /// DM-QSM steps (`None` for baselines).
+    pub steps: Option<usize>,
+    /// DM-QSM guidance mode.
+    pub guidance: Option<&'static str>,
+    /// DPS step size ξ.
+    pub xi: Option<f64>,
+    /// Patch overlap (voxels).
+    pub overlap: Option<usize>,
+    /// Which part of the benchmark: `main`, `xi-sweep` or `ablation`.
+    pub part: &'static str,
+    /// Metrics against the truth in the brain mask.
+    pub metrics: Metrics,
+    /// Wall time of the reconstruction (s).
+    pub seconds: f64,
+    /// Seam ratio on the overlap-0 grid's boundary planes (ablation rows and truth).
+    pub seam_ratio: Option<f64>,
+}
+
+/// The `benchmark` entry point.
+pub fn run(command: BenchmarkCommand) -> anyhow::Result<()> {
+    match command {
+        BenchmarkCommand::Quality(a) => quality(*a),
+    }
+}
+
+fn parse_factors(raw: &[String], default: &[f64]) -> anyhow::Result<Vec<f64>> {
+    if raw.is_empty() {
+        return Ok(default.to_vec());
+    }
+    if raw.len() == 1 && raw[0].eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    raw.iter()
+        .map(|s| {
+            let v: f64 = s
+                .trim()
+                .parse()
+                .with_context(|| format!("--xi-sweep: {s:?} is not a number"))?;
+            if !(v.is_finite() && v > 0.0) {
+                bail!("--xi-sweep: factor {v} must be finite and positive");
+            }
+            Ok(v)
+        })
+        .collect()
+}
+
+/// Resolves `args` into settings, validating them (clear errors, no panics).
+pub fn resolve(args: &QualityArgs) -> anyhow::Result<QualitySettings> {
+    if args.phantoms == 0 {
+        bail!("--phantoms must be at least 1");
+    }
+    if args.phantom_seed < FIRST_HELD_OUT_SEED && !args.allow_training_seeds {
+        bail!(
+            "--phantom-seed {} is a training seed (< {FIRST_HELD_OUT_SEED}); evaluate on held-out seeds or pass --allow-training-seeds",
+            args.phantom_seed
+        );
+    }
+    let shape: [usize; 3] = match &args.shape {
+        Some(s) if s.len() == 3 => [s[0], s[1], s[2]],
+        Some(s) => bail!("--shape needs 3 values, got {s:?}"),
+        None if args.quick => [96, 96, 64],
+        None => [160, 192, 160],
+    };
+    if shape.iter().any(|&n| n < 8 || n % 2 != 0) {
+        bail!("--shape {shape:?}: every axis must be even (×2 SR) and at least 8");
+    }
+    let cases = if args.cases.is_empty() {
+        Case::ALL.to_vec()
+    } else {
+        dedup(&args.cases)
+    };
+    let steps = if args.steps.is_empty() {
+        if args.quick { vec![20] } else { vec![50, 200] }
+    } else {
+        dedup(&args.steps)
+    };
+    if steps.iter().any(|&s| s == 0 || s > 1000) {
+        bail!("--steps {steps:?}: each must be between 1 and 1000");
+    }
+    let guidance = if args.guidance.is_empty() {
+        vec![GuidanceArg::Approx, GuidanceArg::Exact]
+    } else {
+        dedup(&args.guidance)
+    };
+    let xi_factors = parse_factors(
+        &args.xi_sweep,
+        if args.quick {
+            &[0.5, 2.0]
+        } else {
+            &[0.25, 0.5, 2.0, 4.0]
+        },
+    )?;
+    if !(args.eta.is_finite() && (0.0..=1.0).contains(&args.eta)) {
+        bail!("--eta {} must be in [0, 1]", args.eta);
+    }
+    if args.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    Ok(QualitySettings {
+        phantom_seeds: (0..args.phantoms as u64)
+            .map(|i| args.phantom_seed + i)
+            .collect(),
+        shape,
+        cases,
+        steps,
+        guidance: guidance.iter().map(|g| g.name()).collect(),
+        xi_factors,
+        ablation: !args.no_ablation,
+        overlap: args.overlap,
+        eta: args.eta,
+        seed: args.seed,
+    })
+}
+
+fn dedup<T: PartialEq + Copy>(v: &[T]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for &x in v {
+        if !out.contains(&x) {
+            out.push(x);
+        }
+    }
+    out
+}
+
+fn load_model(args: &QualityArgs) -> anyhow::Result<Box<dyn ScoreModel>> {
+    if let Some(sigma) = args.analytic_prior {
+        let scale = ScheduleConfig::default();
+        let chi_scale = 5.0;
+        let m = GaussianPriorModel::new(
+            0.0,
+            sigma * chi_scale,
+            args.analytic_patch,
+            chi_scale,
+            scale,
+        )
+        .context("analytic prior model")?;
+        return Ok(Box::new(m));
+    }
+    let Some(path) = &args.model else {
+        bail!("give --model PATH (TorchScript .pt or .safetensors) or --analytic-prior SIGMA");
+    };
+    dmqsm_worker::device::configure_threads(args.threads);
+    let options = EvalOptions {
+        threads: args.threads,
+        ..EvalOptions::for_device(DeviceSpec::Cpu)
+    };
+    let m = TorchModel::load(path, DeviceSpec::Cpu, options)
+        .with_context(|| format!("loading model {}", path.display()))?;
+    Ok(Box::new(m))
+}
+
+/// Trilinear upsampling by integer `factors` with block-centred sample positions: output
+/// voxel i sits at input coordinate (i + ½)/f − ½ (the geometry of
+/// `dmqsm_common::tasks::refined_grid`), clamped to the input's extent at the edges.
+pub fn trilinear_upsample(x: &Array3<f32>, factors: [usize; 3]) -> anyhow::Result<Array3<f32>> {
+    let s = x.shape();
+    if factors.contains(&0) || s.contains(&0) {
+        bail!("trilinear upsampling needs a nonempty input and factors ≥ 1, got {s:?} × {factors:?}");
+    }
+    let taps = |a: usize| -> Vec<(usize, usize, f32)> {
+        let (n, f) = (s[a], factors[a]);
+        (0..n * f)
+            .map(|i| {
+                let u = ((i as f64 + 0.5) / f as f64 - 0.5).clamp(0.0, (n - 1) as f64);
+                let i0 = u.floor() as usize;
+                let i1 = (i0 + 1).min(n - 1);
+                (i0, i1, (u - i0 as f64) as f32)
+            })
+            .collect()
+    };
+    let (tx, ty, tz) = (taps(0), taps(1), taps(2));
+    let shape = [tx.len(), ty.len(), tz.len()];
+    Ok(Array3::from_shape_fn(shape, |(i, j, k)| {
+        let (i0, i1, wi) = tx[i];
+        let (j0, j1, wj) = ty[j];
+        let (k0, k1, wk) = tz[k];
+        let lerp_k = |a: usize, b: usize| x[[a, b, k0]] * (1.0 - wk) + x[[a, b, k1]] * wk;
+        let lerp_j = |a: usize| lerp_k(a, j0) * (1.0 - wj) + lerp_k(a, j1) * wj;
+        lerp_j(i0) * (1.0 - wi) + lerp_j(i1) * wi
+    }))
+}
+
+/// Patch-boundary planes of `grid` along each axis, in volume coordinates: plane p lies
+/// between voxels p − 1 and p (1 ≤ p < N), where a patch starts or ends.
+pub fn boundary_planes(grid: &PatchGrid) -> [Vec<usize>; 3] {
+    let shape = grid.volume_shape();
+    let pad = grid.pad_before();
+    let per_axis = grid.patches_per_axis();
+    let (p, stride) = (grid.patch_size(), grid.stride());
+    std::array::from_fn(|a| {
+        let mut planes: Vec<usize> = Vec::new();
+        for j in 0..per_axis[a] {
+            let start = j * stride;
+            for edge in [start, start + p] {
+                // Padded → volume coordinates; keep the planes inside the volume.
+                if edge > pad[a] && edge - pad[a] < shape[a] && !planes.contains(&(edge - pad[a])) {
+                    planes.push(edge - pad[a]);
+                }
+            }
+        }
+        planes.sort_unstable();
+        planes
+    })
+}
+
+/// Seam number: the mean squared forward difference (x[p] − x[p−1])² across the planes
+/// in `planes` (per axis), divided by the mean across all other planes, both over voxel
+/// pairs inside `mask`. 1 when boundaries look like the interior; `None` when either set
+/// is empty or the interior has no gradient energy.
+pub fn seam_ratio(x: &Array3<f32>, mask: &Array3<bool>, planes: &[Vec<usize>; 3]) -> Option<f64> {
+    let s = x.shape();
+    let (mut eb, mut nb, mut ei, mut ni) = (0.0f64, 0usize, 0.0f64, 0usize);
+    for (a, axis_planes) in planes.iter().enumerate() {
+        let mut is_boundary = vec![false; s[a]];
+        for &p in axis_planes {
+            if p < s[a] {
+                is_boundary[p] = true;
+            }
+        }
+        for ((i, j, k), &v) in x.indexed_iter() {
+            let idx = [i, j, k];
+            if idx[a] == 0 {
+                continue;
+            }
+            let mut prev = idx;
+            prev[a] -= 1;
+            if !(mask[idx] && mask[prev]) {
+                continue;
+            }
+            let d = f64::from(v - x[prev]);
+            if is_boundary[idx[a]] {
+                eb += d * d;
+                nb += 1;
+            } else {
+                ei += d * d;
+                ni += 1;
+            }
+        }
+    }
+    if nb == 0 || ni == 0 || ei == 0.0 {
+        return None;
+    }
+    Some((eb / nb as f64) / (ei / ni as f64))
+}
+
+/// Gradient magnitude (ppm/voxel) by central differences (one-sided at the edges).
+fn gradient_magnitude(x: &Array3<f32>) -> Array3<f32> {
+    let s = x.shape().to_vec();
+    Array3::from_shape_fn((s[0], s[1], s[2]), |(i, j, k)| {
+        let idx = [i, j, k];
+        let mut g2 = 0.0f32;
+        for a in 0..3 {
+            let (mut lo, mut hi) = (idx, idx);
+            if idx[a] > 0 {
+                lo[a] -= 1;
+            }
+            if idx[a] + 1 < s[a] {
+                hi[a] += 1;
+            }
+            let span = (hi[a] - lo[a]).max(1) as f32;
+            let d = (x[hi] - x[lo]) / span;
+            g2 += d * d;
+        }
+        g2.sqrt()
+    })
+}
+
+/// A held-out phantom with its simulated measurements.
+struct Subject {
+    seed: u64,
+    chi: Volume,
+    mask: Volume,
+    mask_bool: Array3<bool>,
+    field: Volume,
+    field_noisy: Volume,
+    chi_lr: Volume,
+    field_lr: Volume,
+    mask_lr: Volume,
+}
+
+fn masked(v: &Volume, mask: &Array3<bool>) -> Volume {
+    let mut d = v.data.clone();
+    Zip::from(&mut d).and(mask).for_each(|x, &m| {
+        if !m {
+            *x = 0.0;
+        }
+    });
+    v.like(d)
+}
+
+fn subject(seed: u64, shape: [usize; 3]) -> anyhow::Result<Subject> {
+    let cfg = PhantomConfig {
+        head_scale: Some(1.0),
+        ..PhantomConfig::new(shape, [1.0; 3], seed)
+    };
+    let ph = phantom::generate(&cfg).with_context(|| format!("phantom seed {seed}"))?;
+    let mask_bool = ph.mask.data.mapv(|v| v > 0.5);
+    if !mask_bool.iter().any(|&b| b) {
+        bail!("phantom seed {seed} at {shape:?} has an empty brain mask");
+    }
+    let b0 = B0Direction::AXIAL;
+    let field = masked(&forward_field(&ph.chi, b0)?, &mask_bool);
+    let (noisy, _sigma) = add_noise(&field, Some(&ph.mask.data), NOISY_SNR, seed)?;
+    let field_noisy = masked(&noisy, &mask_bool);
+    let f = [2, 2, 2];
+    let down = KSpaceDownsample::new(shape, f)?;
+    let block = BlockDownsample::new(shape, f)?;
+    // A low-res voxel is inside when any of its high-res voxels is, so the refined mask
+    // covers the truth's mask.
+    let mask_lr_data = block.apply(&ph.mask.data)?.mapv(|v| if v > 0.0 { 1.0 } else { 0.0 });
+    let lr_bool = mask_lr_data.mapv(|v| v > 0.5);
+    let lr = |d: Array3<f32>| masked(&Volume::new(d, [2.0; 3]), &lr_bool);
+    let chi_lr = lr(down.apply(&ph.chi.data)?);
+    let field_lr = lr(down.apply(&field.data)?);
+    Ok(Subject {
+        seed,
+        chi: ph.chi,
+        mask: ph.mask,
+        mask_bool,
+        field,
+        field_noisy,
+        chi_lr,
+        field_lr,
+        mask_lr: Volume::new(mask_lr_data, [2.0; 3]),
+    })
+}
+
+impl Subject {
+    /// The measurement (and its mask) a case starts from.
+    fn measurement(&self, case: Case) -> (&Volume, &Volume) {
+        match case {
+            Case::Dipinv | Case::DipinvPhysics => (&self.field, &self.mask),
+            Case::DipinvSnr100 => (&self.field_noisy, &self.mask),
+            Case::Sr => (&self.chi_lr, &self.mask_lr),
+            Case::SrDipinv => (&self.field_lr, &self.mask_lr),
+        }
+    }
+
+    /// Masks a reconstruction with the truth's mask, on the truth's grid.
+    fn finish(&self, data: Array3<f32>) -> Volume {
+        masked(&self.chi.like(data), &self.mask_bool)
+    }
+
+    fn score(&self, recon: &Volume) -> anyhow::Result<Metrics> {
+        Ok(metrics::evaluate(recon, &self.chi, &self.mask)?)
+    }
+
+    /// The non-learning baselines of `case`: (name, reconstruction, seconds).
+    fn baselines(&self, case: Case) -> anyhow::Result<Vec<(String, Volume, f64)>> {
+        let b0 = B0Direction::AXIAL;
+        let mut out = Vec::new();
+        let mut timed = |name: &str, f: &dyn Fn() -> anyhow::Result<Array3<f32>>| {
+            let t = Instant::now();
+            let d = f()?;
+            out.push((name.to_string(), self.finish(d), t.elapsed().as_secs_f64()));
+            anyhow::Ok(())
+        };
+        let f2 = [2, 2, 2];
+        match case {
+            Case::Dipinv | Case::DipinvSnr100 | Case::DipinvPhysics => {
+                let (field, _) = self.measurement(case);
+                timed("TKD δ0.1", &|| Ok(tkd(field, b0, TKD_THRESHOLD)?.data))?;
+                timed("L2 λ0.1", &|| Ok(l2(field, b0, L2_LAMBDA)?.data))?;
+            }
+            Case::Sr => {
+                let lr = &self.chi_lr.data;
+                let down = KSpaceDownsample::new(self.chi.shape(), f2)?;
+                timed("zero-fill", &|| Ok(down.upsample(lr)?))?;
+                timed("trilinear", &|| trilinear_upsample(lr, f2))?;
+            }
+            Case::SrDipinv => {
+                let field = &self.field_lr;
+                let down = KSpaceDownsample::new(self.chi.shape(), f2)?;
+                let lr_mask = self.mask_lr.data.mapv(|v| v > 0.5);
+                timed("TKD+zero-fill", &|| {
+                    Ok(down.upsample(&masked(&tkd(field, b0, TKD_THRESHOLD)?, &lr_mask).data)?)
+                })?;
+                timed("TKD+trilinear", &|| {
+                    trilinear_upsample(&masked(&tkd(field, b0, TKD_THRESHOLD)?, &lr_mask).data, f2)
+                })?;
+                timed("L2+zero-fill", &|| {
+                    Ok(down.upsample(&masked(&l2(field, b0, L2_LAMBDA)?, &lr_mask).data)?)
+                })?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn problem(&self, case: Case) -> anyhow::Result<Arc<tasks::Problem>> {
+        let (y, m) = self.measurement(case);
+        let mut options = TaskOptions::new(case.task());
+        options.b0_dir = Some([0.0, 0.0, 1.0]);
+        let p = tasks::prepare(&options, y, Some(m))
+            .with_context(|| format!("preparing {} for phantom {}", case.name(), self.seed))?;
+        Ok(Arc::new(p))
+    }
+}
+
+/// One DM-QSM configuration.
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    steps: usize,
+    guidance: GuidanceArg,
+    xi: f64,
+    overlap: usize,
+}
+
+struct Bench<'a> {
+    model: &'a dyn ScoreModel,
+    settings: &'a QualitySettings,
+    max_batch: usize,
+    runs_done: usize,
+    runs_total: usize,
+}
+
+impl Bench<'_> {
+    fn dmqsm(
+        &mut self,
+        subj: &Subject,
+        problem: &Arc<tasks::Problem>,
+        case: Case,
+        c: Config,
+    ) -> anyhow::Result<(Volume, Metrics, f64)> {
+        let settings = SamplerSettings {
+            steps: c.steps,
+            eta: self.settings.eta,
+            xi: Some(c.xi),
+            guidance: c.guidance.guidance(),
+            spacing: GridSpacing::Overlap(c.overlap),
+            shift_grid: false,
+            clamp_ppm: None,
+            seed: self.settings.seed,
+        };
+        self.runs_done += 1;
+        let t = Instant::now();
+        let rec = driver::sample(self.model, problem.clone(), &settings, self.max_batch)
+            .with_context(|| {
+                format!(
+                    "DM-QSM {} phantom {} ({} steps, {} guidance, ξ {}, overlap {})",
+                    case.name(),
+                    subj.seed,
+                    c.steps,
+                    c.guidance.name(),
+                    c.xi,
+                    c.overlap
+                )
+            })?;
+        let secs = t.elapsed().as_secs_f64();
+        let v = subj.finish(rec.chi.data);
+        let m = subj.score(&v)?;
+        eprintln!(
+            "[{}/{}] phantom {} {} DM-QSM {} steps {} ξ {} overlap {}: NRMSE {:.1} HFEN {:.1} ({:.1} s)",
+            self.runs_done,
+            self.runs_total,
+            subj.seed,
+            case.name(),
+            c.steps,
+            c.guidance.name(),
+            c.xi,
+            c.overlap,
+            m.nrmse,
+            m.hfen,
+            secs
+        );
+        Ok((v, m, secs))
+    }
+}
+
+fn write_png(path: &Path, panels: &[Panel<'_>], title: String) -> anyhow::Result<()> {
+    let opts = RowOptions {
+        views: vec![View::Axial, View::Coronal],
+        title: Some(title),
+        ..RowOptions::default()
+    };
+    let png = panel_row_png(panels, &opts)?;
+    std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))
+}
+
+fn diff(a: &Volume, b: &Volume) -> Volume {
+    a.like(&a.data - &b.data)
+}
+
+/// Runs the quality benchmark with `args`; writes the outputs and prints the table.
+pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
+    let settings = resolve(&args)?;
+    let model = load_model(&args)?;
+    let model: &dyn ScoreModel = model.as_ref();
+    let patch = model.spec().patch_size;
+    if settings.overlap >= patch || (settings.ablation && patch <= 8) {
+        bail!(
+            "overlap {} (and the ablation's 8) must be smaller than the model's patch edge {patch}",
+            settings.overlap
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let n_main = settings.cases.len() * settings.steps.len() * settings.guidance.len();
+    let n_sweep = settings.cases.len() * settings.xi_factors.len();
+    let n_abl = if settings.ablation { 2 } else { 0 };
+    let guidance: Vec<GuidanceArg> = settings
+        .guidance
+        .iter()
+        .map(|g| {
+            if *g == "exact" {
+                GuidanceArg::Exact
+            } else {
+                GuidanceArg::Approx
+            }
+        })
+        .collect();
+    let mut bench = Bench {
+        model,
+        settings: &settings,
+        max_batch: args.max_batch,
+        runs_done: 0,
+        runs_total: settings.phantom_seeds.len() * (n_main + n_sweep + n_abl),
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    let min_steps = settings.steps.iter().copied().min().unwrap_or(1);
+    let mut seam_png: Option<PathBuf> = None;
+    for &seed in &settings.phantom_seeds {
+        let t = Instant::now();
+        let subj = subject(seed, settings.shape)?;
+        eprintln!(
+            "phantom {seed} {:?} simulated in {:.1} s",
+            settings.shape,
+            t.elapsed().as_secs_f64()
+        );
+        for &case in &settings.cases {
+            let base = subj.baselines(case)?;
+            let mut best_base: Option<(usize, f64)> = None;
+            for (i, (name, v, secs)) in base.iter().enumerate() {
+                let m = subj.score(v)?;
+                if best_base.is_none_or(|(_, b)| m.nrmse < b) {
+                    best_base = Some((i, m.nrmse));
+                }
+                rows.push(Row {
+                    phantom: seed,
+                    case: case.name(),
+                    method: name.clone(),
+                    steps: None,
+                    guidance: None,
+                    xi: None,
+                    overlap: None,
+                    part: "main",
+                    metrics: m,
+                    seconds: *secs,
+                    seam_ratio: None,
+                });
+            }
+            let problem = subj.problem(case)?;
+            let default_xi = case.task().default_xi();
+            let mut best: Option<(Volume, f64, String)> = None;
+            for &steps in &settings.steps {
+                for &g in &guidance {
+                    let c = Config {
+                        steps,
+                        guidance: g,
+                        xi: default_xi,
+                        overlap: settings.overlap,
+                    };
+                    let (v, m, secs) = bench.dmqsm(&subj, &problem, case, c)?;
+                    let label = format!("DM-QSM {steps} {}", g.name());
+                    if best.as_ref().is_none_or(|(_, b, _)| m.nrmse < *b) {
+                        best = Some((v, m.nrmse, label));
+                    }
+                    rows.push(dm_row(seed, case, c, "main", m, secs));
+                }
+            }
+            if let Some(&g) = guidance.first() {
+                for &f in &settings.xi_factors {
+                    let c = Config {
+                        steps: min_steps,
+                        guidance: g,
+                        xi: default_xi * f,
+                        overlap: settings.overlap,
+                    };
+                    let (_, m, secs) = bench.dmqsm(&subj, &problem, case, c)?;
+                    rows.push(dm_row(seed, case, c, "xi-sweep", m, secs));
+                }
+            }
+            if let (Some((bi, _)), Some((v, _, label))) = (best_base, &best) {
+                let (bname, bv, _) = &base[bi];
+                let path = args.out.join(format!("triptych-{seed}-{}.png", case.name()));
+                let err_w = Window::symmetric(ERROR_WINDOW_PPM)?;
+                let (e_base, e_dm) = (diff(bv, &subj.chi), diff(v, &subj.chi));
+                write_png(
+                    &path,
+                    &[
+                        panel(&subj.chi, "truth", Window::CHI),
+                        panel(bv, bname, Window::CHI),
+                        panel(v, label, Window::CHI),
+                        panel(&e_base, &format!("{bname} − truth"), err_w),
+                        panel(&e_dm, "DM-QSM − truth", err_w),
+                    ],
+                    format!("phantom {seed}, {}", case.name()),
+                )?;
+            }
+        }
+        if settings.ablation
+            && let (Some(&case), Some(&g)) = (settings.cases.first(), guidance.first())
+        {
+            let problem = subj.problem(case)?;
+            let grid0 = PatchGrid::new(settings.shape, patch, GridSpacing::Overlap(0))?;
+            let planes = boundary_planes(&grid0);
+            let truth_ratio = seam_ratio(&subj.chi.data, &subj.mask_bool, &planes);
+            let mut vols = Vec::new();
+            for overlap in [0, 8] {
+                let c = Config {
+                    steps: min_steps,
+                    guidance: g,
+                    xi: case.task().default_xi(),
+                    overlap,
+                };
+                let (v, m, secs) = bench.dmqsm(&subj, &problem, case, c)?;
+                let mut r = dm_row(seed, case, c, "ablation", m, secs);
+                r.seam_ratio = seam_ratio(&v.data, &subj.mask_bool, &planes);
+                rows.push(r);
+                vols.push(v);
+            }
+            let truth_m = subj.score(&subj.chi)?;
+            rows.push(Row {
+                phantom: seed,
+                case: case.name(),
+                method: "truth".into(),
+                steps: None,
+                guidance: None,
+                xi: None,
+                overlap: None,
+                part: "ablation",
+                metrics: truth_m,
+                seconds: 0.0,
+                seam_ratio: truth_ratio,
+            });
+            if seam_png.is_none() {
+                let g0 = subj.chi.like(gradient_magnitude(&vols[0].data));
+                let g8 = subj.chi.like(gradient_magnitude(&vols[1].data));
+                let gw = Window::new(0.0, ERROR_WINDOW_PPM)?;
+                let path = args.out.join("seams.png");
+                // Slices through a patch boundary of the overlap-0 grid, inside the brain.
+                let slice = std::array::from_fn(|a| {
+                    let mid = settings.shape[a] / 2;
+                    planes[a]
+                        .iter()
+                        .copied()
+                        .min_by_key(|&p| p.abs_diff(mid))
+                        .unwrap_or(mid)
+                });
+                let opts = RowOptions {
+                    views: vec![View::Axial, View::Coronal],
+                    slice: Some(slice),
+                    title: Some(format!(
+                        "overlap ablation, phantom {seed}, {} ({min_steps} steps); slices on an overlap-0 patch boundary",
+                        case.name()
+                    )),
+                    ..RowOptions::default()
+                };
+                let png = panel_row_png(
+                    &[
+                        panel(&vols[0], "overlap 0", Window::CHI),
+                        panel(&vols[1], "overlap 8", Window::CHI),
+                        panel(&g0, "|∇| overlap 0", gw),
+                        panel(&g8, "|∇| overlap 8", gw),
+                    ],
+                    &opts,
+                )?;
+                std::fs::write(&path, png)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                seam_png = Some(path);
+            }
+        }
+    }
+    let md = markdown(&settings, model, &rows);
+    let md_path = args.out.join("results.md");
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    let json = serde_json::json!({
+        "settings": settings,
+        "model": {
+            "id": model.spec().model_id,
+            "hash": model.spec().content_hash,
+            "patch_size": patch,
+        },
+        "rows": rows,
+    });
+    let json_path = args.out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&json)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!("{md}");
+    eprintln!(
+        "wrote {}, {}{}",
+        md_path.display(),
+        json_path.display(),
+        seam_png
+            .map(|p| format!(", {}", p.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn panel<'a>(v: &'a Volume, caption: &str, window: Window) -> Panel<'a> {
+    Panel {
+        volume: v,
+        caption: caption.to_string(),
+        window,
+    }
+}
+
+fn dm_row(phantom: u64, case: Case, c: Config, part: &'static str, m: Metrics, secs: f64) -> Row {
+    Row {
+        phantom,
+        case: case.name(),
+        method: "DM-QSM".into(),
+        steps: Some(c.steps),
+        guidance: Some(c.guidance.name()),
+        xi: Some(c.xi),
+        overlap: Some(c.overlap),
+        part,
+        metrics: m,
+        seconds: secs,
+        seam_ratio: None,
+    }
+}
+
+/// Rows of `part` grouped by (case, method, steps, guidance, ξ, overlap), averaged over
+/// phantoms, in first-seen order.
+fn averaged<'a>(rows: &'a [Row], part: &str) -> Vec<(&'a Row, Vec<&'a Row>)> {
+    let mut groups: Vec<(&Row, Vec<&Row>)> = Vec::new();
+    for r in rows.iter().filter(|r| r.part == part) {
+        let key = |x: &Row| {
+            (
+                x.case,
+                x.method.clone(),
+                x.steps,
+                x.guidance,
+                x.xi.map(f64::to_bits),
+                x.overlap,
+            )
+        };
+        match groups.iter_mut().find(|(k, _)| key(k) == key(r)) {
+            Some((_, v)) => v.push(r),
+            None => groups.push((r, vec![r])),
+        }
+    }
+    groups
+}
+
+fn mean(v: &[&Row], f: impl Fn(&Row) -> Option<f64>) -> String {
+    let vals: Vec<f64> = v.iter().filter_map(|r| f(r)).collect();
+    if vals.is_empty() {
+        return "—".into();
+    }
+    let m = vals.iter().sum::<f64>() / vals.len() as f64;
+    format!("{m:.3}")
+}
+
+fn fmt_mean(v: &[&Row], f: impl Fn(&Row) -> Option<f64>, digits: usize) -> String {
+    let vals: Vec<f64> = v.iter().filter_map(|r| f(r)).collect();
+    if vals.is_empty() {
+        return "—".into();
+    }
+    let m = vals.iter().sum::<f64>() / vals.len() as f64;
+    format!("{m:.digits$}")
+}
+
+fn method_label(r: &Row) -> String {
+    match (r.steps, r.guidance) {
+        (Some(s), Some(g)) => format!("{} {s} steps, {g}", r.method),
+        _ => r.method.clone(),
+    }
+}
+
+fn metric_cells(g: &[&Row]) -> String {
+    format!(
+        "{} | {} | {} | {} | {} | {}",
+        fmt_mean(g, |r| Some(r.metrics.nrmse), 1),
+        fmt_mean(g, |r| r.metrics.nrmse_detrended, 1),
+        fmt_mean(g, |r| Some(r.metrics.hfen), 1),
+        fmt_mean(g, |r| Some(r.metrics.xsim), 3),
+        fmt_mean(g, |r| Some(r.metrics.cc), 3),
+        fmt_mean(g, |r| Some(r.seconds), 1),
+    )
+}
+
+/// The markdown report: main table, ξ sweep with the best ξ per case, overlap ablation.
+fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String {
+    let mut md = String::new();
+    let seeds: Vec<String> = s.phantom_seeds.iter().map(u64::to_string).collect();
+    let _ = writeln!(
+        md,
+        "Model `{}` (patch {}), phantoms {} ({}×{}×{} at 1 mm, held out), B0 along z, \
+         DDIM η {}, overlap {}, sampler seed {}. Metrics in the brain mask, means over \
+         phantoms; NRMSE, dNRMSE (detrended) and HFEN in %, time in s.\n",
+        model.spec().model_id,
+        model.spec().patch_size,
+        seeds.join(", "),
+        s.shape[0],
+        s.shape[1],
+        s.shape[2],
+        s.eta,
+        s.overlap,
+        s.seed
+    );
+    let header = "| case | method | ξ | NRMSE | dNRMSE | HFEN | XSIM | CC | time |\n|---|---|---|---|---|---|---|---|---|";
+    let _ = writeln!(md, "{header}");
+    for (r, g) in averaged(rows, "main") {
+        let xi = r.xi.map(|x| format!("{x}")).unwrap_or_else(|| "—".into());
+        let _ = writeln!(
+            md,
+            "| {} | {} | {xi} | {} |",
+            r.case,
+            method_label(r),
+            metric_cells(&g)
+        );
+    }
+    let sweep = averaged(rows, "xi-sweep");
+    if !sweep.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nξ sweep ({} steps, {} guidance; the main table's rows are ξ = task default):\n",
+            s.steps.iter().min().copied().unwrap_or(0),
+            s.guidance.first().copied().unwrap_or("-")
+        );
+        let _ = writeln!(md, "{header}");
+        for (r, g) in &sweep {
+            let xi = r.xi.map(|x| format!("{x}")).unwrap_or_default();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {xi} | {} |",
+                r.case,
+                method_label(r),
+                metric_cells(g)
+            );
+        }
+        let _ = writeln!(md, "\nBest ξ per case by NRMSE (sweep and default):\n");
+        for &case in &s.cases {
+            let min_steps = s.steps.iter().min().copied();
+            let first_g = s.guidance.first().copied();
+            let cands: Vec<(f64, f64)> = averaged(rows, "xi-sweep")
+                .into_iter()
+                .chain(averaged(rows, "main"))
+                .filter(|(r, _)| {
+                    r.case == case.name()
+                        && r.method == "DM-QSM"
+                        && r.steps == min_steps
+                        && r.guidance == first_g
+                })
+                .filter_map(|(r, g)| {
+                    let n = g.iter().map(|x| x.metrics.nrmse).sum::<f64>() / g.len() as f64;
+                    r.xi.map(|x| (x, n))
+                })
+                .collect();
+            if let Some((xi, n)) = cands.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)) {
+                let _ = writeln!(md, "- {}: ξ = {xi} (NRMSE {n:.1})", case.name());
+            }
+        }
+    }
+    let abl = averaged(rows, "ablation");
+    if !abl.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nOverlap ablation (seam number = mean squared difference across the overlap-0 \
+             patch-boundary planes / across all other planes, in the mask; 1 = no seams):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| case | run | overlap | NRMSE | HFEN | seam number |\n|---|---|---|---|---|---|"
+        );
+        for (r, g) in abl {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                r.case,
+                method_label(r),
+                r.overlap.map(|o| o.to_string()).unwrap_or_else(|| "—".into()),
+                fmt_mean(&g, |r| Some(r.metrics.nrmse), 1),
+                fmt_mean(&g, |r| Some(r.metrics.hfen), 1),
+                mean(&g, |r| r.seam_ratio),
+            );
+        }
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trilinear_reproduces_linear_functions_in_the_interior() {
+        // A linear function of the index is reproduced exactly (f32 round-off, 1e-5) by
+        // trilinear interpolation wherever no clamping happens (block-centred positions
+        // (i + ½)/f − ½ inside [0, n − 1]); a constant everywhere.
+        let x = Array3::from_shape_fn((5, 6, 4), |(i, j, k)| {
+            0.5 + 0.1 * i as f32 - 0.2 * j as f32 + 0.3 * k as f32
+        });
+        let f = [2, 2, 2];
+        let y = trilinear_upsample(&x, f).unwrap();
+        assert_eq!(y.shape(), &[10, 12, 8]);
+        for ((i, j, k), &v) in y.indexed_iter() {
+            let u = |q: usize| (q as f32 + 0.5) / 2.0 - 0.5;
+            let inside = |q: usize, n: usize| u(q) >= 0.0 && u(q) <= (n - 1) as f32;
+            if inside(i, 5) && inside(j, 6) && inside(k, 4) {
+                let want = 0.5 + 0.1 * u(i) - 0.2 * u(j) + 0.3 * u(k);
+                assert!((v - want).abs() < 1e-5, "{i} {j} {k}: {v} vs {want}");
+            }
+        }
+        let c = trilinear_upsample(&Array3::from_elem((3, 3, 3), 0.25), [3, 1, 2]).unwrap();
+        assert!(c.iter().all(|&v| (v - 0.25).abs() < 1e-7));
+        assert!(trilinear_upsample(&x, [0, 1, 1]).is_err());
+    }
+
+    #[test]
+    fn seam_ratio_is_one_for_a_ramp_and_large_for_steps_on_boundaries() {
+        let shape = (24, 24, 24);
+        let mask = Array3::from_elem(shape, true);
+        let planes: [Vec<usize>; 3] = [vec![8, 16], vec![8, 16], vec![8, 16]];
+        // A linear ramp has the same difference across every plane: ratio 1. Tolerance
+        // 1e-6: the ramp is stored in f32 (values ≤ 1.4, ulp ≈ 1e-7), so single
+        // differences of 0.01–0.03 carry ~1e-5 relative round-off that averages down.
+        let ramp = Array3::from_shape_fn(shape, |(i, j, k)| 0.01 * (i + 2 * j + 3 * k) as f32);
+        let r = seam_ratio(&ramp, &mask, &planes).unwrap();
+        assert!((r - 1.0).abs() < 1e-6, "{r}");
+        // Ramp along x plus a jump of 0.1 across x-planes 8 and 16: boundary pairs along x
+        // have d = 0.01 + 0.1, interior ones 0.01; y and z differences are 0 (counted).
+        let stepped =
+            Array3::from_shape_fn(shape, |(i, _, _)| 0.01 * i as f32 + 0.1 * (i / 8) as f32);
+        let r = seam_ratio(&stepped, &mask, &planes).unwrap();
+        // Boundary: x-pairs 2·24² with 0.11², y/z pairs 2·2·24² with 0. Interior: x-pairs
+        // 21·24² with 0.01², y/z pairs 2·21·24² with 0.
+        let want = (2.0 * 0.11f64.powi(2) / 6.0) / (21.0 * 0.01f64.powi(2) / 63.0);
+        assert!((r - want).abs() / want < 1e-4, "{r} vs {want}");
+        // No interior gradient energy → None.
+        assert!(seam_ratio(&Array3::zeros(shape), &mask, &planes).is_none());
+    }
+
+    #[test]
+    fn boundary_planes_follow_the_patch_grid() {
+        // 96 voxels, P = 48, overlap 0: stride 48, patches at 0 and 48, no padding → the
+        // only interior boundary is plane 48.
+        let g = PatchGrid::new([96, 96, 96], 48, GridSpacing::Overlap(0)).unwrap();
+        assert_eq!(boundary_planes(&g)[0], vec![48]);
+        // Overlap 8 (stride 40): padded length 48 + 2·40 = 128 (3 patches), 16 voxels of
+        // padding before → starts at 0, 40, 80 and ends at 48, 88, 128 in padded
+        // coordinates; minus 16 → 24, 32, 64, 72 inside (0 < p < 96).
+        let g = PatchGrid::new([96, 96, 96], 48, GridSpacing::Overlap(8)).unwrap();
+        let pad = g.pad_before()[0];
+        let planes = boundary_planes(&g)[0].clone();
+        let mut want: Vec<usize> = [0usize, 40, 80, 48, 88, 128]
+            .iter()
+            .filter(|&&e| e > pad && e - pad < 96)
+            .map(|&e| e - pad)
+            .collect();
+        want.sort_unstable();
+        assert_eq!(planes, want);
+    }
+
+    #[test]
+    fn resolve_rejects_training_seeds_and_bad_shapes() {
+        let mut a = QualityArgs {
+            model: None,
+            analytic_prior: Some(0.05),
+            analytic_patch: 16,
+            out: PathBuf::from("x"),
+            quick: true,
+            phantoms: 1,
+            phantom_seed: 5,
+            allow_training_seeds: false,
+            shape: None,
+            cases: vec![],
+            steps: vec![],
+            guidance: vec![],
+            xi_sweep: vec![],
+            no_ablation: false,
+            overlap: 8,
+            eta: 1.0,
+            seed: 0,
+            max_batch: 8,
+            threads: None,
+        };
+        assert!(resolve(&a).is_err());
+        a.phantom_seed = 1000;
+        let s = resolve(&a).unwrap();
+        assert_eq!(s.shape, [96, 96, 64]);
+        assert_eq!(s.steps, vec![20]);
+        assert_eq!(s.cases.len(), 5);
+        a.shape = Some(vec![33, 32, 32]);
+        assert!(resolve(&a).is_err());
+        a.shape = None;
+        a.xi_sweep = vec!["none".into()];
+        assert!(resolve(&a).unwrap().xi_factors.is_empty());
+        a.xi_sweep = vec!["-1".into()];
+        assert!(resolve(&a).is_err());
+    }
+}
