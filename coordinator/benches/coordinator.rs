@@ -337,54 +337,75 @@ async fn throughput() -> AnyResult<()> {
 async fn disk() -> AnyResult<()> {
     let model = GaussianPriorModel::new(0.0, 0.5, 48, 10.0, ScheduleConfig::default())?;
     let (m, k) = inputs(96)?;
-    let steps = 100u32;
+    let steps = 300u32;
     let served = ServedModel::new(Arc::new(model.clone()), "cpu", 1, "f32");
     let s = setup(vec![served; 2], BatchConfig::default(), |c| {
         c.checkpoint_every = 5
     })
     .await?;
     let store = s.coordinator.store().clone();
-    let before = store.size_on_disk()?;
-    let peak_disk = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let peak_ck = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sampling = {
-        let (store, pd, pc) = (store.clone(), peak_disk.clone(), peak_ck.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                pd.fetch_max(
-                    store.size_on_disk().unwrap_or(0),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                pc.fetch_max(
-                    store.checkpoint_bytes(),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-            }
-        })
-    };
-    let (t, _) = timed_job(&s.url, request(&m, &k, settings(steps, 8, 4))).await?;
-    sampling.abort();
-    store.flush()?;
-    let after = store.size_on_disk()?;
-    let ck_after = store.checkpoint_bytes();
-    let state_bytes = 4 * 128usize.pow(3);
+    let data_dir = s._dir.path().to_path_buf();
     println!(
         "disk: {steps}-step job on 96³ (padded state 128³ = {:.1} MB per checkpoint), \
-         checkpoint every 5 steps ({} checkpoints), {t:.1} s",
-        state_bytes as f64 / 1e6,
+         checkpoint every 5 steps ({} checkpoints)",
+        4.0 * 128f64.powi(3) / 1e6,
         steps / 5 - 1
     );
+    let mut c = client::connect(&s.url).await?;
+    let t = Instant::now();
+    let id = c
+        .submit_job(request(&m, &k, settings(steps, 8, 4)))
+        .await?
+        .into_inner()
+        .job_id;
+    let mut next = 0;
+    loop {
+        let st = c
+            .get_job(v1::GetJobRequest { job_id: id.clone() })
+            .await?
+            .into_inner();
+        if st.step >= next || client::is_terminal(st.state) {
+            println!(
+                "  step {:>3}: sled size_on_disk {:>6.1} MB, files {:>6.1} MB, checkpoint tree {:.1} MB",
+                st.step,
+                store.size_on_disk()? as f64 / 1e6,
+                dir_bytes(&data_dir) as f64 / 1e6,
+                store.checkpoint_bytes() as f64 / 1e6
+            );
+            next += 50;
+        }
+        if client::is_terminal(st.state) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.flush()?;
     println!(
-        "  sled size on disk: {:.1} MB before, peak {:.1} MB while running, {:.1} MB after; \
-         checkpoint tree peak {:.1} MB, {ck_after} bytes left after completion",
-        before as f64 / 1e6,
-        peak_disk.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6,
-        after as f64 / 1e6,
-        peak_ck.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+        "  done in {:.1} s; after completion: sled size_on_disk {:.1} MB, files {:.1} MB, \
+         checkpoint bytes left {}",
+        t.elapsed().as_secs_f64(),
+        store.size_on_disk()? as f64 / 1e6,
+        dir_bytes(&data_dir) as f64 / 1e6,
+        store.checkpoint_bytes()
     );
     s.close().await;
     Ok(())
+}
+
+/// Bytes of all files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                total += dir_bytes(&p);
+            } else if let Ok(m) = e.metadata() {
+                total += m.len();
+            }
+        }
+    }
+    total
 }
 
 fn main() -> AnyResult<()> {

@@ -192,6 +192,7 @@ fn slurm_scripts_parse_and_configure_a_cons_tres_linuxproc_cluster() {
     for f in [
         "deploy/slurm/ci-install.sh",
         "deploy/slurm/dmqsm.sbatch",
+        "deploy/slurm/dmqsm-workers.sbatch",
         "deploy/k8s/validate.sh",
     ] {
         let st = Command::new("bash")

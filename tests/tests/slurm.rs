@@ -192,8 +192,7 @@ fn slurm_job_with_two_worker_tasks_equals_the_embedded_run_and_cohort_scripts_ru
     let bin_dir = dmqsm.parent().unwrap().to_path_buf();
     assert_eq!(worker.parent().unwrap(), bin_dir, "binaries in one folder");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/slurm/dmqsm.sbatch");
-    // The shared folder must be visible to slurmd (same machine here); keep it out of
-    // /tmp namespaces by using the target dir's parent when possible.
+    // The run folder must be visible to slurmd and the tasks (same machine here).
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let (meas, mask) = dmqsm_tests::inputs(v1::Task::Dipinv);

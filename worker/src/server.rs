@@ -131,7 +131,8 @@ pub struct ServerConfig {
     pub http2: Http2Config,
     /// libtorch intra-op threads on the model thread.
     pub threads: Option<usize>,
-    /// Coordinator to register with (its `advertise` empty means `http://<listen addr>`).
+    /// Coordinator to register with (its `advertise` empty means `http://<listen addr>`,
+    /// with the host name for a wildcard listen address).
     pub registration: Option<RegistrationConfig>,
     /// Counters of the request queue; keep a clone to watch a running worker.
     pub stats: Arc<QueueStats>,
@@ -180,6 +181,29 @@ pub fn worker_info(model: &ServedModel, config: &ServerConfig, worker_id: &str) 
         worker_id: worker_id.to_string(),
         eval_batch: model.eval_batch as u32,
         precision: model.precision.clone(),
+    }
+}
+
+/// The address to advertise when none is given: `http://<listen address>`, or, for a
+/// wildcard listen address (0.0.0.0, ::), `http://<host name>:<port>` (the coordinator
+/// cannot dial a wildcard).
+fn default_advertise(addr: SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return format!("http://{addr}");
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty());
+    match host {
+        Some(h) => format!("http://{h}:{}", addr.port()),
+        None => {
+            tracing::warn!(
+                "listening on {addr} without --advertise: the coordinator may not reach this worker"
+            );
+            format!("http://{addr}")
+        }
     }
 }
 
@@ -232,7 +256,7 @@ pub async fn serve(
     let (drain_tx, drain_rx) = watch::channel(false);
     let registration_task = config.registration.clone().map(|mut reg| {
         if reg.advertise.is_empty() {
-            reg.advertise = format!("http://{addr}");
+            reg.advertise = default_advertise(addr);
         }
         tokio::spawn(registration::run(
             reg,

@@ -136,3 +136,37 @@ fn resume_continues_exactly_from_the_checkpoint() {
     let err = train(&changed, &resume).unwrap_err().to_string();
     assert!(err.contains("different configuration"), "{err}");
 }
+
+/// Training from NIfTI χ maps and masks sees exactly the data of the phantom source they
+/// were written from (NIfTI stores f32 exactly): same patch count and bitwise the same
+/// losses.
+#[test]
+fn nifti_source_matches_phantom_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config(3);
+    config.data = DataSource::Phantoms {
+        count: 1,
+        shape: [32, 32, 32],
+        voxel_size_mm: [2.0; 3],
+        seed: 9,
+    };
+    let from_phantom = train(&config, &options(&dir.path().join("a"))).unwrap();
+
+    let ph = dmqsm_common::phantom::generate(&dmqsm_common::phantom::PhantomConfig::new(
+        [32, 32, 32],
+        [2.0; 3],
+        9,
+    ))
+    .unwrap();
+    let chi = dir.path().join("chi.nii.gz");
+    let mask = dir.path().join("mask.nii");
+    dmqsm_common::nifti_io::write_nifti(&chi, &ph.chi).unwrap();
+    dmqsm_common::nifti_io::write_nifti(&mask, &ph.mask).unwrap();
+    config.data = DataSource::Nifti {
+        chi: vec![chi],
+        masks: vec![mask],
+    };
+    let from_nifti = train(&config, &options(&dir.path().join("b"))).unwrap();
+    assert_eq!(from_phantom.patches, from_nifti.patches);
+    assert_eq!(from_phantom.losses, from_nifti.losses);
+}

@@ -181,7 +181,7 @@ pub struct QualityArgs {
     pub allow_training_seeds: bool,
     /// Phantom matrix at 1 mm, anatomy at true size (a smaller matrix shows the brain's
     /// centre); even on every axis for ×2 SR [default: 160,192,160; --quick 96,96,64].
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    #[arg(long, value_delimiter = ',')]
     pub shape: Option<Vec<usize>>,
     /// Cases to run [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -407,7 +407,9 @@ fn load_model(args: &QualityArgs) -> anyhow::Result<Box<dyn ScoreModel>> {
 pub fn trilinear_upsample(x: &Array3<f32>, factors: [usize; 3]) -> anyhow::Result<Array3<f32>> {
     let s = x.shape();
     if factors.contains(&0) || s.contains(&0) {
-        bail!("trilinear upsampling needs a nonempty input and factors ≥ 1, got {s:?} × {factors:?}");
+        bail!(
+            "trilinear upsampling needs a nonempty input and factors ≥ 1, got {s:?} × {factors:?}"
+        );
     }
     let taps = |a: usize| -> Vec<(usize, usize, f32)> {
         let (n, f) = (s[a], factors[a]);
@@ -559,7 +561,9 @@ fn subject(seed: u64, shape: [usize; 3]) -> anyhow::Result<Subject> {
     let block = BlockDownsample::new(shape, f)?;
     // A low-res voxel is inside when any of its high-res voxels is, so the refined mask
     // covers the truth's mask.
-    let mask_lr_data = block.apply(&ph.mask.data)?.mapv(|v| if v > 0.0 { 1.0 } else { 0.0 });
+    let mask_lr_data = block
+        .apply(&ph.mask.data)?
+        .mapv(|v| if v > 0.0 { 1.0 } else { 0.0 });
     let lr_bool = mask_lr_data.mapv(|v| v > 0.5);
     let lr = |d: Array3<f32>| masked(&Volume::new(d, [2.0; 3]), &lr_bool);
     let chi_lr = lr(down.apply(&ph.chi.data)?);
@@ -833,7 +837,9 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
             }
             if let (Some((bi, _)), Some((v, _, label))) = (best_base, &best) {
                 let (bname, bv, _) = &base[bi];
-                let path = args.out.join(format!("triptych-{seed}-{}.png", case.name()));
+                let path = args
+                    .out
+                    .join(format!("triptych-{seed}-{}.png", case.name()));
                 let err_w = Window::symmetric(ERROR_WINDOW_PPM)?;
                 let (e_base, e_dm) = (diff(bv, &subj.chi), diff(v, &subj.chi));
                 write_png(
@@ -1123,7 +1129,9 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
                 "| {} | {} | {} | {} | {} | {} |",
                 r.case,
                 method_label(r),
-                r.overlap.map(|o| o.to_string()).unwrap_or_else(|| "—".into()),
+                r.overlap
+                    .map(|o| o.to_string())
+                    .unwrap_or_else(|| "—".into()),
                 fmt_mean(&g, |r| Some(r.metrics.nrmse), 1),
                 fmt_mean(&g, |r| Some(r.metrics.hfen), 1),
                 mean(&g, |r| r.seam_ratio),
