@@ -138,7 +138,10 @@ mod tests {
             assert_eq!(t.data.len(), v.len() * 2);
             let (back, _) = decode(&t).unwrap();
             for (a, b) in v.iter().zip(&back) {
-                assert!((a - b).abs() <= tol * a.abs() + 1e-7, "{dtype:?}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= tol * a.abs() + 1e-7,
+                    "{dtype:?}: {a} vs {b}"
+                );
             }
         }
     }

@@ -180,7 +180,9 @@ pub fn settings_json(s: &v1::JobSettings) -> Value {
 
 /// A prepared submission.
 struct Prepared {
+    /// The submission (its NIfTI bytes are dropped once submitted).
     request: v1::SubmitJobRequest,
+    settings: v1::JobSettings,
     fingerprint: String,
     b0_source: &'static str,
     steps: u64,
@@ -221,6 +223,7 @@ fn prepare(entry: &Entry, acq: &Acquisition, opts: &CohortOptions) -> Result<Pre
     let steps = s.steps as u64 * s.samples.max(1) as u64;
     Ok(Prepared {
         fingerprint: dmqsm_worker::card::sha256_bytes(&h),
+        settings: s.clone(),
         b0_source,
         steps,
         request: v1::SubmitJobRequest {
@@ -321,7 +324,7 @@ async fn finish(
     let report: Value = get("report.json")
         .and_then(|b| serde_json::from_slice(b).ok())
         .unwrap_or(Value::Null);
-    let settings = prep.request.settings.clone().unwrap_or_default();
+    let settings = &prep.settings;
     let rel = |p: &Path| {
         p.strip_prefix(root)
             .map(|r| format!("bids::{}", r.display()))
@@ -339,7 +342,7 @@ async fn finish(
         "GeneratedBy": [{"Name": "dmqsm", "Version": env!("CARGO_PKG_VERSION")}],
         "DmqsmJobId": st.job_id,
         "DmqsmModel": {"ModelId": st.model_id, "ContentHash": st.model_hash},
-        "DmqsmSettings": settings_json(&settings),
+        "DmqsmSettings": settings_json(settings),
         "DmqsmRetries": st.retries,
         "DmqsmWorkersUsed": report.get("workers_used").cloned().unwrap_or(Value::Null),
         "DmqsmFingerprint": prep.fingerprint,
@@ -410,7 +413,7 @@ pub async fn run_cohort(
                 continue;
             }
         };
-        let prep = match prepare(entry, acq, opts) {
+        let mut prep = match prepare(entry, acq, opts) {
             Ok(p) => p,
             Err(e) => {
                 progress.failed += 1;
@@ -429,7 +432,7 @@ pub async fn run_cohort(
             on_progress(&progress);
             continue;
         }
-        match c.submit_job(prep.request.clone()).await {
+        match c.submit_job(std::mem::take(&mut prep.request)).await {
             Ok(r) => {
                 progress.steps_total += prep.steps;
                 pending.push(Pending {
