@@ -366,7 +366,7 @@ async fn disk() -> AnyResult<()> {
             .into_inner();
         if st.step >= next || client::is_terminal(st.state) {
             println!(
-                "  step {:>3}: sled size_on_disk {:>6.1} MB, files {:>6.1} MB, checkpoint tree {:.1} MB",
+                "  step {:>3}: sled size_on_disk {:>6.1} MB, all files {:>6.1} MB, checkpoints {:.1} MB",
                 st.step,
                 store.size_on_disk()? as f64 / 1e6,
                 dir_bytes(&data_dir) as f64 / 1e6,
@@ -381,7 +381,7 @@ async fn disk() -> AnyResult<()> {
     }
     store.flush()?;
     println!(
-        "  done in {:.1} s; after completion: sled size_on_disk {:.1} MB, files {:.1} MB, \
+        "  done in {:.1} s; after completion: sled size_on_disk {:.1} MB, all files {:.1} MB, \
          checkpoint bytes left {}",
         t.elapsed().as_secs_f64(),
         store.size_on_disk()? as f64 / 1e6,
