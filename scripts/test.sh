@@ -6,4 +6,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
+# The binaries first: end-to-end tests (Slurm, kill -9 of the coordinator) run them.
+cargo build --bins
 exec cargo test --workspace "$@"
