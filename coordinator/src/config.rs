@@ -69,7 +69,7 @@ impl CoordinatorConfig {
             checkpoint_every: 5,
             wire_dtype: Dtype::F32,
             max_message_bytes: dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES,
-            max_running_jobs: 4,
+            max_running_jobs: 8,
         }
     }
 

@@ -355,18 +355,10 @@ impl Coordinator {
         self.shared.store.get_results(job_id)
     }
 
-    /// Stops background work (jobs stop at their next await point).
+    /// Stops the dispatcher's loops and flushes the store. Running jobs are not
+    /// cancelled: they stay `running` in the store and resume from their last checkpoint
+    /// when a coordinator starts on the same data dir.
     pub fn shutdown(&self) {
-        for h in self
-            .shared
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
-            // Not a user cancel: the job stays resumable.
-            let _ = h;
-        }
         self.shared.dispatcher.shutdown();
         let _ = self.shared.store.flush();
     }

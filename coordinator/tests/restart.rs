@@ -159,7 +159,10 @@ async fn kill_9_coordinator_mid_job_resumes_from_checkpoint_with_identical_outpu
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!((7..16).contains(&step), "job at step {step} before the kill");
+    assert!(
+        (7..16).contains(&step),
+        "job at step {step} before the kill"
+    );
     child.kill9();
 
     let (mut child, url) = start_coordinator(dir.path(), &workers);

@@ -55,7 +55,7 @@ pub struct TuningArgs {
     #[arg(long, value_enum, default_value = "f32")]
     pub wire_dtype: WireDtype,
     /// Jobs sampling at once (others queue).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     pub max_running_jobs: usize,
 }
 

@@ -1,0 +1,124 @@
+//! The `dmqsm` binary's client/server commands and their documented exit codes: embedded
+//! `run` end to end (analytic model, 2 local workers), a rejected input (3), a bad
+//! argument (2) and an unreachable coordinator (6).
+
+use dmqsm_common::Volume;
+use ndarray::Array3;
+use std::process::Command;
+
+fn dmqsm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dmqsm"))
+}
+
+fn write_inputs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let n = 20;
+    let c = (n as f64 - 1.0) / 2.0;
+    let mask = Array3::from_shape_fn((n, n, n), |(i, j, k)| {
+        let r = ((i as f64 - c).powi(2) + (j as f64 - c).powi(2) + (k as f64 - c).powi(2)).sqrt();
+        if r < 8.0 { 1.0f32 } else { 0.0 }
+    });
+    let field = Array3::from_shape_fn((n, n, n), |(i, j, k)| {
+        0.01 * ((i + 2 * j) as f32 * 0.3).sin() * (k as f32 * 0.2).cos() * mask[[i, j, k]]
+    });
+    let f = dir.join("field.nii.gz");
+    let m = dir.join("mask.nii.gz");
+    dmqsm_common::nifti_io::write_nifti(&f, &Volume::new(field, [1.0; 3])).unwrap();
+    dmqsm_common::nifti_io::write_nifti(&m, &Volume::new(mask, [1.0; 3])).unwrap();
+    (f, m)
+}
+
+#[test]
+fn run_embedded_writes_results_and_exit_codes_follow_the_documentation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (field, mask) = write_inputs(dir.path());
+    let out = dir.path().join("out");
+    let o = dmqsm()
+        .arg("run")
+        .arg(&field)
+        .arg("--mask")
+        .arg(&mask)
+        .args([
+            "--analytic",
+            "0,0.5",
+            "--analytic-patch",
+            "16",
+            "--workers",
+            "2",
+        ])
+        .args([
+            "--steps",
+            "4",
+            "--guidance",
+            "exact",
+            "--samples",
+            "2",
+            "--eta",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("job-"));
+    for f in ["chi.nii.gz", "std.nii.gz", "preview.png", "report.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["settings"]["task"], "dipinv");
+    assert_eq!(report["settings"]["guidance"], "exact");
+    assert_eq!(report["samples"].as_array().unwrap().len(), 2);
+    let chi = dmqsm_common::nifti_io::read_nifti(out.join("chi.nii.gz")).unwrap();
+    assert_eq!(chi.shape(), [20, 20, 20]);
+
+    // 3: a rejected input names the problem.
+    let bad = dir.path().join("bad.nii");
+    std::fs::write(&bad, b"not a nifti").unwrap();
+    let o = dmqsm()
+        .arg("run")
+        .arg(&bad)
+        .args(["--analytic", "0,0.5", "--analytic-patch", "16"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data2"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("measurement"), "{stderr}");
+
+    // 2: a bad argument.
+    let o = dmqsm()
+        .arg("run")
+        .arg(&field)
+        .args(["--analytic", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // 6: nobody listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = dmqsm()
+        .args([
+            "status",
+            "--coordinator",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("cannot reach the coordinator"), "{stderr}");
+}
