@@ -7,6 +7,7 @@ use clap::Args;
 use dmqsm_common::geometry::B0Direction;
 use dmqsm_common::inversion::{l2, tkd};
 use dmqsm_common::metrics::{self, Metrics};
+use dmqsm_common::nifti_io::read_nifti;
 use dmqsm_common::phantom::{self, PhantomConfig};
 use dmqsm_common::{Volume, preview, simulate};
 use serde_json::json;
@@ -31,6 +32,78 @@ pub struct DemoArgs {
     /// SNR of the simulated field (omit for a noise-free field).
     #[arg(long)]
     pub snr: Option<f64>,
+    /// Score model for the DM-QSM reconstruction (TorchScript with its card beside it).
+    #[arg(long, default_value = "models/dmqsm-phantom-s/model.pt")]
+    pub model: PathBuf,
+    /// Local workers of the embedded coordinator.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// libtorch threads per worker.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Diffusion (DDIM) steps.
+    #[arg(long, default_value_t = 25)]
+    pub steps: u32,
+    /// DPS guidance: approx (one model round per step) or exact (two).
+    #[arg(long, default_value = "approx")]
+    pub guidance: String,
+    /// Noise seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub sample_seed: u64,
+    /// Skip the DM-QSM reconstruction (physics baselines only).
+    #[arg(long)]
+    pub no_dmqsm: bool,
+}
+
+/// Runs DM-QSM dipole inversion of `field` through the embedded coordinator and local
+/// workers (`dmqsm run`, the same code path as a cluster) and reads back χ.
+fn run_dmqsm(a: &DemoArgs, field: &std::path::Path, mask: &std::path::Path) -> Result<Volume> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        run: crate::cli::server::RunArgs,
+    }
+    let data_dir = a.out.join("dmqsm-data");
+    if data_dir.exists() {
+        std::fs::remove_dir_all(&data_dir)
+            .with_context(|| format!("clearing {}", data_dir.display()))?;
+    }
+    let result_dir = a.out.join("dmqsm");
+    let argv: Vec<String> = vec![
+        "run".into(),
+        field.display().to_string(),
+        "--mask".into(),
+        mask.display().to_string(),
+        "--task".into(),
+        "dipinv".into(),
+        "--steps".into(),
+        a.steps.to_string(),
+        "--guidance".into(),
+        a.guidance.clone(),
+        "--seed".into(),
+        a.sample_seed.to_string(),
+        "--model".into(),
+        a.model.display().to_string(),
+        "--workers".into(),
+        a.workers.to_string(),
+        "--threads".into(),
+        a.threads.to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--out".into(),
+        result_dir.display().to_string(),
+        "--label".into(),
+        "demo".into(),
+    ];
+    let wrap = Wrap::try_parse_from(argv).context("building the embedded run")?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(crate::cli::server::run(wrap.run))?;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    read_nifti(result_dir.join("chi.nii.gz")).context("reading the DM-QSM result")
 }
 
 /// One reconstruction of the demo and its score.
@@ -85,9 +158,39 @@ pub fn run(a: DemoArgs) -> Result<()> {
         });
     }
 
+    if a.no_dmqsm {
+        eprintln!("skipping DM-QSM (--no-dmqsm)");
+    } else if !a.model.exists() {
+        eprintln!(
+            "no score model at {}: skipping DM-QSM (train one with `dmqsm-worker train`)",
+            a.model.display()
+        );
+    } else {
+        eprintln!(
+            "DM-QSM dipinv: {} steps, {} guidance, {} local workers, model {}",
+            a.steps,
+            a.guidance,
+            a.workers,
+            a.model.display()
+        );
+        let t = Instant::now();
+        let chi = run_dmqsm(&a, &a.out.join("field.nii.gz"), &a.out.join("mask.nii.gz"))?;
+        let seconds = t.elapsed().as_secs_f64();
+        let metrics = score(&chi)?;
+        recons.push(Recon {
+            name: "DM-QSM",
+            chi,
+            metrics,
+            seconds,
+        });
+    }
+
     for r in &recons {
         write_volume(
-            &a.out.join(format!("chi_{}.nii.gz", r.name.to_lowercase())),
+            &a.out.join(format!(
+                "chi_{}.nii.gz",
+                r.name.to_lowercase().replace('-', "")
+            )),
             &r.chi,
         )?;
     }
@@ -103,6 +206,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "phantom": {"shape": a.shape, "voxel_mm": a.voxel, "seed": a.seed},
             "snr": a.snr,
             "b0_dir": b0.as_array(),
+            "dmqsm": if recons.len() > 2 { json!({
+                "model": a.model, "steps": a.steps, "guidance": a.guidance,
+                "workers": a.workers, "sample_seed": a.sample_seed, "task": "dipinv",
+            }) } else { serde_json::Value::Null },
             "reconstructions": recons.iter().map(|r| json!({
                 "name": r.name, "seconds": r.seconds, "metrics": r.metrics,
             })).collect::<Vec<_>>(),
@@ -118,6 +225,17 @@ pub fn run(a: DemoArgs) -> Result<()> {
             volume: &r.chi,
             caption: r.name.into(),
             window: preview::Window::CHI,
+        });
+    }
+    // The error of the last (best-informed) reconstruction, on a symmetric window.
+    let last = recons
+        .last()
+        .map(|r| (r.name, p.chi.like(&r.chi.data - &p.chi.data)));
+    if let Some((name, err)) = &last {
+        panels.push(preview::Panel {
+            volume: err,
+            caption: format!("{name} - truth"),
+            window: preview::Window::symmetric(0.1)?,
         });
     }
     let opts = preview::RowOptions {
