@@ -47,12 +47,22 @@ pub struct DemoArgs {
     /// DPS guidance: approx (one model round per step) or exact (two).
     #[arg(long, default_value = "approx")]
     pub guidance: String,
+    /// DPS step size ξ. Default 0.5 × 1000 / steps: DM-QSM's ξ = 0.5 was set for 1000
+    /// steps, and with the plain-norm DPS gradient the total pull toward the data scales
+    /// with the number of steps.
+    #[arg(long)]
+    pub xi: Option<f64>,
     /// Noise seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub sample_seed: u64,
     /// Skip the DM-QSM reconstruction (physics baselines only).
     #[arg(long)]
     pub no_dmqsm: bool,
+}
+
+/// The ξ the demo uses (see [`DemoArgs::xi`]).
+fn demo_xi(a: &DemoArgs) -> f64 {
+    a.xi.unwrap_or(0.5 * 1000.0 / f64::from(a.steps.max(1)))
 }
 
 /// Runs DM-QSM dipole inversion of `field` through the embedded coordinator and local
@@ -83,6 +93,8 @@ fn run_dmqsm(a: &DemoArgs, field: &std::path::Path, mask: &std::path::Path) -> R
         a.guidance.clone(),
         "--seed".into(),
         a.sample_seed.to_string(),
+        "--xi".into(),
+        demo_xi(a).to_string(),
         "--model".into(),
         a.model.display().to_string(),
         "--workers".into(),
@@ -167,9 +179,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
         );
     } else {
         eprintln!(
-            "DM-QSM dipinv: {} steps, {} guidance, {} local workers, model {}",
+            "DM-QSM dipinv: {} steps, {} guidance, xi {}, {} local workers, model {}",
             a.steps,
             a.guidance,
+            demo_xi(&a),
             a.workers,
             a.model.display()
         );
@@ -207,7 +220,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "snr": a.snr,
             "b0_dir": b0.as_array(),
             "dmqsm": if recons.len() > 2 { json!({
-                "model": a.model, "steps": a.steps, "guidance": a.guidance,
+                "model": a.model, "steps": a.steps, "guidance": a.guidance, "xi": demo_xi(&a),
                 "workers": a.workers, "sample_seed": a.sample_seed, "task": "dipinv",
             }) } else { serde_json::Value::Null },
             "reconstructions": recons.iter().map(|r| json!({
