@@ -3,7 +3,7 @@
 //! (`--local-workers N`), or as generated sbatch scripts (`--slurm DIR`).
 //! The logic lives in [`dmqsm_coordinator::cohort`].
 
-use super::{ConnArgs, Exit, GuidanceArg, TaskArg};
+use super::{ConnArgs, Exit, SettingsArgs};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use dmqsm_common::diffusion::analytic::GaussianPriorModel;
@@ -45,48 +45,9 @@ pub struct CohortArgs {
     /// Which files are the input.
     #[arg(long, value_enum, default_value = "localfield")]
     pub input: InputArg,
-    /// Task.
-    #[arg(long, value_enum, default_value = "dipinv")]
-    pub task: TaskArg,
-    /// Diffusion (DDIM) steps.
-    #[arg(long, default_value_t = 25)]
-    pub steps: u32,
-    /// DDIM η (0 deterministic, 1 ancestral).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
-    /// DPS step size ξ (default: the task's).
-    #[arg(long)]
-    pub xi: Option<f64>,
-    /// Guidance mode.
-    #[arg(long, value_enum, default_value = "approx")]
-    pub guidance: GuidanceArg,
-    /// Patch overlap in voxels (DM-QSM: 8).
-    #[arg(long, default_value_t = 8)]
-    pub overlap: u32,
-    /// Noise seed (every subject uses the same seed).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Posterior samples (> 1 also writes a `desc-std` map).
-    #[arg(long, default_value_t = 1)]
-    pub samples: u32,
-    /// Priority of the cohort's jobs (higher runs first).
-    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-    pub priority: i32,
-    /// Required model id ("" accepts what the workers serve).
-    #[arg(long, default_value = "")]
-    pub model_id: String,
-    /// SR factor: one value or three comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    pub factor: Vec<u32>,
-    /// TKD threshold of the dipinv / sr-dipinv input.
-    #[arg(long, default_value_t = 0.1)]
-    pub tkd_threshold: f64,
-    /// SR downsampling model: kspace or block.
-    #[arg(long, default_value = "kspace")]
-    pub downsample: String,
-    /// Patches per worker batch (0: the coordinator's setting).
-    #[arg(long, default_value_t = 0)]
-    pub batch_size: u32,
+    /// Reconstruction settings (every subject uses the same, seed included).
+    #[command(flatten)]
+    pub job: SettingsArgs,
     /// Recompute subjects whose outputs already exist.
     #[arg(long)]
     pub force: bool,
@@ -147,26 +108,7 @@ impl CohortArgs {
     /// The job settings shared by every subject (per-subject B0 and units are added by
     /// the cohort runner).
     pub fn settings(&self) -> v1::JobSettings {
-        v1::JobSettings {
-            task: self.task.to_proto() as i32,
-            steps: self.steps,
-            eta: self.eta,
-            xi: self.xi.unwrap_or(0.0),
-            guidance: match self.guidance {
-                GuidanceArg::Exact => v1::Guidance::Exact as i32,
-                GuidanceArg::Approx => v1::Guidance::Approx as i32,
-            },
-            overlap: Some(self.overlap),
-            seed: self.seed,
-            samples: self.samples,
-            priority: self.priority,
-            model_id: self.model_id.clone(),
-            factor: self.factor.clone(),
-            tkd_threshold: self.tkd_threshold,
-            downsample: self.downsample.clone(),
-            batch_size: self.batch_size,
-            ..Default::default()
-        }
+        self.job.to_proto()
     }
 
     /// The settings as `dmqsm cohort` options (forwarded by --slurm).
@@ -175,36 +117,36 @@ impl CohortArgs {
             "--input".into(),
             name(self.input),
             "--task".into(),
-            name(self.task),
+            name(self.job.task),
             "--steps".into(),
-            self.steps.to_string(),
+            self.job.steps.to_string(),
             "--eta".into(),
-            self.eta.to_string(),
+            self.job.eta.to_string(),
             "--guidance".into(),
-            name(self.guidance),
+            name(self.job.guidance),
             "--overlap".into(),
-            self.overlap.to_string(),
+            self.job.overlap.to_string(),
             "--seed".into(),
-            self.seed.to_string(),
+            self.job.seed.to_string(),
             "--samples".into(),
-            self.samples.to_string(),
+            self.job.samples.to_string(),
             "--priority".into(),
-            self.priority.to_string(),
+            self.job.priority.to_string(),
             "--tkd-threshold".into(),
-            self.tkd_threshold.to_string(),
+            self.job.tkd_threshold.to_string(),
             "--downsample".into(),
-            self.downsample.clone(),
+            self.job.downsample.clone(),
             "--batch-size".into(),
-            self.batch_size.to_string(),
+            self.job.batch_size.to_string(),
         ];
-        if let Some(xi) = self.xi {
+        if let Some(xi) = self.job.xi {
             a.extend(["--xi".into(), xi.to_string()]);
         }
-        if !self.model_id.is_empty() {
-            a.extend(["--model-id".into(), self.model_id.clone()]);
+        if !self.job.model_id.is_empty() {
+            a.extend(["--model-id".into(), self.job.model_id.clone()]);
         }
-        if !self.factor.is_empty() {
-            let f: Vec<String> = self.factor.iter().map(|x| x.to_string()).collect();
+        if !self.job.factor.is_empty() {
+            let f: Vec<String> = self.job.factor.iter().map(|x| x.to_string()).collect();
             a.extend(["--factor".into(), f.join(",")]);
         }
         if self.force {

@@ -119,15 +119,10 @@ pub enum GuidanceArg {
     Approx,
 }
 
-/// The reconstruction: inputs and settings (shared by `submit` and `run`).
+/// Reconstruction settings shared by `submit`, `run` and `cohort` (one set of flags,
+/// one set of defaults).
 #[derive(Debug, Clone, Args)]
-pub struct JobArgs {
-    /// Measurement NIfTI: local field (dipinv tasks) or low-res χ (sr), in ppm unless
-    /// --field-units says otherwise.
-    pub measurement: PathBuf,
-    /// Brain mask NIfTI (optional).
-    #[arg(long)]
-    pub mask: Option<PathBuf>,
+pub struct SettingsArgs {
     /// Task.
     #[arg(long, value_enum, default_value = "dipinv")]
     pub task: TaskArg,
@@ -161,35 +156,20 @@ pub struct JobArgs {
     /// SR factor: one value or three comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub factor: Vec<u32>,
-    /// B0 direction in voxel axes (x,y,z); default from the NIfTI affine.
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
-    pub b0_dir: Vec<f64>,
     /// TKD threshold of the dipinv / sr-dipinv input.
     #[arg(long, default_value_t = 0.1)]
     pub tkd_threshold: f64,
-    /// Units of a field input: ppm, hz or rad.
-    #[arg(long, default_value = "ppm")]
-    pub field_units: String,
-    /// B0 in T (for hz / rad units).
-    #[arg(long, default_value_t = 0.0)]
-    pub b0_tesla: f64,
-    /// Echo time in s (for rad units).
-    #[arg(long, default_value_t = 0.0)]
-    pub te_seconds: f64,
     /// SR downsampling model: kspace or block.
     #[arg(long, default_value = "kspace")]
     pub downsample: String,
     /// Patches per worker batch (0: the coordinator's setting).
     #[arg(long, default_value_t = 0)]
     pub batch_size: u32,
-    /// Free-form label (default: the measurement file name).
-    #[arg(long)]
-    pub label: Option<String>,
 }
 
-impl JobArgs {
-    /// The proto settings.
-    pub fn settings(&self) -> v1::JobSettings {
+impl SettingsArgs {
+    /// The proto settings; per-input fields (B0 direction, field units) stay unset.
+    pub fn to_proto(&self) -> v1::JobSettings {
         v1::JobSettings {
             task: self.task.to_proto() as i32,
             steps: self.steps,
@@ -205,13 +185,51 @@ impl JobArgs {
             priority: self.priority,
             model_id: self.model_id.clone(),
             factor: self.factor.clone(),
-            b0_dir: self.b0_dir.clone(),
             tkd_threshold: self.tkd_threshold,
+            downsample: self.downsample.clone(),
+            batch_size: self.batch_size,
+            ..Default::default()
+        }
+    }
+}
+
+/// The reconstruction: inputs and settings (shared by `submit` and `run`).
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// Measurement NIfTI: local field (dipinv tasks) or low-res χ (sr), in ppm unless
+    /// --field-units says otherwise.
+    pub measurement: PathBuf,
+    /// Brain mask NIfTI (optional).
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+    /// B0 direction in voxel axes (x,y,z); default from the NIfTI affine.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub b0_dir: Vec<f64>,
+    /// Units of a field input: ppm, hz or rad.
+    #[arg(long, default_value = "ppm")]
+    pub field_units: String,
+    /// B0 in T (for hz / rad units).
+    #[arg(long, default_value_t = 0.0)]
+    pub b0_tesla: f64,
+    /// Echo time in s (for rad units).
+    #[arg(long, default_value_t = 0.0)]
+    pub te_seconds: f64,
+    /// Free-form label (default: the measurement file name).
+    #[arg(long)]
+    pub label: Option<String>,
+}
+
+impl JobArgs {
+    /// The proto settings.
+    pub fn settings(&self) -> v1::JobSettings {
+        v1::JobSettings {
+            b0_dir: self.b0_dir.clone(),
             field_units: self.field_units.clone(),
             b0_tesla: self.b0_tesla,
             te_seconds: self.te_seconds,
-            downsample: self.downsample.clone(),
-            batch_size: self.batch_size,
+            ..self.settings.to_proto()
         }
     }
 
