@@ -64,9 +64,11 @@ impl Task {
         }
     }
 
-    /// Default DPS step size ξ: 0.5 for dipole inversion and 2 for super-resolution
-    /// (DM-QSM); SR-DipInv is an SR problem of a TKD estimate, so 2; the physics variants
-    /// take their resolution's value (our choice, the paper has no such task).
+    /// DM-QSM's DPS step size ξ per step at T = 1000 steps: 0.5 for dipole inversion and
+    /// 2 for super-resolution; SR-DipInv is an SR problem of a TKD estimate, so 2; the
+    /// physics variants take their resolution's value (our choice, the paper has no such
+    /// task). A run's default scales it with its step count
+    /// ([`crate::diffusion::sampler::default_xi`]).
     pub fn default_xi(self) -> f64 {
         match self {
             Task::Dipinv | Task::DipinvPhysics => 0.5,
@@ -264,10 +266,6 @@ impl Problem {
     /// Brain mask on the output grid (the output is multiplied by it).
     pub fn output_mask(&self) -> &Array3<bool> {
         &self.output_mask
-    }
-    /// Default ξ of the task ([`Task::default_xi`]).
-    pub fn default_xi(&self) -> f64 {
-        self.task.default_xi()
     }
     /// A 64-bit hash of the task, y, masks and output geometry (not the operator), used to
     /// check that a checkpoint is restored against the same problem.

@@ -105,6 +105,9 @@ pub enum GuidanceKind {
     Exact,
     /// Network Jacobian dropped: one ε round per step.
     Approx,
+    /// Proximal data consistency on x̂_0 by CG (DDS), ξ as the data weight: one ε round
+    /// per step.
+    Prox,
 }
 
 /// The resolved settings of a job: every default filled in at submission, so a job
@@ -160,6 +163,7 @@ impl JobSpec {
         let guidance = match v1::Guidance::try_from(s.guidance) {
             Ok(v1::Guidance::Exact) => GuidanceKind::Exact,
             Ok(v1::Guidance::Approx) | Ok(v1::Guidance::Unspecified) => GuidanceKind::Approx,
+            Ok(v1::Guidance::Prox) => GuidanceKind::Prox,
             Err(_) => return bad(format!("settings.guidance {} is unknown", s.guidance)),
         };
         let steps = if s.steps == 0 { 25 } else { s.steps };
@@ -284,6 +288,7 @@ impl JobSpec {
             guidance: match self.guidance {
                 GuidanceKind::Exact => v1::Guidance::Exact as i32,
                 GuidanceKind::Approx => v1::Guidance::Approx as i32,
+                GuidanceKind::Prox => v1::Guidance::Prox as i32,
             },
             overlap: Some(self.overlap),
             seed: self.seed,

@@ -56,6 +56,7 @@ pub fn sampler_settings(spec: &JobSpec, k: u32) -> SamplerSettings {
         guidance: match spec.guidance {
             GuidanceKind::Exact => Guidance::Exact,
             GuidanceKind::Approx => Guidance::Approx,
+            GuidanceKind::Prox => Guidance::Prox,
         },
         spacing: GridSpacing::Overlap(spec.overlap as usize),
         shift_grid: false,

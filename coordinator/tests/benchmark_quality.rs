@@ -33,9 +33,10 @@ fn quality_benchmark_runs_end_to_end_on_a_tiny_phantom() {
             "--steps",
             "2",
             "--guidance",
-            "approx,exact",
+            "approx,prox,exact",
             "--xi-sweep",
             "0.5",
+            "--no-demo",
             "--out",
         ])
         .arg(&out)
@@ -56,6 +57,7 @@ fn quality_benchmark_runs_end_to_end_on_a_tiny_phantom() {
         "TKD+zero-fill",
         "DM-QSM 2 steps, approx",
         "DM-QSM 2 steps, exact",
+        "DM-QSM 2 steps, prox",
         "Best ξ per case",
         "Overlap ablation",
     ] {
@@ -64,8 +66,9 @@ fn quality_benchmark_runs_end_to_end_on_a_tiny_phantom() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     let rows = json["rows"].as_array().unwrap();
-    // 3 cases × (2 or 3 baselines) + 3 × 2 main + 3 sweep + 2 ablation + 1 truth.
-    assert_eq!(rows.len(), 2 + 2 + 3 + 6 + 3 + 2 + 1);
+    // 3 cases × (2 or 3 baselines) + 3 × 3 main + 3 × 2 sweep (approx, prox; exact is
+    // not swept) + 2 ablation + 1 truth.
+    assert_eq!(rows.len(), 2 + 2 + 3 + 9 + 6 + 2 + 1);
     for r in rows {
         let n = r["metrics"]["nrmse"].as_f64().unwrap();
         assert!(n.is_finite() && n >= 0.0, "{r}");

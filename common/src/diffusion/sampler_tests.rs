@@ -211,7 +211,7 @@ fn ancestral_1000_steps_matches_the_prior_within_one_percent() {
 fn dps_with_identity_moves_toward_the_analytic_posterior_mean() {
     // Prior N(0, 1), y = x_true + 0.5 n ⇒ posterior mean 0.8 y per voxel. Plain-norm DPS
     // is not an exact posterior sampler, so we check direction, not equality: guided
-    // samples (approx and exact) must be much closer (RMS) to the posterior mean than an
+    // samples (approx, exact and prox) must be much closer (RMS) to the posterior mean than an
     // unguided prior sample with the same seed, and correlate with it.
     let shape = [16, 16, 16];
     let model = gaussian(0.0, 1.0, 8, 1.0);
@@ -230,7 +230,7 @@ fn dps_with_identity_moves_toward_the_analytic_posterior_mean() {
     let mut st = settings(100, 1.0, Guidance::None, 2);
     st.xi = Some(10.0);
     let prior = rms(&sample(&model, prob.clone(), &st, 64).unwrap().chi.data);
-    for g in [Guidance::Approx, Guidance::Exact] {
+    for g in [Guidance::Approx, Guidance::Exact, Guidance::Prox] {
         st.guidance = g;
         let rec = sample(&model, prob.clone(), &st, 64).unwrap();
         let d = rms(&rec.chi.data);

@@ -17,7 +17,10 @@
 //! - `dipinv-physics`: DPS with A = mask ∘ dipole convolution, against TKD and L2.
 //!
 //! DM-QSM runs in process (`dmqsm_common::driver::sample`) with the given TorchScript or
-//! native U-Net model, in the selected guidance modes and step counts. Every
+//! native U-Net model, in the selected guidance modes (DPS approx and exact, and the DDS
+//! proximal `prox`) and step counts, at the default ξ of each (task, mode, steps)
+//! (`dmqsm_common::diffusion::sampler::default_xi`). Exact guidance is skipped above
+//! `--exact-max-steps`. Every
 //! reconstruction is masked with the truth's brain mask and scored with
 //! `dmqsm_common::metrics` (NRMSE, detrended NRMSE, HFEN, XSIM, CC; QSM Challenge 2.0
 //! definitions, REFERENCE.md §6). Outputs in `--out`: `results.md` (tables),
@@ -29,16 +32,20 @@
 //! across all other planes, inside the mask ([`seam_ratio`]); 1 means the boundaries are
 //! invisible, the truth gives the reference value.
 //!
-//! ξ sweep: every case at the smallest step count in the first guidance mode, with ξ =
-//! factor × the task's default (0.5 for dipole inversion, 2 for SR; DM-QSM), best ξ by
-//! NRMSE reported per case. The triptych shows the best DM-QSM run (main or sweep) by
-//! NRMSE next to the best baseline.
+//! ξ sweep: every case at the smallest step count in each one-round guidance mode
+//! (approx, prox), with ξ = factor × that default, best ξ by NRMSE reported per case and
+//! mode. The triptych shows the best DM-QSM run (main or sweep) by NRMSE next to the best
+//! baseline.
+//!
+//! Demo rows: `dmqsm demo`'s phantom and settings, computed in process, so the demo's
+//! printed metrics can be checked against the table.
 
+use super::GuidanceArg;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use dmqsm_common::diffusion::analytic::GaussianPriorModel;
 use dmqsm_common::diffusion::model::ScoreModel;
-use dmqsm_common::diffusion::sampler::{Guidance, SamplerSettings};
+use dmqsm_common::diffusion::sampler::{SamplerSettings, default_xi};
 use dmqsm_common::diffusion::schedule::ScheduleConfig;
 use dmqsm_common::driver;
 use dmqsm_common::geometry::B0Direction;
@@ -127,30 +134,6 @@ impl Case {
     }
 }
 
-/// DPS guidance mode on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum GuidanceArg {
-    /// Gradient back through the network (DPS): two model rounds per step.
-    Exact,
-    /// Network Jacobian dropped: one round per step.
-    Approx,
-}
-
-impl GuidanceArg {
-    fn guidance(self) -> Guidance {
-        match self {
-            GuidanceArg::Exact => Guidance::Exact,
-            GuidanceArg::Approx => Guidance::Approx,
-        }
-    }
-    fn name(self) -> &'static str {
-        match self {
-            GuidanceArg::Exact => "exact",
-            GuidanceArg::Approx => "approx",
-        }
-    }
-}
-
 /// Arguments of `dmqsm benchmark quality`.
 #[derive(Debug, Args)]
 pub struct QualityArgs {
@@ -167,8 +150,8 @@ pub struct QualityArgs {
     /// Output directory.
     #[arg(long, default_value = "benchmark-quality")]
     pub out: PathBuf,
-    /// Small, fast settings (64×64×48 phantom, 10 steps, ξ sweep ×{4, 16, 64}); explicit
-    /// options still override.
+    /// Small, fast settings (64×64×48 phantom, 10 steps, ξ sweep ×{0.25, 4}, no demo
+    /// rows); explicit options still override.
     #[arg(long)]
     pub quick: bool,
     /// Number of phantoms (seeds --phantom-seed, +1, …).
@@ -190,17 +173,26 @@ pub struct QualityArgs {
     /// DM-QSM step counts [default: 50,200; --quick 10].
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<usize>,
-    /// Guidance modes [default: approx,exact].
+    /// Guidance modes [default: approx,prox,exact].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub guidance: Vec<GuidanceArg>,
-    /// ξ sweep factors (× the task default); `none` disables. Wide upwards: the
-    /// paper's ξ is per step at 1000 steps, so fewer steps need a larger ξ
-    /// [default: 0.5,2,8,32,128; --quick 4,16,64].
+    /// ξ sweep factors (× the default ξ of the task, mode and steps); `none` disables
+    /// [default: 0.05,0.25,4; --quick 0.25,4]. At 50 steps, DPS factor 0.05 is the
+    /// paper's unscaled ξ.
     #[arg(long, value_delimiter = ',')]
     pub xi_sweep: Vec<String>,
     /// Skip the overlap 0 vs 8 ablation.
     #[arg(long)]
     pub no_ablation: bool,
+    /// Skip exact guidance above this many steps (two model rounds per step, each with a
+    /// backward pass: about 3× the cost of approx); 0 runs every step count
+    /// [default: 50].
+    #[arg(long, default_value_t = 50)]
+    pub exact_max_steps: usize,
+    /// Skip the demo rows (`dmqsm demo`'s phantom and settings, scored in process; on by
+    /// default except with --quick).
+    #[arg(long)]
+    pub no_demo: bool,
     /// Patch overlap S (voxels) of the main runs (DM-QSM: 8).
     #[arg(long, default_value_t = 8)]
     pub overlap: usize,
@@ -239,6 +231,10 @@ pub struct QualitySettings {
     pub xi_factors: Vec<f64>,
     /// Whether to run the overlap ablation.
     pub ablation: bool,
+    /// Exact guidance runs only up to this many steps (`None`: all).
+    pub exact_max_steps: Option<usize>,
+    /// Whether to score the demo's configuration.
+    pub demo: bool,
     /// Main-run overlap (voxels).
     pub overlap: usize,
     /// DDIM η.
@@ -338,16 +334,16 @@ pub fn resolve(args: &QualityArgs) -> anyhow::Result<QualitySettings> {
         bail!("--steps {steps:?}: each must be between 1 and 1000");
     }
     let guidance = if args.guidance.is_empty() {
-        vec![GuidanceArg::Approx, GuidanceArg::Exact]
+        vec![GuidanceArg::Approx, GuidanceArg::Prox, GuidanceArg::Exact]
     } else {
         dedup(&args.guidance)
     };
     let xi_factors = parse_factors(
         &args.xi_sweep,
         if args.quick {
-            &[4.0, 16.0, 64.0]
+            &[0.25, 4.0]
         } else {
-            &[0.5, 2.0, 8.0, 32.0, 128.0]
+            &[0.05, 0.25, 4.0]
         },
     )?;
     if !(args.eta.is_finite() && (0.0..=1.0).contains(&args.eta)) {
@@ -383,11 +379,98 @@ pub fn resolve(args: &QualityArgs) -> anyhow::Result<QualitySettings> {
         guidance: guidance.iter().map(|g| g.name()).collect(),
         xi_factors,
         ablation: !args.no_ablation,
+        exact_max_steps: (args.exact_max_steps > 0).then_some(args.exact_max_steps),
+        demo: !args.quick && !args.no_demo,
         overlap: args.overlap,
         eta: args.eta,
         clamp_ppm,
         seed: args.seed,
     })
+}
+
+impl QualitySettings {
+    /// Whether the main table runs guidance `g` at `steps` (exact is capped).
+    fn runs(&self, g: GuidanceArg, steps: usize) -> bool {
+        g != GuidanceArg::Exact || self.exact_max_steps.is_none_or(|m| steps <= m)
+    }
+}
+
+/// The demo's configuration (`dmqsm demo` with its defaults: phantom, field, task
+/// `dipinv-physics`, prox guidance, steps, η 0, no clamp, overlap 8, sampler seed 0),
+/// computed in process. `dmqsm demo` runs the same through the coordinator and its
+/// workers; determinism makes its printed metrics equal to these rows.
+fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
+    use crate::cli::physics::demo::{DEMO_SEED, DEMO_SHAPE, DEMO_STEPS, demo_subject};
+    let (p, field) = demo_subject(DEMO_SHAPE, [1.0; 3], DEMO_SEED, None)?;
+    let b0 = B0Direction::AXIAL;
+    let case = "demo: dipinv-physics";
+    let finish = |mut v: Volume| {
+        v.data.zip_mut_with(&p.mask.data, |c, m| *c *= *m);
+        v
+    };
+    let row = |method: &str, steps, guidance, xi, m: Metrics, seconds: f64| Row {
+        phantom: DEMO_SEED,
+        case,
+        method: method.into(),
+        steps,
+        guidance,
+        xi,
+        overlap: steps.map(|_| 8),
+        part: "demo",
+        metrics: m,
+        seconds,
+        seam_ratio: None,
+    };
+    let mut rows = Vec::new();
+    for name in ["TKD", "L2"] {
+        let t = Instant::now();
+        let chi = finish(match name {
+            "TKD" => tkd(&field, b0, TKD_THRESHOLD)?,
+            _ => l2(&field, b0, L2_LAMBDA)?,
+        });
+        let secs = t.elapsed().as_secs_f64();
+        let m = metrics::evaluate(&chi, &p.chi, &p.mask)?;
+        rows.push(row(name, None, None, None, m, secs));
+    }
+    let problem = Arc::new(
+        tasks::prepare(
+            &TaskOptions::new(Task::DipinvPhysics),
+            &field,
+            Some(&p.mask),
+        )
+        .context("preparing the demo problem")?,
+    );
+    let guidance = GuidanceArg::Prox;
+    let settings = SamplerSettings {
+        steps: DEMO_STEPS as usize,
+        eta: 0.0,
+        xi: None,
+        guidance: guidance.guidance(),
+        spacing: GridSpacing::Overlap(8),
+        shift_grid: false,
+        clamp_ppm: None,
+        seed: 0,
+    };
+    let xi = default_xi(Task::DipinvPhysics, settings.guidance, settings.steps);
+    bench.runs_done += 1;
+    let t = Instant::now();
+    let rec = driver::sample(bench.model, problem, &settings, bench.max_batch)
+        .context("DM-QSM on the demo phantom")?;
+    let secs = t.elapsed().as_secs_f64();
+    let m = metrics::evaluate(&rec.chi, &p.chi, &p.mask)?;
+    eprintln!(
+        "[{}/{}] demo phantom {DEMO_SEED} dipinv-physics DM-QSM {DEMO_STEPS} steps prox ξ {xi}: NRMSE {:.1} HFEN {:.1} ({secs:.1} s)",
+        bench.runs_done, bench.runs_total, m.nrmse, m.hfen
+    );
+    rows.push(row(
+        "DM-QSM",
+        Some(settings.steps),
+        Some(guidance.name()),
+        Some(xi),
+        m,
+        secs,
+    ));
+    Ok(rows)
 }
 
 fn dedup<T: PartialEq + Copy>(v: &[T]) -> Vec<T> {
@@ -776,26 +859,30 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let n_main = settings.cases.len() * settings.steps.len() * settings.guidance.len();
-    let n_sweep = settings.cases.len() * settings.xi_factors.len();
-    let n_abl = if settings.ablation { 2 } else { 0 };
     let guidance: Vec<GuidanceArg> = settings
         .guidance
         .iter()
-        .map(|g| {
-            if *g == "exact" {
-                GuidanceArg::Exact
-            } else {
-                GuidanceArg::Approx
-            }
-        })
-        .collect();
+        .map(|g| GuidanceArg::from_str(g, false).map_err(|e| anyhow::anyhow!(e)))
+        .collect::<anyhow::Result<_>>()?;
+    let n_main = settings.cases.len()
+        * settings
+            .steps
+            .iter()
+            .map(|&n| guidance.iter().filter(|&&g| settings.runs(g, n)).count())
+            .sum::<usize>();
+    let one_round = guidance
+        .iter()
+        .filter(|&&g| g != GuidanceArg::Exact)
+        .count();
+    let n_sweep = settings.cases.len() * settings.xi_factors.len() * one_round;
+    let n_abl = if settings.ablation { 2 } else { 0 };
     let mut bench = Bench {
         model,
         settings: &settings,
         max_batch: args.max_batch,
         runs_done: 0,
-        runs_total: settings.phantom_seeds.len() * (n_main + n_sweep + n_abl),
+        runs_total: settings.phantom_seeds.len() * (n_main + n_sweep + n_abl)
+            + usize::from(settings.demo),
     };
     let mut rows: Vec<Row> = Vec::new();
     let min_steps = settings.steps.iter().copied().min().unwrap_or(1);
@@ -831,14 +918,15 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                 });
             }
             let problem = subj.problem(case)?;
-            let default_xi = case.task().default_xi();
+            let default_xi =
+                |g: GuidanceArg, steps: usize| default_xi(case.task(), g.guidance(), steps);
             let mut best: Option<(Volume, f64, String)> = None;
             for &steps in &settings.steps {
-                for &g in &guidance {
+                for &g in guidance.iter().filter(|&&g| settings.runs(g, steps)) {
                     let c = Config {
                         steps,
                         guidance: g,
-                        xi: default_xi,
+                        xi: default_xi(g, steps),
                         overlap: settings.overlap,
                     };
                     let (v, m, secs) = bench.dmqsm(&subj, &problem, case, c)?;
@@ -849,12 +937,12 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                     rows.push(dm_row(seed, case, c, "main", m, secs));
                 }
             }
-            if let Some(&g) = guidance.first() {
+            for &g in guidance.iter().filter(|&&g| g != GuidanceArg::Exact) {
                 for &f in &settings.xi_factors {
                     let c = Config {
                         steps: min_steps,
                         guidance: g,
-                        xi: default_xi * f,
+                        xi: default_xi(g, min_steps) * f,
                         overlap: settings.overlap,
                     };
                     let (v, m, secs) = bench.dmqsm(&subj, &problem, case, c)?;
@@ -897,7 +985,7 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                 let c = Config {
                     steps: min_steps,
                     guidance: g,
-                    xi: case.task().default_xi(),
+                    xi: default_xi(case.task(), g.guidance(), min_steps),
                     overlap,
                 };
                 let (v, m, secs) = bench.dmqsm(&subj, &problem, case, c)?;
@@ -947,6 +1035,9 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                 seam_png = Some(path);
             }
         }
+    }
+    if settings.demo {
+        rows.extend(demo_rows(&mut bench)?);
     }
     let md = markdown(&settings, model, &rows);
     let md_path = args.out.join("results.md");
@@ -1098,9 +1189,9 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
     if !sweep.is_empty() {
         let _ = writeln!(
             md,
-            "\nξ sweep ({} steps, {} guidance; the main table's rows are ξ = task default):\n",
+            "\nξ sweep ({} steps, one-round guidance modes; ξ = factor × the default of the \
+             main table, `dmqsm_common::diffusion::sampler::default_xi`):\n",
             s.steps.iter().min().copied().unwrap_or(0),
-            s.guidance.first().copied().unwrap_or("-")
         );
         let _ = writeln!(md, "{header}");
         for (r, g) in &sweep {
@@ -1114,9 +1205,14 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
             );
         }
         let _ = writeln!(md, "\nBest ξ per case by NRMSE (sweep and default):\n");
-        for &case in &s.cases {
+        for (&case, &g) in s.cases.iter().flat_map(|c| {
+            s.guidance
+                .iter()
+                .filter(|&&g| g != "exact")
+                .map(move |g| (c, g))
+        }) {
             let min_steps = s.steps.iter().min().copied();
-            let first_g = s.guidance.first().copied();
+            let first_g = Some(g);
             let cands: Vec<(f64, f64)> = averaged(rows, "xi-sweep")
                 .into_iter()
                 .chain(averaged(rows, "main"))
@@ -1132,8 +1228,30 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
                 })
                 .collect();
             if let Some((xi, n)) = cands.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)) {
-                let _ = writeln!(md, "- {}: ξ = {xi} (NRMSE {n:.1})", case.name());
+                let _ = writeln!(md, "- {} ({g}): ξ = {xi} (NRMSE {n:.1})", case.name());
             }
+        }
+    }
+    let demo = averaged(rows, "demo");
+    if !demo.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nDemo phantom (`scripts/demo.sh`, i.e. `dmqsm demo` with its defaults: phantom \
+             1001, 96×112×96 at 1 mm, whole head scaled to the matrix; noise-free field; \
+             DM-QSM dipinv-physics with prox guidance, η 0, no clamp, sampler seed 0), scored \
+             in process; the demo runs the same through the coordinator and two workers and \
+             prints these figures:\n"
+        );
+        let _ = writeln!(md, "{header}");
+        for (r, g) in &demo {
+            let xi = r.xi.map(|x| format!("{x}")).unwrap_or_else(|| "—".into());
+            let _ = writeln!(
+                md,
+                "| {} | {} | {xi} | {} |",
+                r.case,
+                method_label(r),
+                metric_cells(g)
+            );
         }
     }
     let abl = averaged(rows, "ablation");
@@ -1255,6 +1373,8 @@ mod tests {
             guidance: vec![],
             xi_sweep: vec![],
             no_ablation: false,
+            exact_max_steps: 50,
+            no_demo: false,
             overlap: 8,
             eta: 1.0,
             clamp_ppm: "-1,1".into(),
@@ -1268,6 +1388,16 @@ mod tests {
         assert_eq!(s.shape, [64, 64, 48]);
         assert_eq!(s.steps, vec![10]);
         assert_eq!(s.cases.len(), 5);
+        assert_eq!(s.guidance, vec!["approx", "prox", "exact"]);
+        assert!(!s.demo, "--quick skips the demo rows");
+        // Exact guidance is capped at --exact-max-steps; 0 lifts the cap.
+        assert!(s.runs(GuidanceArg::Exact, 50) && !s.runs(GuidanceArg::Exact, 200));
+        assert!(s.runs(GuidanceArg::Prox, 200));
+        a.exact_max_steps = 0;
+        assert!(resolve(&a).unwrap().runs(GuidanceArg::Exact, 200));
+        a.quick = false;
+        assert!(resolve(&a).unwrap().demo);
+        a.quick = true;
         a.shape = Some(vec![33, 32, 32]);
         assert!(resolve(&a).is_err());
         a.shape = None;

@@ -99,6 +99,18 @@ pub enum TaskArg {
 }
 
 impl TaskArg {
+    /// The numerics' task.
+    pub fn task(self) -> dmqsm_common::tasks::Task {
+        use dmqsm_common::tasks::Task;
+        match self {
+            TaskArg::Dipinv => Task::Dipinv,
+            TaskArg::Sr => Task::Sr,
+            TaskArg::SrDipinv => Task::SrDipinv,
+            TaskArg::DipinvPhysics => Task::DipinvPhysics,
+            TaskArg::SrDipinvPhysics => Task::SrDipinvPhysics,
+        }
+    }
+
     fn to_proto(self) -> v1::Task {
         match self {
             TaskArg::Dipinv => v1::Task::Dipinv,
@@ -110,13 +122,44 @@ impl TaskArg {
     }
 }
 
-/// DPS guidance mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// Guidance mode on the command line (see `dmqsm_common::diffusion::sampler::Guidance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
 pub enum GuidanceArg {
-    /// Gradient through the network (ε round + VJP round per step).
+    /// DPS gradient through the network (ε round + VJP round per step).
     Exact,
-    /// Network Jacobian dropped (one ε round per step).
+    /// DPS with the network Jacobian dropped (one ε round per step).
     Approx,
+    /// Proximal data consistency by CG on x̂_0 (DDS), ξ as the data weight (one ε round
+    /// per step; beyond the paper).
+    Prox,
+}
+
+impl GuidanceArg {
+    /// The sampler's guidance mode.
+    pub fn guidance(self) -> dmqsm_common::diffusion::sampler::Guidance {
+        use dmqsm_common::diffusion::sampler::Guidance;
+        match self {
+            GuidanceArg::Exact => Guidance::Exact,
+            GuidanceArg::Approx => Guidance::Approx,
+            GuidanceArg::Prox => Guidance::Prox,
+        }
+    }
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            GuidanceArg::Exact => "exact",
+            GuidanceArg::Approx => "approx",
+            GuidanceArg::Prox => "prox",
+        }
+    }
+    /// The proto value.
+    pub fn to_proto(self) -> v1::Guidance {
+        match self {
+            GuidanceArg::Exact => v1::Guidance::Exact,
+            GuidanceArg::Approx => v1::Guidance::Approx,
+            GuidanceArg::Prox => v1::Guidance::Prox,
+        }
+    }
 }
 
 /// Reconstruction settings shared by `submit`, `run` and `cohort` (one set of flags,
@@ -132,7 +175,9 @@ pub struct SettingsArgs {
     /// DDIM η (0 deterministic, 1 ancestral).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
-    /// DPS step size ξ (default: 0.5 dipole inversion, 2 SR).
+    /// ξ: the DPS step size, or the prox data weight (default: DM-QSM's 0.5 dipole
+    /// inversion / 2 SR scaled by 1000/steps for DPS; 2–64 by task for prox; see
+    /// `dmqsm_common::diffusion::sampler::default_xi`).
     #[arg(long)]
     pub xi: Option<f64>,
     /// Guidance mode.
@@ -175,10 +220,7 @@ impl SettingsArgs {
             steps: self.steps,
             eta: self.eta,
             xi: self.xi.unwrap_or(0.0),
-            guidance: match self.guidance {
-                GuidanceArg::Exact => v1::Guidance::Exact as i32,
-                GuidanceArg::Approx => v1::Guidance::Approx as i32,
-            },
+            guidance: self.guidance.to_proto() as i32,
             overlap: Some(self.overlap),
             seed: self.seed,
             samples: self.samples,

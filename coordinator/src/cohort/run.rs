@@ -166,6 +166,7 @@ pub fn settings_json(s: &v1::JobSettings) -> Value {
     let guidance = match v1::Guidance::try_from(s.guidance) {
         Ok(v1::Guidance::Exact) => "exact".to_string(),
         Ok(v1::Guidance::Approx) => "approx".to_string(),
+        Ok(v1::Guidance::Prox) => "prox".to_string(),
         _ => format!("unknown({})", s.guidance),
     };
     json!({

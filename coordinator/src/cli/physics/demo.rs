@@ -14,6 +14,32 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// The demo's phantom matrix (1 mm voxels); `dmqsm benchmark quality` scores the same.
+pub const DEMO_SHAPE: [usize; 3] = [96, 112, 96];
+/// The demo's phantom seed (held out: training uses seeds < 1000).
+pub const DEMO_SEED: u64 = 1001;
+/// The demo's diffusion steps.
+pub const DEMO_STEPS: u32 = 25;
+
+/// The demo's phantom, noise-free or at `snr`, and its masked local field (ppm) for B0
+/// along z: the one definition shared by `dmqsm demo` and the benchmark's demo rows.
+pub fn demo_subject(
+    shape: [usize; 3],
+    voxel: [f64; 3],
+    seed: u64,
+    snr: Option<f64>,
+) -> Result<(phantom::Phantom, Volume)> {
+    let p = phantom::generate(&PhantomConfig::new(shape, voxel, seed))
+        .context("generating the phantom")?;
+    let mut field =
+        simulate::forward_field(&p.chi, B0Direction::AXIAL).context("simulating the field")?;
+    if let Some(snr) = snr {
+        field = simulate::add_noise(&field, Some(&p.mask.data), snr, seed)?.0;
+    }
+    field.data.zip_mut_with(&p.mask.data, |f, m| *f *= *m);
+    Ok((p, field))
+}
+
 /// Arguments of `dmqsm demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -27,7 +53,7 @@ pub struct DemoArgs {
     #[arg(long, value_parser = super::parse_f64x3, default_value = "1,1,1")]
     pub voxel: [f64; 3],
     /// Phantom seed (seeds ≥ 1000 are never used for training).
-    #[arg(long, default_value_t = 1001)]
+    #[arg(long, default_value_t = DEMO_SEED)]
     pub seed: u64,
     /// SNR of the simulated field (omit for a noise-free field).
     #[arg(long)]
@@ -41,15 +67,18 @@ pub struct DemoArgs {
     /// libtorch threads per worker.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// DM-QSM task: `dipinv-physics` (A = mask ∘ dipole on the field) or `dipinv`
+    /// (DM-QSM's formulation: A = I on the TKD estimate).
+    #[arg(long, default_value = "dipinv-physics")]
+    pub task: String,
     /// Diffusion (DDIM) steps.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = DEMO_STEPS)]
     pub steps: u32,
-    /// DPS guidance: approx (one model round per step) or exact (two).
-    #[arg(long, default_value = "approx")]
+    /// Guidance: prox (DDS data consistency), approx or exact (DPS).
+    #[arg(long, default_value = "prox")]
     pub guidance: String,
-    /// DPS step size ξ. Default 0.5 × 1000 / steps: DM-QSM's ξ = 0.5 was set for 1000
-    /// steps, and with the plain-norm DPS gradient the total pull toward the data scales
-    /// with the number of steps.
+    /// ξ (the DPS step or the prox data weight); default: the sampler's default for the
+    /// task, guidance and steps (`dmqsm_common::diffusion::sampler::default_xi`).
     #[arg(long)]
     pub xi: Option<f64>,
     /// Noise seed of the sampler.
@@ -61,8 +90,19 @@ pub struct DemoArgs {
 }
 
 /// The ξ the demo uses (see [`DemoArgs::xi`]).
-fn demo_xi(a: &DemoArgs) -> f64 {
-    a.xi.unwrap_or(0.5 * 1000.0 / f64::from(a.steps.max(1)))
+fn demo_xi(a: &DemoArgs) -> Result<f64> {
+    use crate::cli::{GuidanceArg, TaskArg};
+    use clap::ValueEnum;
+    let task = TaskArg::from_str(&a.task, false).map_err(|e| anyhow::anyhow!("--task: {e}"))?;
+    let guidance = GuidanceArg::from_str(&a.guidance, false)
+        .map_err(|e| anyhow::anyhow!("--guidance: {e}"))?;
+    Ok(a.xi.unwrap_or_else(|| {
+        dmqsm_common::diffusion::sampler::default_xi(
+            task.task(),
+            guidance.guidance(),
+            a.steps as usize,
+        )
+    }))
 }
 
 /// Runs DM-QSM dipole inversion of `field` through the embedded coordinator and local
@@ -86,7 +126,7 @@ fn run_dmqsm(a: &DemoArgs, field: &std::path::Path, mask: &std::path::Path) -> R
         "--mask".into(),
         mask.display().to_string(),
         "--task".into(),
-        "dipinv".into(),
+        a.task.clone(),
         "--steps".into(),
         a.steps.to_string(),
         "--guidance".into(),
@@ -94,7 +134,7 @@ fn run_dmqsm(a: &DemoArgs, field: &std::path::Path, mask: &std::path::Path) -> R
         "--seed".into(),
         a.sample_seed.to_string(),
         "--xi".into(),
-        demo_xi(a).to_string(),
+        demo_xi(a)?.to_string(),
         "--model".into(),
         a.model.display().to_string(),
         "--workers".into(),
@@ -130,8 +170,7 @@ struct Recon {
 pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let t0 = Instant::now();
-    let p = phantom::generate(&PhantomConfig::new(a.shape, a.voxel, a.seed))
-        .context("generating the phantom")?;
+    let (p, field) = demo_subject(a.shape, a.voxel, a.seed, a.snr)?;
     eprintln!(
         "phantom {:?} at {:?} mm (seed {}) in {:.1} s",
         a.shape,
@@ -139,12 +178,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         a.seed,
         t0.elapsed().as_secs_f64()
     );
-    let b0 = B0Direction::new([0.0, 0.0, 1.0])?;
-    let mut field = simulate::forward_field(&p.chi, b0).context("simulating the field")?;
-    if let Some(snr) = a.snr {
-        field = simulate::add_noise(&field, Some(&p.mask.data), snr, a.seed)?.0;
-    }
-    field.data.zip_mut_with(&p.mask.data, |f, m| *f *= *m);
+    let b0 = B0Direction::AXIAL;
     write_volume(&a.out.join("chi_truth.nii.gz"), &p.chi)?;
     write_volume(&a.out.join("mask.nii.gz"), &p.mask)?;
     write_volume(&a.out.join("field.nii.gz"), &field)?;
@@ -179,10 +213,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         );
     } else {
         eprintln!(
-            "DM-QSM dipinv: {} steps, {} guidance, xi {}, {} local workers, model {}",
+            "DM-QSM {}: {} steps, {} guidance, xi {}, {} local workers, model {}",
+            a.task,
             a.steps,
             a.guidance,
-            demo_xi(&a),
+            demo_xi(&a)?,
             a.workers,
             a.model.display()
         );
@@ -220,8 +255,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "snr": a.snr,
             "b0_dir": b0.as_array(),
             "dmqsm": if recons.len() > 2 { json!({
-                "model": a.model, "steps": a.steps, "guidance": a.guidance, "xi": demo_xi(&a),
-                "workers": a.workers, "sample_seed": a.sample_seed, "task": "dipinv",
+                "model": a.model, "steps": a.steps, "guidance": a.guidance, "xi": demo_xi(&a)?,
+                "workers": a.workers, "sample_seed": a.sample_seed, "task": a.task,
             }) } else { serde_json::Value::Null },
             "reconstructions": recons.iter().map(|r| json!({
                 "name": r.name, "seconds": r.seconds, "metrics": r.metrics,
