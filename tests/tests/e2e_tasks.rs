@@ -1,4 +1,5 @@
-//! End-to-end: every task in both guidance modes through a coordinator and workers over
+//! End-to-end: every task in every guidance mode (DPS exact and approx, DDS prox) through
+//! a coordinator and workers over
 //! real gRPC on loopback equals the in-process reference driver bit for bit, with 1
 //! worker and with 3. Tolerance: none (bitwise). The model is the analytic Gaussian
 //! prior (exact, elementwise, so batching and worker assignment cannot change a bit;
@@ -11,7 +12,7 @@ use std::time::Duration;
 const STEPS: u32 = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_tasks_in_both_guidance_modes_match_the_reference_with_1_and_3_workers() {
+async fn all_tasks_in_all_guidance_modes_match_the_reference_with_1_and_3_workers() {
     let m = model();
     let one = Cluster::start(vec![served(&m, Duration::ZERO)], |_| {}).await;
     let three = Cluster::start((0..3).map(|_| served(&m, Duration::ZERO)).collect(), |_| {}).await;
@@ -23,7 +24,11 @@ async fn all_tasks_in_both_guidance_modes_match_the_reference_with_1_and_3_worke
         v1::Task::DipinvPhysics,
         v1::Task::SrDipinvPhysics,
     ] {
-        for guidance in [v1::Guidance::Exact, v1::Guidance::Approx] {
+        for guidance in [
+            v1::Guidance::Exact,
+            v1::Guidance::Approx,
+            v1::Guidance::Prox,
+        ] {
             cases.push(request(
                 settings(task, guidance, STEPS),
                 &format!("{task:?}-{guidance:?}"),

@@ -32,7 +32,8 @@
 //!      VJP round is ignored; the step uses the first round's ε.
 //!    - [`Guidance::Approx`]: drops the network Jacobian, ∇ ≈ g/√ᾱ (one round).
 //!    - [`Guidance::Prox`]: instead of step 4, x̂_0 is replaced by the proximal
-//!      data-consistency solution x̃_0 = argmin ξ‖M_y(y − A x)‖² + ‖x − x̂_0‖² (a few CG
+//!      data-consistency solution x̃_0 = argmin ξ‖M_y(y − A M x)‖² + ‖x − x̂_0‖² (M the
+//!      brain mask of the output; a few CG
 //!      iterations, [`crate::diffusion::consistency`]) before the DDIM update of step 3
 //!      (DDS, Chung et al. ICLR 2024; beyond the paper). One round per step; ξ is the
 //!      data weight w.
@@ -968,6 +969,7 @@ impl Sampler {
             self.problem.operator(),
             &self.y_model,
             self.problem.measurement_mask(),
+            Some(self.problem.output_mask()),
             &x0,
             self.xi,
             crate::diffusion::consistency::PROX_CG_ITERATIONS,

@@ -396,11 +396,11 @@ impl QualitySettings {
 }
 
 /// The demo's configuration (`dmqsm demo` with its defaults: phantom, field, task
-/// `dipinv-physics`, prox guidance, steps, η 0, no clamp, overlap 8, sampler seed 0),
+/// `dipinv-physics`, prox guidance, steps, η, no clamp, overlap 8, sampler seed 0),
 /// computed in process. `dmqsm demo` runs the same through the coordinator and its
 /// workers; determinism makes its printed metrics equal to these rows.
 fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
-    use crate::cli::physics::demo::{DEMO_SEED, DEMO_SHAPE, DEMO_STEPS, demo_subject};
+    use crate::cli::physics::demo::{DEMO_ETA, DEMO_SEED, DEMO_SHAPE, DEMO_STEPS, demo_subject};
     let (p, field) = demo_subject(DEMO_SHAPE, [1.0; 3], DEMO_SEED, None)?;
     let b0 = B0Direction::AXIAL;
     let case = "demo: dipinv-physics";
@@ -443,7 +443,7 @@ fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
     let guidance = GuidanceArg::Prox;
     let settings = SamplerSettings {
         steps: DEMO_STEPS as usize,
-        eta: 0.0,
+        eta: DEMO_ETA,
         xi: None,
         guidance: guidance.guidance(),
         spacing: GridSpacing::Overlap(8),
@@ -1237,8 +1237,8 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
         let _ = writeln!(
             md,
             "\nDemo phantom (`scripts/demo.sh`, i.e. `dmqsm demo` with its defaults: phantom \
-             1001, 96×112×96 at 1 mm, whole head scaled to the matrix; noise-free field; \
-             DM-QSM dipinv-physics with prox guidance, η 0, no clamp, sampler seed 0), scored \
+             1001, 96×112×96 at 1 mm, anatomy at true size; noise-free field; DM-QSM \
+             dipinv-physics with prox guidance, η 1, no clamp, sampler seed 0), scored \
              in process; the demo runs the same through the coordinator and two workers and \
              prints these figures:\n"
         );
