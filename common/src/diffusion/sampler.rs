@@ -87,7 +87,7 @@ pub enum Guidance {
 ///   (`sr-dipinv`) and 64 (physics tasks, where AᵀA = D² ≤ 4/9 needs a larger w). Tuned
 ///   on held-out phantom 1000 at 25 steps with the bundled model (`dmqsm benchmark
 ///   quality` sweeps around them).
-/// - [`Guidance::None`]: unused.
+/// - [`Guidance::None`]: ξ is not used.
 pub fn default_xi(task: Task, guidance: Guidance, steps: usize) -> f64 {
     match guidance {
         Guidance::Exact | Guidance::Approx | Guidance::None => {
