@@ -1150,6 +1150,20 @@ fn metric_cells(g: &[&Row]) -> String {
     )
 }
 
+/// One markdown table row per group: case, method, ξ (— for baselines), metrics.
+fn write_rows(md: &mut String, groups: &[(&Row, Vec<&Row>)]) {
+    for (r, g) in groups {
+        let xi = r.xi.map(|x| format!("{x}")).unwrap_or_else(|| "—".into());
+        let _ = writeln!(
+            md,
+            "| {} | {} | {xi} | {} |",
+            r.case,
+            method_label(r),
+            metric_cells(g)
+        );
+    }
+}
+
 /// The markdown report: main table, ξ sweep with the best ξ per case, overlap ablation.
 fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String {
     let mut md = String::new();
@@ -1175,16 +1189,7 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
     );
     let header = "| case | method | ξ | NRMSE | dNRMSE | HFEN | XSIM | CC | time |\n|---|---|---|---|---|---|---|---|---|";
     let _ = writeln!(md, "{header}");
-    for (r, g) in averaged(rows, "main") {
-        let xi = r.xi.map(|x| format!("{x}")).unwrap_or_else(|| "—".into());
-        let _ = writeln!(
-            md,
-            "| {} | {} | {xi} | {} |",
-            r.case,
-            method_label(r),
-            metric_cells(&g)
-        );
-    }
+    write_rows(&mut md, &averaged(rows, "main"));
     let sweep = averaged(rows, "xi-sweep");
     if !sweep.is_empty() {
         let _ = writeln!(
@@ -1194,16 +1199,7 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
             s.steps.iter().min().copied().unwrap_or(0),
         );
         let _ = writeln!(md, "{header}");
-        for (r, g) in &sweep {
-            let xi = r.xi.map(|x| format!("{x}")).unwrap_or_default();
-            let _ = writeln!(
-                md,
-                "| {} | {} | {xi} | {} |",
-                r.case,
-                method_label(r),
-                metric_cells(g)
-            );
-        }
+        write_rows(&mut md, &sweep);
         let _ = writeln!(md, "\nBest ξ per case by NRMSE (sweep and default):\n");
         for (&case, &g) in s.cases.iter().flat_map(|c| {
             s.guidance
@@ -1243,16 +1239,7 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
              prints these figures:\n"
         );
         let _ = writeln!(md, "{header}");
-        for (r, g) in &demo {
-            let xi = r.xi.map(|x| format!("{x}")).unwrap_or_else(|| "—".into());
-            let _ = writeln!(
-                md,
-                "| {} | {} | {xi} | {} |",
-                r.case,
-                method_label(r),
-                metric_cells(g)
-            );
-        }
+        write_rows(&mut md, &demo);
     }
     let abl = averaged(rows, "ablation");
     if !abl.is_empty() {
