@@ -225,8 +225,8 @@ pub struct QualitySettings {
     pub cases: Vec<Case>,
     /// Step counts.
     pub steps: Vec<usize>,
-    /// Guidance modes (names).
-    pub guidance: Vec<&'static str>,
+    /// Guidance modes (serialized by name).
+    pub guidance: Vec<GuidanceArg>,
     /// ξ sweep factors (× task default).
     pub xi_factors: Vec<f64>,
     /// Whether to run the overlap ablation.
@@ -376,7 +376,7 @@ pub fn resolve(args: &QualityArgs) -> anyhow::Result<QualitySettings> {
         shape,
         cases,
         steps,
-        guidance: guidance.iter().map(|g| g.name()).collect(),
+        guidance,
         xi_factors,
         ablation: !args.no_ablation,
         exact_max_steps: (args.exact_max_steps > 0).then_some(args.exact_max_steps),
@@ -400,14 +400,11 @@ impl QualitySettings {
 /// computed in process. `dmqsm demo` runs the same through the coordinator and its
 /// workers; determinism makes its printed metrics equal to these rows.
 fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
-    use crate::cli::physics::demo::{DEMO_ETA, DEMO_SEED, DEMO_SHAPE, DEMO_STEPS, demo_subject};
-    let (p, field) = demo_subject(DEMO_SHAPE, [1.0; 3], DEMO_SEED, None)?;
-    let b0 = B0Direction::AXIAL;
-    let case = "demo: dipinv-physics";
-    let finish = |mut v: Volume| {
-        v.data.zip_mut_with(&p.mask.data, |c, m| *c *= *m);
-        v
+    use crate::cli::physics::demo::{
+        DEMO_BASELINES, DEMO_ETA, DEMO_SEED, DEMO_SHAPE, DEMO_STEPS, demo_baseline, demo_subject,
     };
+    let (p, field) = demo_subject(DEMO_SHAPE, [1.0; 3], DEMO_SEED, None)?;
+    let case = "demo: dipinv-physics";
     let row = |method: &str, steps, guidance, xi, m: Metrics, seconds: f64| Row {
         phantom: DEMO_SEED,
         case,
@@ -422,12 +419,9 @@ fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
         seam_ratio: None,
     };
     let mut rows = Vec::new();
-    for name in ["TKD", "L2"] {
+    for name in DEMO_BASELINES {
         let t = Instant::now();
-        let chi = finish(match name {
-            "TKD" => tkd(&field, b0, TKD_THRESHOLD)?,
-            _ => l2(&field, b0, L2_LAMBDA)?,
-        });
+        let chi = demo_baseline(name, &field, &p.mask)?;
         let secs = t.elapsed().as_secs_f64();
         let m = metrics::evaluate(&chi, &p.chi, &p.mask)?;
         rows.push(row(name, None, None, None, m, secs));
@@ -859,11 +853,7 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let guidance: Vec<GuidanceArg> = settings
-        .guidance
-        .iter()
-        .map(|g| GuidanceArg::from_str(g, false).map_err(|e| anyhow::anyhow!(e)))
-        .collect::<anyhow::Result<_>>()?;
+    let guidance = &settings.guidance;
     let n_main = settings.cases.len()
         * settings
             .steps
@@ -1204,11 +1194,11 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
         for (&case, &g) in s.cases.iter().flat_map(|c| {
             s.guidance
                 .iter()
-                .filter(|&&g| g != "exact")
+                .filter(|&&g| g != GuidanceArg::Exact)
                 .map(move |g| (c, g))
         }) {
             let min_steps = s.steps.iter().min().copied();
-            let first_g = Some(g);
+            let first_g = Some(g.name());
             let cands: Vec<(f64, f64)> = averaged(rows, "xi-sweep")
                 .into_iter()
                 .chain(averaged(rows, "main"))
@@ -1224,7 +1214,12 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
                 })
                 .collect();
             if let Some((xi, n)) = cands.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)) {
-                let _ = writeln!(md, "- {} ({g}): ξ = {xi} (NRMSE {n:.1})", case.name());
+                let _ = writeln!(
+                    md,
+                    "- {} ({}): ξ = {xi} (NRMSE {n:.1})",
+                    case.name(),
+                    g.name()
+                );
             }
         }
     }
@@ -1375,7 +1370,10 @@ mod tests {
         assert_eq!(s.shape, [64, 64, 48]);
         assert_eq!(s.steps, vec![10]);
         assert_eq!(s.cases.len(), 5);
-        assert_eq!(s.guidance, vec!["approx", "prox", "exact"]);
+        assert_eq!(
+            s.guidance,
+            vec![GuidanceArg::Approx, GuidanceArg::Prox, GuidanceArg::Exact]
+        );
         assert!(!s.demo, "--quick skips the demo rows");
         // Exact guidance is capped at --exact-max-steps; 0 lifts the cap.
         assert!(s.runs(GuidanceArg::Exact, 50) && !s.runs(GuidanceArg::Exact, 200));

@@ -122,8 +122,10 @@ impl TaskArg {
     }
 }
 
-/// Guidance mode on the command line (see `dmqsm_common::diffusion::sampler::Guidance`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+/// Guidance mode on the command line (see `dmqsm_common::diffusion::sampler::Guidance`);
+/// serialized by its command-line name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum GuidanceArg {
     /// DPS gradient through the network (ε round + VJP round per step).
     Exact,

@@ -48,6 +48,22 @@ pub fn demo_subject(
     Ok((p, field))
 }
 
+/// The demo's non-learning baselines, in order: TKD (δ = 0.1) and closed-form L2
+/// (λ = 0.1) of `field`, masked with `mask` (shared with the benchmark's demo rows).
+pub const DEMO_BASELINES: [&str; 2] = ["TKD", "L2"];
+
+/// Baseline `name` of [`DEMO_BASELINES`] for `field` (ppm, B0 along z), masked.
+pub fn demo_baseline(name: &str, field: &Volume, mask: &Volume) -> Result<Volume> {
+    let b0 = B0Direction::AXIAL;
+    let mut chi = match name {
+        "TKD" => tkd::tkd(field, b0, 0.1)?,
+        "L2" => l2::l2(field, b0, 0.1)?,
+        other => anyhow::bail!("unknown demo baseline {other:?}"),
+    };
+    chi.data.zip_mut_with(&mask.data, |c, m| *c *= *m);
+    Ok(chi)
+}
+
 /// Arguments of `dmqsm demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -200,13 +216,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let score =
         |chi: &Volume| metrics::evaluate_with_labels(chi, &p.chi, &p.mask, &p.labels, &regions);
     let mut recons = Vec::new();
-    for name in ["TKD", "L2"] {
+    for name in DEMO_BASELINES {
         let t = Instant::now();
-        let mut chi = match name {
-            "TKD" => tkd::tkd(&field, b0, 0.1)?,
-            _ => l2::l2(&field, b0, 0.1)?,
-        };
-        chi.data.zip_mut_with(&p.mask.data, |c, m| *c *= *m);
+        let chi = demo_baseline(name, &field, &p.mask)?;
         let seconds = t.elapsed().as_secs_f64();
         let metrics = score(&chi)?;
         recons.push(Recon {
