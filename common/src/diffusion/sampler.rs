@@ -122,6 +122,12 @@ pub struct SamplerSettings {
     pub clamp_ppm: Option<[f64; 2]>,
     /// Seed of x_T, the step noise and the grid offsets.
     pub seed: u64,
+    /// Warm start (SDEdit, Meng et al. ICLR 2022): begin at this training timestep t₀ < T
+    /// from the problem's initial estimate x_init ([`Problem::initial_estimate`]),
+    /// x_{t₀} = √ᾱ_{t₀} x_init + √(1 − ᾱ_{t₀}) z, and re-space the `steps` steps over
+    /// t₀ … 0. `None`: from pure noise at T − 1.
+    #[serde(default)]
+    pub start_timestep: Option<usize>,
 }
 
 impl Default for SamplerSettings {
@@ -137,6 +143,7 @@ impl Default for SamplerSettings {
             shift_grid: false,
             clamp_ppm: None,
             seed: 0,
+            start_timestep: None,
         }
     }
 }
@@ -420,12 +427,31 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Starts a run: x_T ~ N(0, I) over the padded volume from `settings.seed`.
-    /// Errors on invalid settings or a model spec that cannot be used.
+    /// Starts a run: x_T ~ N(0, I) over the padded volume from `settings.seed`, or the
+    /// warm start x_{t₀} of [`SamplerSettings::start_timestep`]. Errors on invalid
+    /// settings, a model spec that cannot be used, or a warm start without an initial
+    /// estimate.
     pub fn new(problem: Arc<Problem>, spec: &ModelSpec, settings: SamplerSettings) -> Result<Self> {
         let mut s = Self::build(problem, spec, settings)?;
-        s.state =
-            crate::diffusion::noise::initial_noise(s.settings.seed, s.base_grid.padded_shape());
+        let z = crate::diffusion::noise::initial_noise(s.settings.seed, s.base_grid.padded_shape());
+        s.state = match s.settings.start_timestep {
+            None => z,
+            Some(t0) => {
+                let init = s.problem.initial_estimate().ok_or_else(|| {
+                    Error::Parameter(format!(
+                        "a warm start at timestep {t0} needs an initial estimate of the {} problem (TaskOptions::initial_estimate)",
+                        s.problem.task()
+                    ))
+                })?;
+                let scale = s.spec.chi_scale;
+                let x0 = s.base_grid.pad(init.view())?;
+                let a = NoiseSchedule::new(&s.spec.schedule)?.alpha_bar(Some(t0));
+                let (sa, s1a) = (a.sqrt(), (1.0 - a).sqrt());
+                Zip::from(&x0)
+                    .and(&z)
+                    .par_map_collect(|&x, &z| (sa * scale * x as f64 + s1a * z as f64) as f32)
+            }
+        };
         s.enter_step()?;
         Ok(s)
     }
@@ -499,7 +525,10 @@ impl Sampler {
             )));
         }
         let noise = NoiseSchedule::new(&spec.schedule)?;
-        let schedule = SamplingSchedule::new(&noise, settings.steps, settings.eta)?;
+        let schedule = match settings.start_timestep {
+            None => SamplingSchedule::new(&noise, settings.steps, settings.eta)?,
+            Some(t0) => SamplingSchedule::from_timestep(&noise, settings.steps, settings.eta, t0)?,
+        };
         let xi = settings
             .xi
             .unwrap_or_else(|| default_xi(problem.task(), settings.guidance, settings.steps));

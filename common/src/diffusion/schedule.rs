@@ -139,16 +139,30 @@ impl NoiseSchedule {
     /// integers), so the chain starts at T−1, ends at 0, and N = T visits every step.
     /// Errors unless 1 ≤ N ≤ T.
     pub fn respace(&self, steps: usize) -> Result<Vec<usize>> {
+        self.respace_from(steps, self.timesteps() - 1)
+    }
+
+    /// [`NoiseSchedule::respace`] for a chain that starts at training timestep `start`
+    /// (an SDEdit warm start, Meng et al. ICLR 2022) instead of T−1:
+    /// t_i = round(i·start/(N−1)), descending from `start` to 0. Errors unless
+    /// `start` < T and 1 ≤ N ≤ start + 1.
+    pub fn respace_from(&self, steps: usize, start: usize) -> Result<Vec<usize>> {
         let t_count = self.timesteps();
-        if steps == 0 || steps > t_count {
+        if start >= t_count {
             return Err(Error::Parameter(format!(
-                "schedule: {steps} sampling steps requested; must be between 1 and the {t_count} training timesteps"
+                "schedule: start timestep {start} must be below the {t_count} training timesteps"
+            )));
+        }
+        if steps == 0 || steps > start + 1 {
+            return Err(Error::Parameter(format!(
+                "schedule: {steps} sampling steps requested from timestep {start}; must be between 1 and {}",
+                start + 1
             )));
         }
         if steps == 1 {
-            return Ok(vec![t_count - 1]);
+            return Ok(vec![start]);
         }
-        let (n1, t1) = ((steps - 1) as u128, (t_count - 1) as u128);
+        let (n1, t1) = ((steps - 1) as u128, start as u128);
         let mut ts: Vec<usize> = (0..steps as u128)
             .map(|i| ((2 * i * t1 + n1) / (2 * n1)) as usize)
             .collect();
@@ -204,12 +218,23 @@ impl SamplingSchedule {
     /// Re-spaces `schedule` to `steps` steps (see [`NoiseSchedule::respace`]) with
     /// stochasticity η ≥ 0 (0 = DDIM, 1 = ancestral DDPM-like). Errors on bad N or η.
     pub fn new(schedule: &NoiseSchedule, steps: usize, eta: f64) -> Result<Self> {
+        Self::from_timestep(schedule, steps, eta, schedule.timesteps() - 1)
+    }
+
+    /// A schedule of `steps` steps starting at training timestep `start` < T
+    /// ([`NoiseSchedule::respace_from`]), for a warm start.
+    pub fn from_timestep(
+        schedule: &NoiseSchedule,
+        steps: usize,
+        eta: f64,
+        start: usize,
+    ) -> Result<Self> {
         if !(eta.is_finite() && eta >= 0.0) {
             return Err(Error::Parameter(format!(
                 "sampler: eta {eta} must be finite and non-negative"
             )));
         }
-        let ts = schedule.respace(steps)?;
+        let ts = schedule.respace_from(steps, start)?;
         let steps = ts
             .iter()
             .enumerate()
@@ -316,6 +341,17 @@ mod tests {
         );
         assert!(s.respace(0).is_err());
         assert!(s.respace(1001).is_err());
+        // Warm starts: from t0 = 50 in 8 steps (Flow-QSM's setting), every step visited
+        // from t0 = 7 in 8 steps, and the bounds.
+        let ts = s.respace_from(8, 50).unwrap();
+        assert_eq!(ts, vec![50, 43, 36, 29, 21, 14, 7, 0]);
+        assert_eq!(
+            s.respace_from(8, 7).unwrap(),
+            (0..8).rev().collect::<Vec<_>>()
+        );
+        assert_eq!(s.respace_from(1000, 999).unwrap(), s.respace(1000).unwrap());
+        assert!(s.respace_from(9, 7).is_err());
+        assert!(s.respace_from(4, 1000).is_err());
     }
 
     #[test]

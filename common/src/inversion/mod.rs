@@ -2,16 +2,22 @@
 //!
 //! - [`tkd`]: truncated k-space division (REFERENCE.md §5), the starting estimate that
 //!   DM-QSM refines (threshold 0.1);
-//! - [`l2`]: closed-form Tikhonov inversion with a gradient penalty (SEPIA).
+//! - [`l2`]: closed-form Tikhonov inversion with a gradient penalty (SEPIA);
+//! - [`tv`]: weighted-linear total variation by ADMM (FANSI), the regularised baseline
+//!   QSM researchers compare against, with an L-curve choice of α.
 //!
 //! Both use the [`DipoleKernel`](crate::kernels::DipoleKernel) with D(0) = 0, so χ is
 //! recovered up to an unknown constant (its mean over the FFT grid is 0).
 
 pub mod l2;
 pub mod tkd;
+pub mod tv;
 
 pub use l2::{DEFAULT_L2_LAMBDA, L2Options, l2, l2_with};
 pub use tkd::{DEFAULT_TKD_THRESHOLD, TkdOptions, tkd, tkd_inverse, tkd_with};
+pub use tv::{
+    DEFAULT_TV_ALPHA, LCurve, LCurvePoint, TvParams, TvReport, default_lcurve_alphas, tv, tv_lcurve,
+};
 
 use crate::error::Result;
 use crate::fft::{Padding, RealFft3};

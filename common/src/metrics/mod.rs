@@ -20,9 +20,13 @@
 //! - Deep grey-matter linearity: per-region means of x and y over M, the least-squares
 //!   slope of recon means against truth means, reported as |1 − slope|.
 //!
+//! [`calibration`] scores a posterior std map against the error (rank correlation,
+//! ±2σ coverage).
+//!
 //! Inputs must share a shape and voxel size and be finite everywhere (the filters see the
 //! whole volume); the mask must select at least one voxel.
 
+pub mod calibration;
 mod filters;
 #[cfg(test)]
 mod tests;

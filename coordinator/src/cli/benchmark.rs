@@ -51,13 +51,15 @@ use dmqsm_common::driver;
 use dmqsm_common::geometry::B0Direction;
 use dmqsm_common::inversion::l2::l2;
 use dmqsm_common::inversion::tkd::tkd;
+use dmqsm_common::inversion::tv::{LCurvePoint, TvParams, default_lcurve_alphas, tv, tv_lcurve};
+use dmqsm_common::metrics::calibration::{Calibration, calibration};
 use dmqsm_common::metrics::{self, Metrics};
 use dmqsm_common::operators::{BlockDownsample, KSpaceDownsample, LinearOperator};
 use dmqsm_common::patch::{GridSpacing, PatchGrid};
 use dmqsm_common::phantom::{self, PhantomConfig};
 use dmqsm_common::preview::{Panel, RowOptions, View, Window, panel_row_png};
 use dmqsm_common::simulate::{add_noise, forward_field};
-use dmqsm_common::tasks::{self, Task, TaskOptions};
+use dmqsm_common::tasks::{self, InitialEstimate, Task, TaskOptions};
 use dmqsm_common::volume::Volume;
 use dmqsm_worker::{DeviceSpec, EvalOptions, TorchModel};
 use ndarray::{Array3, Zip};
@@ -100,16 +102,24 @@ pub enum Case {
     SrDipinv,
     /// Field → χ with the dipole model in the DPS data term.
     DipinvPhysics,
+    /// `dipinv-physics` at SNR 100.
+    DipinvPhysicsSnr100,
+    /// `dipinv-physics` without the inverse crime: the field is simulated on a 2× finer
+    /// grid (χ replicated to 0.5 mm, the 0.5 mm dipole kernel) and block-averaged to
+    /// 1 mm, so it is not the 1 mm kernel applied to the truth.
+    DipinvPhysicsFine,
 }
 
 impl Case {
     /// All cases in table order.
-    pub const ALL: [Case; 5] = [
+    pub const ALL: [Case; 7] = [
         Case::Dipinv,
         Case::DipinvSnr100,
         Case::Sr,
         Case::SrDipinv,
         Case::DipinvPhysics,
+        Case::DipinvPhysicsSnr100,
+        Case::DipinvPhysicsFine,
     ];
 
     /// The sampler task of this case.
@@ -118,7 +128,9 @@ impl Case {
             Case::Dipinv | Case::DipinvSnr100 => Task::Dipinv,
             Case::Sr => Task::Sr,
             Case::SrDipinv => Task::SrDipinv,
-            Case::DipinvPhysics => Task::DipinvPhysics,
+            Case::DipinvPhysics | Case::DipinvPhysicsSnr100 | Case::DipinvPhysicsFine => {
+                Task::DipinvPhysics
+            }
         }
     }
 
@@ -130,6 +142,8 @@ impl Case {
             Case::Sr => "sr",
             Case::SrDipinv => "sr-dipinv",
             Case::DipinvPhysics => "dipinv-physics",
+            Case::DipinvPhysicsSnr100 => "dipinv-physics-snr100",
+            Case::DipinvPhysicsFine => "dipinv-physics-fine",
         }
     }
 }
@@ -206,6 +220,20 @@ pub struct QualityArgs {
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Warm starts: start each DM-QSM run at these training timesteps t₀ from the
+    /// classical estimate (SDEdit; TV with the L-curve α for the dipole cases, TKD for
+    /// `dipinv`'s own input… see [`dmqsm_common::tasks::InitialEstimate`]); `none` runs
+    /// from pure noise. Several values give a row each [default: none].
+    #[arg(long, value_delimiter = ',')]
+    pub start_timesteps: Vec<String>,
+    /// TV weight α of the warm-start estimate of the dipole cases; default: the L-curve
+    /// corner (the TV (L-curve α) baseline itself).
+    #[arg(long)]
+    pub warm_start_alpha: Option<f64>,
+    /// Posterior samples per DM-QSM run: the row scores their mean (MMSE), and with 2 or
+    /// more the calibration table scores the std map.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
     /// Patches per model call.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
@@ -243,6 +271,12 @@ pub struct QualitySettings {
     pub clamp_ppm: Option<[f64; 2]>,
     /// Sampler seed.
     pub seed: u64,
+    /// Warm-start timesteps (`None`: from pure noise).
+    pub starts: Vec<Option<usize>>,
+    /// Posterior samples per DM-QSM run.
+    pub samples: usize,
+    /// TV α of the warm start (`None`: the L-curve corner).
+    pub warm_start_alpha: Option<f64>,
 }
 
 /// One scored reconstruction.
@@ -270,6 +304,14 @@ pub struct Row {
     pub seconds: f64,
     /// Seam ratio on the overlap-0 grid's boundary planes (ablation rows and truth).
     pub seam_ratio: Option<f64>,
+    /// Warm-start timestep t₀ of a DM-QSM run (`None`: from noise).
+    pub start: Option<usize>,
+    /// Posterior samples averaged (DM-QSM).
+    pub samples: Option<usize>,
+    /// TV weight α of a TV baseline.
+    pub alpha: Option<f64>,
+    /// Calibration of the posterior std map (DM-QSM with 2 or more samples).
+    pub calibration: Option<Calibration>,
 }
 
 /// The `benchmark` entry point.
@@ -369,6 +411,38 @@ pub fn resolve(args: &QualityArgs) -> anyhow::Result<QualitySettings> {
     if args.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
+    if args.samples == 0 || args.samples > 64 {
+        bail!("--samples {} must be between 1 and 64", args.samples);
+    }
+    let starts: Vec<Option<usize>> = if args.start_timesteps.is_empty() {
+        vec![None]
+    } else {
+        args.start_timesteps
+            .iter()
+            .map(|v| {
+                let v = v.trim();
+                if v.eq_ignore_ascii_case("none") {
+                    return Ok(None);
+                }
+                let t: usize = v.parse().with_context(|| {
+                    format!("--start-timesteps: {v:?} is not a timestep or none")
+                })?;
+                if t == 0 || t >= 1000 {
+                    bail!("--start-timesteps: {t} must be between 1 and 999");
+                }
+                Ok(Some(t))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    if let Some(t) = starts
+        .iter()
+        .flatten()
+        .find(|&&t| steps.iter().all(|&n| n > t + 1))
+    {
+        bail!(
+            "--start-timesteps {t}: a warm start at t₀ allows at most t₀ + 1 steps, and every --steps value {steps:?} is larger"
+        );
+    }
     Ok(QualitySettings {
         phantom_seeds: (0..args.phantoms as u64)
             .map(|i| args.phantom_seed + i)
@@ -385,6 +459,14 @@ pub fn resolve(args: &QualityArgs) -> anyhow::Result<QualitySettings> {
         eta: args.eta,
         clamp_ppm,
         seed: args.seed,
+        starts: dedup(&starts),
+        samples: args.samples,
+        warm_start_alpha: match args.warm_start_alpha {
+            Some(a) if !(a.is_finite() && a > 0.0) => {
+                bail!("--warm-start-alpha {a} must be finite and positive")
+            }
+            a => a,
+        },
     })
 }
 
@@ -392,6 +474,14 @@ impl QualitySettings {
     /// Whether the main table runs guidance `g` at `steps` (exact is capped).
     fn runs(&self, g: GuidanceArg, steps: usize) -> bool {
         g != GuidanceArg::Exact || self.exact_max_steps.is_none_or(|m| steps <= m)
+    }
+
+    /// The warm starts that `steps` steps can use (a start at t₀ allows ≤ t₀ + 1 steps).
+    fn starts_for(&self, steps: usize) -> impl Iterator<Item = Option<usize>> + '_ {
+        self.starts
+            .iter()
+            .copied()
+            .filter(move |s| s.is_none_or(|t| steps <= t + 1))
     }
 }
 
@@ -417,6 +507,10 @@ fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
         metrics: m,
         seconds,
         seam_ratio: None,
+        start: None,
+        samples: None,
+        alpha: None,
+        calibration: None,
     };
     let mut rows = Vec::new();
     for name in DEMO_BASELINES {
@@ -444,6 +538,7 @@ fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
         shift_grid: false,
         clamp_ppm: None,
         seed: 0,
+        start_timestep: None,
     };
     let xi = default_xi(Task::DipinvPhysics, settings.guidance, settings.steps);
     bench.runs_done += 1;
@@ -630,6 +725,9 @@ struct Subject {
     mask_bool: Array3<bool>,
     field: Volume,
     field_noisy: Volume,
+    /// The field simulated on the 2× finer grid and block-averaged (only when a case
+    /// needs it).
+    field_fine: Option<Volume>,
     chi_lr: Volume,
     field_lr: Volume,
     mask_lr: Volume,
@@ -645,7 +743,20 @@ fn masked(v: &Volume, mask: &Array3<bool>) -> Volume {
     v.like(d)
 }
 
-fn subject(seed: u64, shape: [usize; 3]) -> anyhow::Result<Subject> {
+/// The field of `chi` simulated without the inverse crime: χ replicated onto a grid 2×
+/// finer per axis (each voxel an exact 2×2×2 block), the field computed there with the
+/// fine grid's dipole kernel (padded to 2N), then block-averaged back.
+fn field_from_finer_grid(chi: &Volume, b0: B0Direction) -> anyhow::Result<Volume> {
+    let f = [2, 2, 2];
+    let fine_shape = chi.shape().map(|n| 2 * n);
+    let block = BlockDownsample::new(fine_shape, f)?;
+    let vox = chi.voxel_size.map(|v| v / 2.0);
+    let fine = Volume::new(block.upsample(&chi.data)?, vox);
+    let field = forward_field(&fine, b0)?;
+    Ok(chi.like(block.apply(&field.data)?))
+}
+
+fn subject(seed: u64, shape: [usize; 3], fine: bool) -> anyhow::Result<Subject> {
     let cfg = PhantomConfig {
         head_scale: Some(1.0),
         ..PhantomConfig::new(shape, [1.0; 3], seed)
@@ -659,6 +770,9 @@ fn subject(seed: u64, shape: [usize; 3]) -> anyhow::Result<Subject> {
     let field = masked(&forward_field(&ph.chi, b0)?, &mask_bool);
     let (noisy, _sigma) = add_noise(&field, Some(&ph.mask.data), NOISY_SNR, seed)?;
     let field_noisy = masked(&noisy, &mask_bool);
+    let field_fine = fine
+        .then(|| anyhow::Ok(masked(&field_from_finer_grid(&ph.chi, b0)?, &mask_bool)))
+        .transpose()?;
     let f = [2, 2, 2];
     let down = KSpaceDownsample::new(shape, f)?;
     let block = BlockDownsample::new(shape, f)?;
@@ -678,6 +792,7 @@ fn subject(seed: u64, shape: [usize; 3]) -> anyhow::Result<Subject> {
         mask_bool,
         field,
         field_noisy,
+        field_fine,
         chi_lr,
         field_lr,
         mask_lr: Volume::new(mask_lr_data, [2.0; 3]),
@@ -689,7 +804,10 @@ impl Subject {
     fn measurement(&self, case: Case) -> (&Volume, &Volume) {
         match case {
             Case::Dipinv | Case::DipinvPhysics => (&self.field, &self.mask),
-            Case::DipinvSnr100 => (&self.field_noisy, &self.mask),
+            Case::DipinvSnr100 | Case::DipinvPhysicsSnr100 => (&self.field_noisy, &self.mask),
+            Case::DipinvPhysicsFine => {
+                (self.field_fine.as_ref().unwrap_or(&self.field), &self.mask)
+            }
             Case::Sr => (&self.chi_lr, &self.mask_lr),
             Case::SrDipinv => (&self.field_lr, &self.mask_lr),
         }
@@ -704,22 +822,65 @@ impl Subject {
         Ok(metrics::evaluate(recon, &self.chi, &self.mask)?)
     }
 
-    /// The non-learning baselines of `case`: (name, reconstruction, seconds).
-    fn baselines(&self, case: Case) -> anyhow::Result<Vec<(String, Volume, f64)>> {
+    /// The non-learning baselines of `case` and, for the dipole cases, the TV solution
+    /// at the L-curve corner (the warm start of DM-QSM: no truth is used to make it).
+    fn baselines(&self, case: Case) -> anyhow::Result<(Vec<Baseline>, Option<Volume>)> {
         let b0 = B0Direction::AXIAL;
         let mut out = Vec::new();
         let mut timed = |name: &str, f: &dyn Fn() -> anyhow::Result<Array3<f32>>| {
             let t = Instant::now();
             let d = f()?;
-            out.push((name.to_string(), self.finish(d), t.elapsed().as_secs_f64()));
+            out.push(Baseline {
+                name: name.to_string(),
+                volume: self.finish(d),
+                seconds: t.elapsed().as_secs_f64(),
+                alpha: None,
+            });
             anyhow::Ok(())
         };
         let f2 = [2, 2, 2];
+        let mut warm = None;
         match case {
-            Case::Dipinv | Case::DipinvSnr100 | Case::DipinvPhysics => {
-                let (field, _) = self.measurement(case);
+            Case::Dipinv
+            | Case::DipinvSnr100
+            | Case::DipinvPhysics
+            | Case::DipinvPhysicsSnr100
+            | Case::DipinvPhysicsFine => {
+                let (field, mask) = self.measurement(case);
                 timed("TKD", &|| Ok(tkd(field, b0, TKD_THRESHOLD)?.data))?;
                 timed("L2", &|| Ok(l2(field, b0, L2_LAMBDA)?.data))?;
+                let t = Instant::now();
+                let curve = tv_lcurve(
+                    field,
+                    Some(mask.data.view()),
+                    b0,
+                    &default_lcurve_alphas(),
+                    &TvParams::default(),
+                )?;
+                let secs = t.elapsed().as_secs_f64() / curve.points.len() as f64;
+                let mut tuned: Option<(f64, &LCurvePoint)> = None;
+                for p in &curve.points {
+                    let n = self.score(&self.finish(p.chi.data.clone()))?.nrmse;
+                    if tuned.is_none_or(|(b, _)| n < b) {
+                        tuned = Some((n, p));
+                    }
+                }
+                if let Some((_, p)) = tuned {
+                    out.push(Baseline {
+                        name: TV_TUNED.into(),
+                        volume: self.finish(p.chi.data.clone()),
+                        seconds: secs,
+                        alpha: Some(p.report.alpha),
+                    });
+                }
+                let corner = curve.best();
+                out.push(Baseline {
+                    name: TV_LCURVE.into(),
+                    volume: self.finish(corner.chi.data.clone()),
+                    seconds: secs,
+                    alpha: Some(corner.report.alpha),
+                });
+                warm = Some(corner.chi.clone());
             }
             Case::Sr => {
                 let lr = &self.chi_lr.data;
@@ -742,18 +903,43 @@ impl Subject {
                 })?;
             }
         }
-        Ok(out)
+        Ok((out, warm))
     }
 
-    fn problem(&self, case: Case) -> anyhow::Result<Arc<tasks::Problem>> {
+    /// The sampler's problem of `case`, with `initial` (χ on the output grid) attached
+    /// for warm starts. For the dipole cases that is the L-curve TV of [`Subject::baselines`],
+    /// bitwise what `tasks::prepare` computes for `InitialEstimate::Tv { alpha: None }`;
+    /// without it, the SR cases take the zero-fill of their measurement.
+    fn problem(&self, case: Case, initial: Option<&Volume>) -> anyhow::Result<Arc<tasks::Problem>> {
         let (y, m) = self.measurement(case);
         let mut options = TaskOptions::new(case.task());
         options.b0_dir = Some([0.0, 0.0, 1.0]);
-        let p = tasks::prepare(&options, y, Some(m))
+        if initial.is_none() {
+            options.initial_estimate = InitialEstimate::Tkd;
+        }
+        let mut p = tasks::prepare(&options, y, Some(m))
             .with_context(|| format!("preparing {} for phantom {}", case.name(), self.seed))?;
+        if let Some(init) = initial {
+            p = p.with_initial_estimate(init.data.clone())?;
+        }
         Ok(Arc::new(p))
     }
 }
+
+/// A baseline reconstruction.
+struct Baseline {
+    name: String,
+    volume: Volume,
+    seconds: f64,
+    /// TV weight α (TV rows).
+    alpha: Option<f64>,
+}
+
+/// Label of the TV baseline whose α (from the L-curve's grid) is chosen by NRMSE against
+/// the truth: TV's best case, not available to a user.
+pub const TV_TUNED: &str = "TV (α tuned on truth)";
+/// Label of the TV baseline with α at the L-curve corner (no truth used).
+pub const TV_LCURVE: &str = "TV (L-curve α)";
 
 /// One DM-QSM configuration.
 #[derive(Debug, Clone, Copy)]
@@ -762,6 +948,8 @@ struct Config {
     guidance: GuidanceArg,
     xi: f64,
     overlap: usize,
+    /// Warm-start timestep (`None`: from noise).
+    start: Option<usize>,
 }
 
 struct Bench<'a> {
@@ -779,7 +967,7 @@ impl Bench<'_> {
         problem: &Arc<tasks::Problem>,
         case: Case,
         c: Config,
-    ) -> anyhow::Result<(Volume, Metrics, f64)> {
+    ) -> anyhow::Result<(Volume, Metrics, f64, Option<Calibration>)> {
         let settings = SamplerSettings {
             steps: c.steps,
             eta: self.settings.eta,
@@ -789,26 +977,35 @@ impl Bench<'_> {
             shift_grid: false,
             clamp_ppm: self.settings.clamp_ppm,
             seed: self.settings.seed,
+            start_timestep: c.start,
         };
         self.runs_done += 1;
         let t = Instant::now();
-        let rec = driver::sample(self.model, problem.clone(), &settings, self.max_batch)
-            .with_context(|| {
-                format!(
-                    "DM-QSM {} phantom {} ({} steps, {} guidance, ξ {}, overlap {})",
-                    case.name(),
-                    subj.seed,
-                    c.steps,
-                    c.guidance.name(),
-                    c.xi,
-                    c.overlap
-                )
-            })?;
+        let k = self.settings.samples;
+        let (_, summary) =
+            driver::sample_posterior(self.model, problem.clone(), &settings, k, self.max_batch)
+                .with_context(|| {
+                    format!(
+                        "DM-QSM {} phantom {} ({} steps, {} guidance, ξ {}, overlap {})",
+                        case.name(),
+                        subj.seed,
+                        c.steps,
+                        c.guidance.name(),
+                        c.xi,
+                        c.overlap
+                    )
+                })?;
         let secs = t.elapsed().as_secs_f64();
-        let v = subj.finish(rec.chi.data);
+        let v = subj.finish(summary.mean.data);
         let m = subj.score(&v)?;
+        let cal = (k > 1)
+            .then(|| {
+                let std = subj.finish(summary.std.data);
+                calibration(&v, &std, &subj.chi, &subj.mask)
+            })
+            .transpose()?;
         eprintln!(
-            "[{}/{}] phantom {} {} DM-QSM {} steps {} ξ {} overlap {}: NRMSE {:.1} HFEN {:.1} ({:.1} s)",
+            "[{}/{}] phantom {} {} DM-QSM {} steps {} ξ {} overlap {}{}{}: NRMSE {:.1} HFEN {:.1} XSIM {:.3} ({:.1} s)",
             self.runs_done,
             self.runs_total,
             subj.seed,
@@ -817,11 +1014,18 @@ impl Bench<'_> {
             c.guidance.name(),
             c.xi,
             c.overlap,
+            c.start.map(|t| format!(" from t0 {t}")).unwrap_or_default(),
+            if k > 1 {
+                format!(", mean of {k}")
+            } else {
+                String::new()
+            },
             m.nrmse,
             m.hfen,
+            m.xsim,
             secs
         );
-        Ok((v, m, secs))
+        Ok((v, m, secs, cal))
     }
 }
 
@@ -858,7 +1062,10 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
         * settings
             .steps
             .iter()
-            .map(|&n| guidance.iter().filter(|&&g| settings.runs(g, n)).count())
+            .map(|&n| {
+                guidance.iter().filter(|&&g| settings.runs(g, n)).count()
+                    * settings.starts_for(n).count()
+            })
             .sum::<usize>();
     let one_round = guidance
         .iter()
@@ -879,52 +1086,67 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
     let mut seam_png: Option<PathBuf> = None;
     for &seed in &settings.phantom_seeds {
         let t = Instant::now();
-        let subj = subject(seed, settings.shape)?;
+        let fine = settings.cases.contains(&Case::DipinvPhysicsFine);
+        let subj = subject(seed, settings.shape, fine)?;
         eprintln!(
             "phantom {seed} {:?} simulated in {:.1} s",
             settings.shape,
             t.elapsed().as_secs_f64()
         );
         for &case in &settings.cases {
-            let base = subj.baselines(case)?;
+            let (base, mut warm) = subj.baselines(case)?;
+            if let (Some(alpha), true) = (settings.warm_start_alpha, warm.is_some()) {
+                let (field, mask) = subj.measurement(case);
+                let params = TvParams {
+                    alpha,
+                    ..TvParams::default()
+                };
+                warm = Some(tv(field, Some(mask.data.view()), B0Direction::AXIAL, &params)?.0);
+            }
             let mut best_base: Option<(usize, f64)> = None;
-            for (i, (name, v, secs)) in base.iter().enumerate() {
-                let m = subj.score(v)?;
-                if best_base.is_none_or(|(_, b)| m.nrmse < b) {
+            for (i, b) in base.iter().enumerate() {
+                let m = subj.score(&b.volume)?;
+                if best_base.is_none_or(|(_, x)| m.nrmse < x) {
                     best_base = Some((i, m.nrmse));
                 }
+                eprintln!(
+                    "phantom {seed} {} {}{}: NRMSE {:.1} HFEN {:.1} XSIM {:.3}",
+                    case.name(),
+                    b.name,
+                    b.alpha.map(|a| format!(" α {a:.2e}")).unwrap_or_default(),
+                    m.nrmse,
+                    m.hfen,
+                    m.xsim
+                );
                 rows.push(Row {
-                    phantom: seed,
-                    case: case.name(),
-                    method: name.clone(),
-                    steps: None,
-                    guidance: None,
-                    xi: None,
-                    overlap: None,
-                    part: "main",
-                    metrics: m,
-                    seconds: *secs,
-                    seam_ratio: None,
+                    alpha: b.alpha,
+                    ..baseline_row(seed, case, &b.name, m, b.seconds)
                 });
             }
-            let problem = subj.problem(case)?;
+            let problem = subj.problem(case, warm.as_ref())?;
             let default_xi =
                 |g: GuidanceArg, steps: usize| default_xi(case.task(), g.guidance(), steps);
             let mut best: Option<(Volume, f64, String)> = None;
             for &steps in &settings.steps {
                 for &g in guidance.iter().filter(|&&g| settings.runs(g, steps)) {
-                    let c = Config {
-                        steps,
-                        guidance: g,
-                        xi: default_xi(g, steps),
-                        overlap: settings.overlap,
-                    };
-                    let (v, m, secs) = bench.dmqsm(&subj, &problem, case, c)?;
-                    let label = format!("DM-QSM {steps} {}", g.name());
-                    if best.as_ref().is_none_or(|(_, b, _)| m.nrmse < *b) {
-                        best = Some((v, m.nrmse, label));
+                    for start in settings.starts_for(steps) {
+                        let c = Config {
+                            steps,
+                            guidance: g,
+                            xi: default_xi(g, steps),
+                            overlap: settings.overlap,
+                            start,
+                        };
+                        let (v, m, secs, cal) = bench.dmqsm(&subj, &problem, case, c)?;
+                        let label = format!("DM-QSM {steps} {}", g.name());
+                        if best.as_ref().is_none_or(|(_, b, _)| m.nrmse < *b) {
+                            best = Some((v, m.nrmse, label));
+                        }
+                        let mut r = dm_row(seed, case, c, "main", m, secs);
+                        r.samples = Some(settings.samples);
+                        r.calibration = cal;
+                        rows.push(r);
                     }
-                    rows.push(dm_row(seed, case, c, "main", m, secs));
                 }
             }
             for &g in guidance.iter().filter(|&&g| g != GuidanceArg::Exact) {
@@ -934,8 +1156,9 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                         guidance: g,
                         xi: default_xi(g, min_steps) * f,
                         overlap: settings.overlap,
+                        start: settings.starts_for(min_steps).next().flatten(),
                     };
-                    let (v, m, secs) = bench.dmqsm(&subj, &problem, case, c)?;
+                    let (v, m, secs, _) = bench.dmqsm(&subj, &problem, case, c)?;
                     if best.as_ref().is_none_or(|(_, b, _)| m.nrmse < *b) {
                         let label = format!("DM-QSM {} {} xi {}", c.steps, g.name(), c.xi);
                         best = Some((v, m.nrmse, label));
@@ -944,7 +1167,7 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                 }
             }
             if let (Some((bi, _)), Some((v, _, label))) = (best_base, &best) {
-                let (bname, bv, _) = &base[bi];
+                let (bname, bv) = (&base[bi].name, &base[bi].volume);
                 let path = args
                     .out
                     .join(format!("triptych-{seed}-{}.png", case.name()));
@@ -966,7 +1189,7 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
         if settings.ablation
             && let (Some(&case), Some(&g)) = (settings.cases.first(), guidance.first())
         {
-            let problem = subj.problem(case)?;
+            let problem = subj.problem(case, None)?;
             let grid0 = PatchGrid::new(settings.shape, patch, GridSpacing::Overlap(0))?;
             let planes = boundary_planes(&grid0);
             let truth_ratio = seam_ratio(&subj.chi.data, &subj.mask_bool, &planes);
@@ -977,8 +1200,9 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                     guidance: g,
                     xi: default_xi(case.task(), g.guidance(), min_steps),
                     overlap,
+                    start: None,
                 };
-                let (v, m, secs) = bench.dmqsm(&subj, &problem, case, c)?;
+                let (v, m, secs, _) = bench.dmqsm(&subj, &problem, case, c)?;
                 let mut r = dm_row(seed, case, c, "ablation", m, secs);
                 r.seam_ratio = seam_ratio(&v.data, &subj.mask_bool, &planes);
                 rows.push(r);
@@ -986,17 +1210,9 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
             }
             let truth_m = subj.score(&subj.chi)?;
             rows.push(Row {
-                phantom: seed,
-                case: case.name(),
-                method: "truth".into(),
-                steps: None,
-                guidance: None,
-                xi: None,
-                overlap: None,
                 part: "ablation",
-                metrics: truth_m,
-                seconds: 0.0,
                 seam_ratio: truth_ratio,
+                ..baseline_row(seed, case, "truth", truth_m, 0.0)
             });
             if seam_png.is_none() {
                 let g0 = subj.chi.like(gradient_magnitude(&vols[0].data));
@@ -1064,19 +1280,35 @@ fn panel<'a>(v: &'a Volume, caption: &str, window: Window) -> Panel<'a> {
     }
 }
 
-fn dm_row(phantom: u64, case: Case, c: Config, part: &'static str, m: Metrics, secs: f64) -> Row {
+fn baseline_row(phantom: u64, case: Case, method: &str, m: Metrics, secs: f64) -> Row {
     Row {
         phantom,
         case: case.name(),
-        method: "DM-QSM".into(),
+        method: method.into(),
+        steps: None,
+        guidance: None,
+        xi: None,
+        overlap: None,
+        part: "main",
+        metrics: m,
+        seconds: secs,
+        seam_ratio: None,
+        start: None,
+        samples: None,
+        alpha: None,
+        calibration: None,
+    }
+}
+
+fn dm_row(phantom: u64, case: Case, c: Config, part: &'static str, m: Metrics, secs: f64) -> Row {
+    Row {
         steps: Some(c.steps),
         guidance: Some(c.guidance.name()),
         xi: Some(c.xi),
         overlap: Some(c.overlap),
         part,
-        metrics: m,
-        seconds: secs,
-        seam_ratio: None,
+        start: c.start,
+        ..baseline_row(phantom, case, "DM-QSM", m, secs)
     }
 }
 
@@ -1093,6 +1325,8 @@ fn averaged<'a>(rows: &'a [Row], part: &str) -> Vec<(&'a Row, Vec<&'a Row>)> {
                 x.guidance,
                 x.xi.map(f64::to_bits),
                 x.overlap,
+                x.start,
+                x.samples,
             )
         };
         match groups.iter_mut().find(|(k, _)| key(k) == key(r)) {
@@ -1122,10 +1356,17 @@ fn fmt_mean(v: &[&Row], f: impl Fn(&Row) -> Option<f64>, digits: usize) -> Strin
 }
 
 fn method_label(r: &Row) -> String {
-    match (r.steps, r.guidance) {
+    let mut label = match (r.steps, r.guidance) {
         (Some(s), Some(g)) => format!("{} {s} steps, {g}", r.method),
         _ => r.method.clone(),
+    };
+    if let Some(t) = r.start {
+        let _ = write!(label, ", warm start t₀ {t}");
     }
+    if let Some(k) = r.samples.filter(|&k| k > 1) {
+        let _ = write!(label, ", mean of {k}");
+    }
+    label
 }
 
 fn metric_cells(g: &[&Row]) -> String {
@@ -1162,8 +1403,12 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
         md,
         "Model `{}` (patch {}), phantoms {} ({}×{}×{} at 1 mm, held out), B0 along z, \
          DDIM η {}, overlap {}, x̂0 clamp {}, sampler seed {}. Baselines: TKD δ = 0.1, closed-form L2 \
-         λ = 0.1, k-space zero-fill, trilinear. Metrics in the brain mask, means over \
-         phantoms; NRMSE, dNRMSE (detrended) and HFEN in %, time in s.\n",
+         λ = 0.1, weighted TV-ADMM (FANSI style, brain-mask weight) with α from 10 values \
+         1e-5…1e-2 either chosen against the truth by NRMSE (TV's best case, which a user \
+         cannot have) or at the L-curve corner, k-space zero-fill, trilinear. A warm start \
+         t₀ begins DM-QSM at training timestep t₀ from the L-curve TV (dipole cases) or the \
+         zero-fill (SR). Metrics in the brain mask, means over phantoms; NRMSE, dNRMSE \
+         (detrended) and HFEN in %, time in s (TV: per α).\n",
         model.spec().model_id,
         model.spec().patch_size,
         seeds.join(", "),
@@ -1180,6 +1425,52 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
     let header = "| case | method | ξ | NRMSE | dNRMSE | HFEN | XSIM | CC | time |\n|---|---|---|---|---|---|---|---|---|";
     let _ = writeln!(md, "{header}");
     write_rows(&mut md, &averaged(rows, "main"));
+    if s.phantom_seeds.len() > 1 {
+        let _ = writeln!(md, "\nPer phantom (main table):\n");
+        let _ = writeln!(
+            md,
+            "| phantom | case | method | ξ / α | NRMSE | dNRMSE | HFEN | XSIM | CC | time |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for r in rows.iter().filter(|r| r.part == "main") {
+            let param =
+                r.xi.or(r.alpha)
+                    .map(|x| format!("{x:.3}"))
+                    .unwrap_or_else(|| "—".into());
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {param} | {} |",
+                r.phantom,
+                r.case,
+                method_label(r),
+                metric_cells(&[r])
+            );
+        }
+    }
+    let cal: Vec<&Row> = rows.iter().filter(|r| r.calibration.is_some()).collect();
+    if !cal.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nCalibration of the posterior std map (mean of K samples; Spearman ρ of std \
+             with |error| in the mask, and the fraction of voxels with |error| ≤ 2σ):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| phantom | case | method | ρ(std, abs error) | within ±2σ |\n|---|---|---|---|---|"
+        );
+        for r in cal {
+            if let Some(c) = r.calibration {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {:.3} | {:.3} |",
+                    r.phantom,
+                    r.case,
+                    method_label(r),
+                    c.spearman,
+                    c.coverage_2sigma
+                );
+            }
+        }
+    }
     let sweep = averaged(rows, "xi-sweep");
     if !sweep.is_empty() {
         let _ = writeln!(
@@ -1361,6 +1652,9 @@ mod tests {
             eta: 1.0,
             clamp_ppm: "-1,1".into(),
             seed: 0,
+            start_timesteps: vec![],
+            samples: 1,
+            warm_start_alpha: None,
             max_batch: 8,
             threads: None,
         };
@@ -1369,7 +1663,8 @@ mod tests {
         let s = resolve(&a).unwrap();
         assert_eq!(s.shape, [64, 64, 48]);
         assert_eq!(s.steps, vec![10]);
-        assert_eq!(s.cases.len(), 5);
+        assert_eq!(s.cases.len(), Case::ALL.len());
+        assert_eq!(s.starts, vec![None]);
         assert_eq!(
             s.guidance,
             vec![GuidanceArg::Approx, GuidanceArg::Prox, GuidanceArg::Exact]

@@ -1,11 +1,11 @@
-//! The physics subcommands of `dmqsm`: `phantom`, `simulate`, `tkd`, `eval`, `preview` and
-//! `demo`. Thin wrappers around `dmqsm_common`; each writes NIfTI plus a JSON sidecar
+//! The physics subcommands of `dmqsm`: `phantom`, `simulate`, `invert` (alias `tkd`),
+//! `eval`, `preview` and `demo`. Thin wrappers around `dmqsm_common`; each writes NIfTI plus a JSON sidecar
 //! (units, B0, settings; metrics for `eval`).
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use dmqsm_common::geometry::B0Direction;
-use dmqsm_common::inversion::{l2, tkd};
+use dmqsm_common::inversion::{l2, tkd, tv};
 use dmqsm_common::metrics::{self, Metrics};
 use dmqsm_common::nifti_io::{read_nifti, write_nifti};
 use dmqsm_common::phantom::{self, PhantomConfig};
@@ -24,8 +24,10 @@ pub enum PhysicsCommand {
     Phantom(PhantomArgs),
     /// Simulate the local field of a χ map (dipole convolution, optional noise).
     Simulate(SimulateArgs),
-    /// Dipole inversion with TKD (default) or closed-form L2.
-    Tkd(TkdArgs),
+    /// Classical dipole inversion: TKD (default), closed-form L2 or total variation (TV-ADMM,
+    /// α from --alpha or the L-curve).
+    #[command(alias = "tkd")]
+    Invert(InvertArgs),
     /// Score a reconstruction against a truth inside a mask (QSM Challenge 2.0 metrics).
     Eval(EvalArgs),
     /// Write a PNG of three orthogonal slices with a colour bar in ppm.
@@ -39,7 +41,7 @@ pub fn run(cmd: PhysicsCommand) -> Result<()> {
     match cmd {
         PhysicsCommand::Phantom(a) => run_phantom(a),
         PhysicsCommand::Simulate(a) => run_simulate(a),
-        PhysicsCommand::Tkd(a) => run_tkd(a),
+        PhysicsCommand::Invert(a) => run_invert(a),
         PhysicsCommand::Eval(a) => run_eval(a),
         PhysicsCommand::Preview(a) => run_preview(a),
         PhysicsCommand::Demo(a) => demo::run(a),
@@ -104,9 +106,9 @@ pub struct SimulateArgs {
     pub out: PathBuf,
 }
 
-/// Arguments of `dmqsm tkd`.
+/// Arguments of `dmqsm invert` (alias `tkd`).
 #[derive(Debug, Args)]
-pub struct TkdArgs {
+pub struct InvertArgs {
     /// Local field, NIfTI.
     #[arg(long)]
     pub field: PathBuf,
@@ -119,6 +121,16 @@ pub struct TkdArgs {
     /// L2 regularisation weight λ.
     #[arg(long, default_value_t = 0.1)]
     pub lambda: f64,
+    /// TV weight α (field in ppm); default: the corner of the L-curve over 10 values from
+    /// 1e-5 to 1e-2 (no ground truth needed).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// TV iteration cap.
+    #[arg(long, default_value_t = 300)]
+    pub max_iterations: usize,
+    /// TV stopping tolerance on the relative change of χ per iteration.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tolerance: f64,
     /// B0 direction in voxel axes; default: from the NIfTI affine.
     #[arg(long, value_parser = parse_f64x3)]
     pub b0_dir: Option<[f64; 3]>,
@@ -131,7 +143,7 @@ pub struct TkdArgs {
     /// Echo time in s (for rad input).
     #[arg(long)]
     pub te: Option<f64>,
-    /// Brain mask applied to the output χ.
+    /// Brain mask applied to the output χ (and TV's data weight).
     #[arg(long)]
     pub mask: Option<PathBuf>,
     /// Output χ map (ppm), NIfTI; a JSON sidecar is written beside it.
@@ -204,6 +216,8 @@ pub enum Method {
     Tkd,
     /// Closed-form L2 with a gradient penalty (SEPIA).
     L2,
+    /// Weighted total variation by ADMM (FANSI), the mask as the data weight.
+    Tv,
 }
 
 fn run_phantom(a: PhantomArgs) -> Result<()> {
@@ -273,26 +287,100 @@ fn run_simulate(a: SimulateArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_tkd(a: TkdArgs) -> Result<()> {
+fn run_invert(a: InvertArgs) -> Result<()> {
     let mut field = read_volume(&a.field)?;
     let b0 = b0_direction(a.b0_dir, &field)?;
     let scale = FieldScale::new(a.b0_tesla, a.te)?;
     let factor = scale.factor(a.units.into(), FieldUnit::Ppm)? as f32;
     field.data.mapv_inplace(|v| v * factor);
-    let mut chi = match a.method {
-        Method::Tkd => tkd::tkd(&field, b0, a.threshold).context("TKD")?,
-        Method::L2 => l2::l2(&field, b0, a.lambda).context("closed-form L2")?,
+    let mask = a
+        .mask
+        .as_ref()
+        .map(|p| -> Result<Volume> {
+            let m = read_volume(p)?;
+            same_grid(&m, &field, "mask", "field")?;
+            Ok(m)
+        })
+        .transpose()?;
+    let (mut chi, method, param) = match a.method {
+        Method::Tkd => (
+            tkd::tkd(&field, b0, a.threshold).context("TKD")?,
+            "tkd",
+            json!({"threshold": a.threshold}),
+        ),
+        Method::L2 => (
+            l2::l2(&field, b0, a.lambda).context("closed-form L2")?,
+            "l2",
+            json!({"lambda": a.lambda}),
+        ),
+        Method::Tv => {
+            let params = tv::TvParams {
+                max_iterations: a.max_iterations,
+                tolerance: a.tolerance,
+                ..tv::TvParams::default()
+            };
+            let weight = mask.as_ref().map(|m| m.data.view());
+            let (chi, report, curve) = match a.alpha {
+                Some(alpha) => {
+                    let (chi, r) = tv::tv(&field, weight, b0, &tv::TvParams { alpha, ..params })
+                        .context("TV")?;
+                    (chi, r, None)
+                }
+                None => {
+                    let c =
+                        tv::tv_lcurve(&field, weight, b0, &tv::default_lcurve_alphas(), &params)
+                            .context("TV L-curve")?;
+                    let best = c.best();
+                    let points: Vec<_> = c
+                        .points
+                        .iter()
+                        .map(|p| json!({"alpha": p.report.alpha, "data_misfit": p.report.data_misfit, "total_variation": p.report.total_variation, "iterations": p.report.iterations}))
+                        .collect();
+                    (best.chi.clone(), best.report, Some(points))
+                }
+            };
+            if !report.converged {
+                tracing::warn!(
+                    iterations = report.iterations,
+                    change = report.relative_change,
+                    "TV stopped at --max-iterations before reaching --tolerance"
+                );
+            }
+            println!(
+                "TV: α {:.3e}{}, {} iterations ({}), relative change {:.2e}",
+                report.alpha,
+                if curve.is_some() {
+                    " (L-curve corner)"
+                } else {
+                    ""
+                },
+                report.iterations,
+                if report.converged {
+                    "converged"
+                } else {
+                    "iteration cap reached"
+                },
+                report.relative_change
+            );
+            (
+                chi,
+                "tv",
+                json!({
+                    "alpha": report.alpha,
+                    "alpha_rule": if curve.is_some() { "l-curve" } else { "given" },
+                    "iterations": report.iterations,
+                    "converged": report.converged,
+                    "relative_change": report.relative_change,
+                    "tolerance": a.tolerance,
+                    "l_curve": curve,
+                }),
+            )
+        }
     };
-    if let Some(mask_path) = &a.mask {
-        let mask = read_volume(mask_path)?;
-        same_grid(&mask, &chi, "mask", "field")?;
+    if let Some(mask) = &mask {
         chi.data.zip_mut_with(&mask.data, |c, m| *c *= *m);
     }
     write_volume(&a.out, &chi)?;
-    let (method, param) = match a.method {
-        Method::Tkd => ("tkd", json!({"threshold": a.threshold})),
-        Method::L2 => ("l2", json!({"lambda": a.lambda})),
-    };
     write_json(
         &sidecar_path(&a.out),
         &json!({
