@@ -36,6 +36,10 @@ pub enum Error {
     /// The sampler was driven out of order (e.g. results for a batch it did not ask for).
     #[error("sampler protocol: {0}")]
     Protocol(String),
+    /// A reconstruction diverged on its own settings (its data residual exploded or went
+    /// non-finite); the message names the setting to change. Not a model or worker fault.
+    #[error("reconstruction diverged: {0}")]
+    Diverged(String),
 }
 
 /// Result alias of `dmqsm-common`.

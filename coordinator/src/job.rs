@@ -151,6 +151,13 @@ pub struct JobSpec {
     /// Patches per worker batch, fixed at submission (batches are part of the job's
     /// deterministic definition).
     pub batch_size: u32,
+    /// Warm-start timestep t₀ (`None`: from pure noise; jobs stored before warm starts
+    /// existed read as `None`).
+    #[serde(default)]
+    pub start_timestep: Option<u32>,
+    /// TV α of the warm-start estimate (`None`: the L-curve corner).
+    #[serde(default)]
+    pub tv_alpha: Option<f64>,
 }
 
 impl JobSpec {
@@ -241,6 +248,24 @@ impl JobSpec {
         if field_units == "rad" && !(s.te_seconds.is_finite() && s.te_seconds > 0.0) {
             return bad("settings.te_seconds must be > 0 for field units rad".to_string());
         }
+        if let Some(t) = s.start_timestep {
+            if t == 0 || t >= 1000 {
+                return bad(format!(
+                    "settings.start_timestep {t} must be between 1 and 999 (a training timestep)"
+                ));
+            }
+            if steps > t + 1 {
+                return bad(format!(
+                    "settings.steps {steps} is more than a warm start at timestep {t} allows ({}); raise start_timestep or lower steps",
+                    t + 1
+                ));
+            }
+        }
+        if let Some(a) = s.tv_alpha
+            && !(a.is_finite() && a > 0.0)
+        {
+            return bad(format!("settings.tv_alpha {a} must be finite and positive"));
+        }
         let downsample = if s.downsample.is_empty() {
             "kspace".to_string()
         } else {
@@ -275,6 +300,8 @@ impl JobSpec {
             } else {
                 batch_size.max(1) as u32
             },
+            start_timestep: s.start_timestep,
+            tv_alpha: s.tv_alpha,
         })
     }
 
@@ -303,6 +330,8 @@ impl JobSpec {
             te_seconds: self.te_seconds,
             downsample: self.downsample.clone(),
             batch_size: self.batch_size,
+            start_timestep: self.start_timestep,
+            tv_alpha: self.tv_alpha,
         }
     }
 }

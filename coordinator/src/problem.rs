@@ -5,7 +5,9 @@ use crate::job::{JobSpec, TaskKind};
 use dmqsm_common::diffusion::model::ModelSpec;
 use dmqsm_common::diffusion::schedule::{ScheduleConfig, ScheduleKind};
 use dmqsm_common::nifti_io::read_nifti_bytes;
-use dmqsm_common::tasks::{Downsampling, Problem, Resolution, Task, TaskOptions, prepare};
+use dmqsm_common::tasks::{
+    Downsampling, InitialEstimate, Problem, Resolution, Task, TaskOptions, prepare,
+};
 use dmqsm_common::units::{FieldScale, FieldUnit};
 use dmqsm_proto::v1;
 
@@ -68,6 +70,11 @@ pub fn task_options(spec: &JobSpec) -> Result<TaskOptions> {
         .map_err(|e| CoordinatorError::InvalidSubmission(e.to_string()))?;
     o.tkd_threshold = spec.tkd_threshold;
     o.b0_dir = spec.b0_dir;
+    if spec.start_timestep.is_some() {
+        o.initial_estimate = InitialEstimate::Tv {
+            alpha: spec.tv_alpha,
+        };
+    }
     Ok(o)
 }
 

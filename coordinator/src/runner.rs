@@ -62,7 +62,7 @@ pub fn sampler_settings(spec: &JobSpec, k: u32) -> SamplerSettings {
         shift_grid: false,
         clamp_ppm: None,
         seed: spec.seed.wrapping_add(k as u64),
-        start_timestep: None,
+        start_timestep: spec.start_timestep.map(|t| t as usize),
     }
 }
 

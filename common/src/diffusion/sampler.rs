@@ -75,6 +75,12 @@ pub enum Guidance {
     None,
 }
 
+/// A run is declared diverged when its data residual ‖M_y(y − A x̂_0)‖ exceeds this many
+/// times ‖M_y y‖, the residual of the zero map: the estimate then explains the data far
+/// worse than predicting nothing at all (the blow-ups seen with large DPS steps reach
+/// 10³–10⁵).
+pub const DIVERGENCE_FACTOR: f64 = 20.0;
+
 /// The default ξ of a run: what [`SamplerSettings::xi`] = `None` means.
 ///
 /// - DPS ([`Guidance::Exact`], [`Guidance::Approx`]): DM-QSM's ξ ([`Task::default_xi`]:
@@ -84,9 +90,11 @@ pub enum Guidance {
 ///   ξ·1000/N to keep it (equal to the paper's value at N = 1000).
 /// - [`Guidance::Prox`]: ξ is the data weight w of the proximal step, which does not
 ///   accumulate over steps: 2 (`dipinv`, A = I on a TKD estimate), 16 (`sr`), 8
-///   (`sr-dipinv`) and 64 (physics tasks, where AᵀA = D² ≤ 4/9 needs a larger w). Tuned
-///   on held-out phantom 1000 at 25 steps with the bundled model (`dmqsm benchmark
-///   quality` sweeps around them).
+///   (`sr-dipinv`) and 8 (physics tasks). The first three were tuned on held-out phantom
+///   1000 at 25 steps with the bundled model; the physics weight on the same phantom
+///   (64×64×48 crop) for the warm-started default (8 steps from t₀ = 50, where w = 2, 4,
+///   8 and 64 gave NRMSE 40.3, 37.9, 36.8 and 40.0 %); `dmqsm benchmark quality` sweeps
+///   around them.
 /// - [`Guidance::None`]: ξ is not used.
 pub fn default_xi(task: Task, guidance: Guidance, steps: usize) -> f64 {
     match guidance {
@@ -97,7 +105,7 @@ pub fn default_xi(task: Task, guidance: Guidance, steps: usize) -> f64 {
             Task::Dipinv => 2.0,
             Task::Sr => 16.0,
             Task::SrDipinv => 8.0,
-            Task::DipinvPhysics | Task::SrDipinvPhysics => 64.0,
+            Task::DipinvPhysics | Task::SrDipinvPhysics => 8.0,
         },
     }
 }
@@ -415,6 +423,8 @@ pub struct Sampler {
     grid: PatchGrid,
     schedule: SamplingSchedule,
     y_model: Array3<f32>,
+    /// ‖M_y y‖ in model units (the zero map's residual), for the divergence check.
+    y_norm: f64,
     step: usize,
     state: Array3<f32>,
     phase: Phase,
@@ -559,6 +569,7 @@ impl Sampler {
             .and(problem.measurement_mask())
             .map_collect(|&y, &m| if m { y * scale } else { 0.0 });
         let n = base_grid.len();
+        let y_norm = sum_squares(y_model.as_slice().unwrap_or(&[])).sqrt();
         Ok(Self {
             grid: base_grid.clone(),
             base_grid,
@@ -568,6 +579,7 @@ impl Sampler {
             clamp,
             schedule,
             y_model,
+            y_norm,
             step: 0,
             state: Array3::zeros([0, 0, 0]),
             phase: Phase::Eps,
@@ -977,7 +989,12 @@ impl Sampler {
         inside: Option<&Array3<bool>>,
     ) -> Result<Array3<f32>> {
         let x0 = self.grid.crop(x0_hat.view())?;
-        let (g, norm) = dps_gradient(self.problem.as_ref(), &self.y_model, &x0)?;
+        let (g, norm) =
+            dps_gradient(self.problem.as_ref(), &self.y_model, &x0).map_err(|e| match e {
+                Error::NonFinite(_) => self.diverged(f64::NAN),
+                e => e,
+            })?;
+        self.check_residual(norm)?;
         self.residual_ppm = Some(norm / self.spec.chi_scale);
         let mut g = self.grid.pad(g.view())?;
         if let Some(inside) = inside {
@@ -988,6 +1005,39 @@ impl Sampler {
             });
         }
         Ok(g)
+    }
+
+    /// Errors with [`Error::Diverged`] if the residual is not finite or above
+    /// [`DIVERGENCE_FACTOR`] × ‖M_y y‖.
+    fn check_residual(&self, norm: f64) -> Result<()> {
+        if norm.is_finite() && (self.y_norm == 0.0 || norm <= DIVERGENCE_FACTOR * self.y_norm) {
+            Ok(())
+        } else {
+            Err(self.diverged(norm))
+        }
+    }
+
+    fn diverged(&self, norm: f64) -> Error {
+        let scale = self.spec.chi_scale;
+        let hint = match self.settings.guidance {
+            Guidance::Prox => "lower --xi (the prox data weight)",
+            _ => "lower --xi, or use --guidance prox, whose step is bounded",
+        };
+        Error::Diverged(format!(
+            "at step {} of {} the data residual ‖y − A x̂₀‖ is {:.3e} ppm against {:.3e} ppm for a zero map ({}× allowed) with {} guidance and ξ = {}: {hint}",
+            self.step + 1,
+            self.schedule.len(),
+            norm / scale,
+            self.y_norm / scale,
+            DIVERGENCE_FACTOR,
+            match self.settings.guidance {
+                Guidance::Exact => "exact",
+                Guidance::Approx => "approx",
+                Guidance::Prox => "prox",
+                Guidance::None => "no",
+            },
+            self.xi
+        ))
     }
 
     /// x̃_0: the proximal data-consistency solution on the output grid with weight ξ,
@@ -1003,6 +1053,7 @@ impl Sampler {
             self.xi,
             crate::diffusion::consistency::PROX_CG_ITERATIONS,
         )?;
+        self.check_residual(norm)?;
         self.residual_ppm = Some(norm / self.spec.chi_scale);
         let mut out = x0_hat;
         let [rx, ry, rz] = self.grid.volume_region();

@@ -226,6 +226,10 @@ pub struct QualityArgs {
     /// from pure noise. Several values give a row each [default: none].
     #[arg(long, value_delimiter = ',')]
     pub start_timesteps: Vec<String>,
+    /// ξ of the main runs (the DPS step or prox data weight; the sweep's factors multiply
+    /// it); default: the sampler's default for the task, guidance and steps.
+    #[arg(long)]
+    pub xi: Option<f64>,
     /// TV weight α of the warm-start estimate of the dipole cases; default: the L-curve
     /// corner (the TV (L-curve α) baseline itself).
     #[arg(long)]
@@ -277,6 +281,8 @@ pub struct QualitySettings {
     pub samples: usize,
     /// TV α of the warm start (`None`: the L-curve corner).
     pub warm_start_alpha: Option<f64>,
+    /// ξ of the main runs (`None`: the sampler's default).
+    pub xi: Option<f64>,
 }
 
 /// One scored reconstruction.
@@ -461,6 +467,10 @@ pub fn resolve(args: &QualityArgs) -> anyhow::Result<QualitySettings> {
         seed: args.seed,
         starts: dedup(&starts),
         samples: args.samples,
+        xi: match args.xi {
+            Some(x) if !(x.is_finite() && x > 0.0) => bail!("--xi {x} must be finite and positive"),
+            x => x,
+        },
         warm_start_alpha: match args.warm_start_alpha {
             Some(a) if !(a.is_finite() && a > 0.0) => {
                 bail!("--warm-start-alpha {a} must be finite and positive")
@@ -1124,8 +1134,11 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                 });
             }
             let problem = subj.problem(case, warm.as_ref())?;
-            let default_xi =
-                |g: GuidanceArg, steps: usize| default_xi(case.task(), g.guidance(), steps);
+            let default_xi = |g: GuidanceArg, steps: usize| {
+                settings
+                    .xi
+                    .unwrap_or_else(|| default_xi(case.task(), g.guidance(), steps))
+            };
             let mut best: Option<(Volume, f64, String)> = None;
             for &steps in &settings.steps {
                 for &g in guidance.iter().filter(|&&g| settings.runs(g, steps)) {
@@ -1655,6 +1668,7 @@ mod tests {
             start_timesteps: vec![],
             samples: 1,
             warm_start_alpha: None,
+            xi: None,
             max_batch: 8,
             threads: None,
         };

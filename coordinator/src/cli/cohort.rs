@@ -142,6 +142,15 @@ impl CohortArgs {
         if let Some(xi) = self.job.xi {
             a.extend(["--xi".into(), xi.to_string()]);
         }
+        let start = match self.job.start_timestep {
+            super::StartTimestep::Auto => "auto".to_string(),
+            super::StartTimestep::None => "none".to_string(),
+            super::StartTimestep::At(t) => t.to_string(),
+        };
+        a.extend(["--start-timestep".into(), start]);
+        if let Some(alpha) = self.job.tv_alpha {
+            a.extend(["--tv-alpha".into(), alpha.to_string()]);
+        }
         if !self.job.model_id.is_empty() {
             a.extend(["--model-id".into(), self.job.model_id.clone()]);
         }

@@ -14,6 +14,10 @@ pub mod cohort;
 pub mod physics;
 pub mod server;
 
+#[cfg(test)]
+#[path = "defaults_tests.rs"]
+mod defaults_tests;
+
 /// Exit codes of `dmqsm`, shown in `--help`.
 pub const EXIT_CODES: &str = "\
 Exit codes:
@@ -168,22 +172,31 @@ impl GuidanceArg {
 /// one set of defaults).
 #[derive(Debug, Clone, Args)]
 pub struct SettingsArgs {
-    /// Task.
-    #[arg(long, value_enum, default_value = "dipinv")]
+    /// Task. The default, `dipinv-physics`, uses the dipole model in the data term.
+    #[arg(long, value_enum, default_value = "dipinv-physics")]
     pub task: TaskArg,
     /// Diffusion (DDIM) steps.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: u32,
     /// DDIM η (0 deterministic, 1 ancestral).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 1.0)]
     pub eta: f64,
+    /// Warm start: the training timestep t₀ (1–999) the reverse process starts from, with
+    /// a classical estimate noised to it (TV of the field, α from --tv-alpha or the
+    /// L-curve; the zero-fill for sr); `none` starts from pure noise; `auto` is t₀ = 50,
+    /// or steps − 1 when more steps are asked for.
+    #[arg(long, default_value = "auto", value_parser = parse_start)]
+    pub start_timestep: StartTimestep,
+    /// TV weight α of the warm-start estimate (default: the L-curve corner).
+    #[arg(long)]
+    pub tv_alpha: Option<f64>,
     /// ξ: the DPS step size, or the prox data weight (default: DM-QSM's 0.5 dipole
     /// inversion / 2 SR scaled by 1000/steps for DPS; 2–64 by task for prox; see
     /// `dmqsm_common::diffusion::sampler::default_xi`).
     #[arg(long)]
     pub xi: Option<f64>,
     /// Guidance mode.
-    #[arg(long, value_enum, default_value = "approx")]
+    #[arg(long, value_enum, default_value = "prox")]
     pub guidance: GuidanceArg,
     /// Patch overlap in voxels (DM-QSM: 8).
     #[arg(long, default_value_t = 8)]
@@ -214,10 +227,54 @@ pub struct SettingsArgs {
     pub batch_size: u32,
 }
 
+/// The default number of diffusion steps of `run`, `submit` and `cohort`.
+pub const DEFAULT_STEPS: u32 = 8;
+/// The warm-start timestep `--start-timestep auto` uses when the steps fit.
+pub const DEFAULT_START_TIMESTEP: u32 = 50;
+
+/// `--start-timestep`: a training timestep, `none` or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartTimestep {
+    /// [`DEFAULT_START_TIMESTEP`], or steps − 1 when more steps are asked for.
+    Auto,
+    /// From pure noise.
+    None,
+    /// This timestep.
+    At(u32),
+}
+
+impl StartTimestep {
+    /// The timestep for a run of `steps` steps (`None`: from noise).
+    pub fn resolve(self, steps: u32) -> Option<u32> {
+        match self {
+            StartTimestep::Auto => {
+                Some(DEFAULT_START_TIMESTEP.max(steps.saturating_sub(1)).min(999))
+            }
+            StartTimestep::None => None,
+            StartTimestep::At(t) => Some(t),
+        }
+    }
+}
+
+fn parse_start(s: &str) -> std::result::Result<StartTimestep, String> {
+    match s.trim() {
+        "auto" => Ok(StartTimestep::Auto),
+        "none" => Ok(StartTimestep::None),
+        t => match t.parse::<u32>() {
+            Ok(v) if (1..=999).contains(&v) => Ok(StartTimestep::At(v)),
+            _ => Err(format!(
+                "{t:?} is not a training timestep between 1 and 999, `auto` or `none`"
+            )),
+        },
+    }
+}
+
 impl SettingsArgs {
     /// The proto settings; per-input fields (B0 direction, field units) stay unset.
     pub fn to_proto(&self) -> v1::JobSettings {
         v1::JobSettings {
+            start_timestep: self.start_timestep.resolve(self.steps),
+            tv_alpha: self.tv_alpha,
             task: self.task.to_proto() as i32,
             steps: self.steps,
             eta: self.eta,

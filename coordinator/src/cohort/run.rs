@@ -169,14 +169,23 @@ pub fn settings_json(s: &v1::JobSettings) -> Value {
         Ok(v1::Guidance::Prox) => "prox".to_string(),
         _ => format!("unknown({})", s.guidance),
     };
-    json!({
+    let mut v = json!({
         "task": task, "steps": s.steps, "eta": s.eta, "xi": s.xi, "guidance": guidance,
         "overlap": s.overlap.unwrap_or(8), "seed": s.seed, "samples": s.samples,
         "model_id": s.model_id, "factor": s.factor, "b0_dir": s.b0_dir,
         "tkd_threshold": s.tkd_threshold, "field_units": s.field_units,
         "b0_tesla": s.b0_tesla, "te_seconds": s.te_seconds, "downsample": s.downsample,
         "batch_size": s.batch_size,
-    })
+    });
+    // Added only when set, so the fingerprints of cohorts run before warm starts existed
+    // stay valid.
+    if let Some(t) = s.start_timestep {
+        v["start_timestep"] = json!(t);
+    }
+    if let Some(a) = s.tv_alpha {
+        v["tv_alpha"] = json!(a);
+    }
+    v
 }
 
 /// A prepared submission.
