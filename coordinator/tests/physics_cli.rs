@@ -60,10 +60,11 @@ fn phantom_simulate_tkd_eval_preview_pipeline() {
         serde_json::from_str(&std::fs::read_to_string(d.join("field.json")).unwrap()).unwrap();
     assert_eq!(side["units"], "ppm");
     assert_eq!(side["snr"], 100.0);
-    for method in ["tkd", "l2"] {
+    for method in ["tkd", "l2", "tv"] {
         let chi = d.join(format!("chi_{method}.nii.gz"));
+        // `tkd` is the old name of `invert`, kept as an alias.
         ok(&[
-            "tkd",
+            if method == "tkd" { "tkd" } else { "invert" },
             "--method",
             method,
             "--field",
@@ -92,6 +93,28 @@ fn phantom_simulate_tkd_eval_preview_pipeline() {
         let nrmse = m["metrics"]["nrmse"].as_f64().unwrap();
         assert!(nrmse > 0.0 && nrmse < 100.0, "{method}: NRMSE {nrmse}");
     }
+    // TV without --alpha picks it at the L-curve corner and records the curve.
+    let side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("chi_tv.json")).unwrap()).unwrap();
+    assert_eq!(side["method"], "tv");
+    assert_eq!(side["parameters"]["alpha_rule"], "l-curve");
+    assert_eq!(
+        side["parameters"]["l_curve"].as_array().map(Vec::len),
+        Some(10)
+    );
+    let bad = dmqsm(&[
+        "invert",
+        "--method",
+        "tv",
+        "--alpha",
+        "-1",
+        "--field",
+        s(&field),
+        "--out",
+        s(&d.join("bad.nii.gz")),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("alpha"));
     let png = d.join("p.png");
     ok(&[
         "preview",

@@ -18,8 +18,11 @@ use std::time::Instant;
 pub const DEMO_SHAPE: [usize; 3] = [96, 112, 96];
 /// The demo's phantom seed (held out: training uses seeds < 1000).
 pub const DEMO_SEED: u64 = 1001;
-/// The demo's diffusion steps.
-pub const DEMO_STEPS: u32 = 25;
+/// The demo's diffusion steps: `dmqsm run`'s default.
+pub const DEMO_STEPS: u32 = crate::cli::DEFAULT_STEPS;
+/// The demo's warm-start timestep: `dmqsm run`'s default for its steps (TV with the
+/// L-curve α, noised to t₀ = 50).
+pub const DEMO_START_TIMESTEP: u32 = crate::cli::DEFAULT_START_TIMESTEP;
 /// The demo's DDIM η (1: ancestral, as DPS and the benchmark; η = 0 drifted badly with
 /// the bundled model).
 pub const DEMO_ETA: f64 = 1.0;
@@ -119,6 +122,9 @@ pub struct DemoArgs {
     /// task, guidance and steps (`dmqsm_common::diffusion::sampler::default_xi`).
     #[arg(long)]
     pub xi: Option<f64>,
+    /// Warm-start timestep (`none`: from pure noise), as `dmqsm run --start-timestep`.
+    #[arg(long, default_value_t = DEMO_START_TIMESTEP.to_string())]
+    pub start_timestep: String,
     /// Noise seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub sample_seed: u64,
@@ -173,6 +179,8 @@ fn run_dmqsm(a: &DemoArgs, field: &std::path::Path, mask: &std::path::Path) -> R
         a.guidance.clone(),
         "--seed".into(),
         a.sample_seed.to_string(),
+        "--start-timestep".into(),
+        a.start_timestep.clone(),
         "--xi".into(),
         demo_xi(a)?.to_string(),
         "--model".into(),
@@ -292,6 +300,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "b0_dir": b0.as_array(),
             "dmqsm": if recons.len() > DEMO_BASELINES.len() { json!({
                 "model": a.model, "steps": a.steps, "eta": a.eta, "guidance": a.guidance, "xi": demo_xi(&a)?,
+                "start_timestep": a.start_timestep,
                 "workers": a.workers, "sample_seed": a.sample_seed, "task": a.task,
             }) } else { serde_json::Value::Null },
             "reconstructions": recons.iter().map(|r| json!({
