@@ -55,6 +55,8 @@ fn quality_benchmark_runs_end_to_end_on_a_tiny_phantom() {
         "zero-fill",
         "trilinear",
         "TKD+zero-fill",
+        "| TV (α tuned on truth) |",
+        "| TV (L-curve α) |",
         "DM-QSM 2 steps, approx",
         "DM-QSM 2 steps, exact",
         "DM-QSM 2 steps, prox",
@@ -66,9 +68,10 @@ fn quality_benchmark_runs_end_to_end_on_a_tiny_phantom() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     let rows = json["rows"].as_array().unwrap();
-    // 3 cases × (2 or 3 baselines) + 3 × 3 main + 3 × 2 sweep (approx, prox; exact is
-    // not swept) + 2 ablation + 1 truth.
-    assert_eq!(rows.len(), 2 + 2 + 3 + 9 + 6 + 2 + 1);
+    // Baselines: 4 for dipinv (TKD, L2, TV tuned on the truth, TV at the L-curve
+    // corner), 2 for sr, 3 for sr-dipinv; + 3 × 3 main + 3 × 2 sweep (approx, prox; exact
+    // is not swept) + 2 ablation + 1 truth.
+    assert_eq!(rows.len(), 4 + 2 + 3 + 9 + 6 + 2 + 1);
     for r in rows {
         let n = r["metrics"]["nrmse"].as_f64().unwrap();
         assert!(n.is_finite() && n >= 0.0, "{r}");

@@ -69,7 +69,8 @@ fn run_embedded_writes_results_and_exit_codes_follow_the_documentation() {
     }
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["settings"]["task"], "dipinv");
+    // The default task (no --task given).
+    assert_eq!(report["settings"]["task"], "dipinv-physics");
     assert_eq!(report["settings"]["guidance"], "exact");
     assert_eq!(report["samples"].as_array().unwrap().len(), 2);
     let chi = dmqsm_common::nifti_io::read_nifti(out.join("chi.nii.gz")).unwrap();

@@ -76,10 +76,15 @@ pub enum Guidance {
 }
 
 /// A run is declared diverged when its data residual ‖M_y(y − A x̂_0)‖ exceeds this many
-/// times ‖M_y y‖, the residual of the zero map: the estimate then explains the data far
-/// worse than predicting nothing at all (the blow-ups seen with large DPS steps reach
-/// 10³–10⁵).
+/// times ‖M_y y‖, the residual of the zero map, at a step with ᾱ_t ≥
+/// [`DIVERGENCE_MIN_ALPHA_BAR`]: the estimate then explains the data far worse than
+/// predicting nothing at all (the blow-ups seen with large DPS steps reach 10³–10⁵). A
+/// non-finite residual is divergence at any step.
 pub const DIVERGENCE_FACTOR: f64 = 20.0;
+/// The residual is only judged once ᾱ_t ≥ this: at the noisiest steps x̂_0 = (x_t −
+/// √(1−ᾱ) ε̂)/√ᾱ amplifies any error of ε̂ by up to 1/√ᾱ ≈ 160, so a large residual
+/// there says nothing about the result.
+pub const DIVERGENCE_MIN_ALPHA_BAR: f64 = 0.5;
 
 /// The default ξ of a run: what [`SamplerSettings::xi`] = `None` means.
 ///
@@ -1007,10 +1012,15 @@ impl Sampler {
         Ok(g)
     }
 
-    /// Errors with [`Error::Diverged`] if the residual is not finite or above
-    /// [`DIVERGENCE_FACTOR`] × ‖M_y y‖.
+    /// Errors with [`Error::Diverged`] if the residual is not finite, or above
+    /// [`DIVERGENCE_FACTOR`] × ‖M_y y‖ at a step with ᾱ_t ≥ [`DIVERGENCE_MIN_ALPHA_BAR`].
     fn check_residual(&self, norm: f64) -> Result<()> {
-        if norm.is_finite() && (self.y_norm == 0.0 || norm <= DIVERGENCE_FACTOR * self.y_norm) {
+        let judged = self
+            .schedule
+            .step(self.step)
+            .is_some_and(|c| c.alpha_bar >= DIVERGENCE_MIN_ALPHA_BAR);
+        let too_large = judged && self.y_norm > 0.0 && norm > DIVERGENCE_FACTOR * self.y_norm;
+        if norm.is_finite() && !too_large {
             Ok(())
         } else {
             Err(self.diverged(norm))

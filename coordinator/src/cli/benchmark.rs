@@ -1198,7 +1198,9 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                 }
             }
             if let (Some((bi, _)), Some((v, _, label))) = (best_base, &best) {
-                let (bname, bv) = (&base[bi].name, &base[bi].volume);
+                // The PNG font has no Greek letters.
+                let bname = &base[bi].name.replace('α', "alpha");
+                let bv = &base[bi].volume;
                 let path = args
                     .out
                     .join(format!("triptych-{seed}-{}.png", case.name()));
