@@ -691,29 +691,20 @@ mod tests {
         let b0 = B0Direction::AXIAL;
         let p = TvParams::default();
         let err = |r: Result<(Volume, TvReport)>| r.unwrap_err().to_string();
-        assert!(err(tv(&f, None, b0, &TvParams { alpha: 0.0, ..p })).contains("alpha"));
+        let bad = |q: TvParams| err(tv(&f, None, b0, &q));
+        assert!(bad(TvParams { alpha: 0.0, ..p }).contains("alpha"));
         assert!(
-            err(tv(
-                &f,
-                None,
-                b0,
-                &TvParams {
-                    mu_field: -1.0,
-                    ..p
-                }
-            ))
+            bad(TvParams {
+                mu_field: -1.0,
+                ..p
+            })
             .contains("mu2")
         );
         assert!(
-            err(tv(
-                &f,
-                None,
-                b0,
-                &TvParams {
-                    max_iterations: 0,
-                    ..p
-                }
-            ))
+            bad(TvParams {
+                max_iterations: 0,
+                ..p
+            })
             .contains("iteration")
         );
         let neg = Array3::from_elem([6, 6, 6], -1.0f32);
