@@ -191,7 +191,7 @@ pub struct SettingsArgs {
     #[arg(long)]
     pub tv_alpha: Option<f64>,
     /// ξ: the DPS step size, or the prox data weight (default: DM-QSM's 0.5 dipole
-    /// inversion / 2 SR scaled by 1000/steps for DPS; 2–64 by task for prox; see
+    /// inversion / 2 SR scaled by 1000/steps for DPS; 2–16 by task for prox (8 for the physics tasks); see
     /// `dmqsm_common::diffusion::sampler::default_xi`).
     #[arg(long)]
     pub xi: Option<f64>,
