@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::fft::Padding;
 use crate::geometry::B0Direction;
 use crate::inversion::tkd::{DEFAULT_TKD_THRESHOLD, TkdOptions, tkd_with};
-use crate::inversion::tv::{TvParams, default_lcurve_alphas, tv, tv_lcurve};
+use crate::inversion::tv::{TvParams, tv, tv_lcurve_default};
 use crate::operators::{
     BlockDownsample, Compose, DipoleConvolution, Identity, KSpaceDownsample, LinearOperator, Mask,
 };
@@ -653,13 +653,15 @@ pub fn prepare(
                 .as_ref()
                 .map(|m| m.mapv(|b| if b { 1.0f32 } else { 0.0 }));
             let w = weight.as_ref().map(|w| w.view());
-            let params = TvParams::default();
             let chi = match alpha {
-                Some(alpha) => tv(measurement, w, b0, &TvParams { alpha, ..params })?.0,
-                None => tv_lcurve(measurement, w, b0, &default_lcurve_alphas(), &params)?
-                    .best()
-                    .chi
-                    .clone(),
+                Some(alpha) => {
+                    let params = TvParams {
+                        alpha,
+                        ..TvParams::default()
+                    };
+                    tv(measurement, w, b0, &params)?.0
+                }
+                None => tv_lcurve_default(measurement, w, b0)?.best().chi.clone(),
             };
             chi.data
         }

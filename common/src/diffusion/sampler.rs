@@ -460,7 +460,8 @@ impl Sampler {
                 })?;
                 let scale = s.spec.chi_scale;
                 let x0 = s.base_grid.pad(init.view())?;
-                let a = NoiseSchedule::new(&s.spec.schedule)?.alpha_bar(Some(t0));
+                // A schedule started at t₀ carries ᾱ_{t₀} in its first step.
+                let a = s.schedule.step(0).map_or(1.0, |c| c.alpha_bar);
                 let (sa, s1a) = (a.sqrt(), (1.0 - a).sqrt());
                 Zip::from(&x0)
                     .and(&z)

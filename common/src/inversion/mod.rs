@@ -16,7 +16,8 @@ pub mod tv;
 pub use l2::{DEFAULT_L2_LAMBDA, L2Options, l2, l2_with};
 pub use tkd::{DEFAULT_TKD_THRESHOLD, TkdOptions, tkd, tkd_inverse, tkd_with};
 pub use tv::{
-    DEFAULT_TV_ALPHA, LCurve, LCurvePoint, TvParams, TvReport, default_lcurve_alphas, tv, tv_lcurve,
+    DEFAULT_TV_ALPHA, LCurve, LCurvePoint, TvParams, TvReport, default_lcurve_alphas, tv,
+    tv_lcurve, tv_lcurve_default,
 };
 
 use crate::error::Result;

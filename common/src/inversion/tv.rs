@@ -444,6 +444,24 @@ pub fn default_lcurve_alphas() -> Vec<f64> {
     (0..10).map(|i| 10f64.powf(-5.0 + i as f64 / 3.0)).collect()
 }
 
+/// [`tv_lcurve`] with the defaults everything automatic in dmqsm uses: the α grid of
+/// [`default_lcurve_alphas`] and [`TvParams::default`]. The warm start of
+/// `InitialEstimate::Tv { alpha: None }`, the demo's TV and the benchmark's TV baselines
+/// all come from here, so they agree bit for bit.
+pub fn tv_lcurve_default(
+    field: &Volume,
+    weight: Option<ArrayView3<'_, f32>>,
+    b0: B0Direction,
+) -> Result<LCurve> {
+    tv_lcurve(
+        field,
+        weight,
+        b0,
+        &default_lcurve_alphas(),
+        &TvParams::default(),
+    )
+}
+
 /// TV with α chosen by the L-curve: runs [`tv`] at every α of `alphas` (at least 3,
 /// positive, strictly increasing) and returns every solution with the corner: the point
 /// minimising √(m̂² + t̂²), m̂ and t̂ the misfit ½‖W(Dχ − φ)‖² and the TV ‖∇χ‖₁ scaled

@@ -62,7 +62,7 @@ use dmqsm_common::driver;
 use dmqsm_common::geometry::B0Direction;
 use dmqsm_common::inversion::l2::l2;
 use dmqsm_common::inversion::tkd::tkd;
-use dmqsm_common::inversion::tv::{LCurvePoint, TvParams, default_lcurve_alphas, tv, tv_lcurve};
+use dmqsm_common::inversion::tv::{LCurvePoint, TvParams, tv, tv_lcurve_default};
 use dmqsm_common::metrics::calibration::{Calibration, calibration};
 use dmqsm_common::metrics::{self, Metrics};
 use dmqsm_common::operators::{BlockDownsample, KSpaceDownsample, LinearOperator};
@@ -878,13 +878,7 @@ impl Subject {
                 timed("TKD", &|| Ok(tkd(field, b0, TKD_THRESHOLD)?.data))?;
                 timed("L2", &|| Ok(l2(field, b0, L2_LAMBDA)?.data))?;
                 let t = Instant::now();
-                let curve = tv_lcurve(
-                    field,
-                    Some(mask.data.view()),
-                    b0,
-                    &default_lcurve_alphas(),
-                    &TvParams::default(),
-                )?;
+                let curve = tv_lcurve_default(field, Some(mask.data.view()), b0)?;
                 let secs = t.elapsed().as_secs_f64() / curve.points.len() as f64;
                 let mut tuned: Option<(f64, &LCurvePoint)> = None;
                 for p in &curve.points {

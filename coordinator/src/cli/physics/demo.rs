@@ -63,13 +63,7 @@ pub fn demo_baseline(name: &str, field: &Volume, mask: &Volume) -> Result<Volume
         "TKD" => tkd::tkd(field, b0, 0.1)?,
         "L2" => l2::l2(field, b0, 0.1)?,
         "TV" => {
-            let curve = tv::tv_lcurve(
-                field,
-                Some(mask.data.view()),
-                b0,
-                &tv::default_lcurve_alphas(),
-                &tv::TvParams::default(),
-            )?;
+            let curve = tv::tv_lcurve_default(field, Some(mask.data.view()), b0)?;
             curve.best().chi.clone()
         }
         other => anyhow::bail!("unknown demo baseline {other:?}"),
