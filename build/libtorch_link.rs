@@ -7,7 +7,16 @@
 //    linker drops it (no symbol is referenced directly) and `tch::Cuda::is_available()`
 //    is false on GPU nodes (tch-rs issues 907, 980). The CUDA wheel still starts on
 //    machines without a GPU or driver; CUDA then simply reports no devices.
+//
+// `link_libtorch_for(&["tests", "benches"])` applies the link arguments to those targets
+// only (the coordinator: its tests run workers in process, its `dmqsm` binary must not
+// load libtorch); `link_libtorch()` applies them to every target.
+#[allow(dead_code)]
 fn link_libtorch() {
+    link_libtorch_for(&[""]);
+}
+
+fn link_libtorch_for(targets: &[&str]) {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:warning=LIBTORCH is not set; run scripts/setup.sh");
@@ -16,11 +25,21 @@ fn link_libtorch() {
     let root = std::path::PathBuf::from(&libtorch);
     let root = root.canonicalize().unwrap_or(root);
     let lib = root.join("lib");
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    if lib.join("libtorch_cuda.so").exists() {
+    let cuda = lib.join("libtorch_cuda.so").exists();
+    if cuda {
         println!("cargo:rustc-link-search=native={}", lib.display());
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+    for target in targets {
+        let key = if target.is_empty() {
+            "rustc-link-arg".to_string()
+        } else {
+            format!("rustc-link-arg-{target}")
+        };
+        println!("cargo:{key}=-Wl,-rpath,{}", lib.display());
+        if cuda {
+            println!("cargo:{key}=-Wl,--no-as-needed");
+            println!("cargo:{key}=-ltorch_cuda");
+            println!("cargo:{key}=-Wl,--as-needed");
+        }
     }
 }

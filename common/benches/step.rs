@@ -13,7 +13,9 @@
 
 use dmqsm_common::Volume;
 use dmqsm_common::diffusion::model::ModelSpec;
-use dmqsm_common::diffusion::sampler::{Guidance, RoundKind, Sampler, SamplerSettings};
+use dmqsm_common::diffusion::sampler::{
+    Guidance, PatchResults, RoundKind, Sampler, SamplerSettings,
+};
 use dmqsm_common::diffusion::schedule::ScheduleConfig;
 use dmqsm_common::patch::GridSpacing;
 use dmqsm_common::tasks::{Task, TaskOptions, prepare};
@@ -83,11 +85,8 @@ fn time_rust(
                     RoundKind::Vjp => b.cotangent.expect("cotangent"),
                 };
                 let t = Instant::now();
-                match round.id.kind {
-                    RoundKind::Eps => s.submit_batch(round.id, &idx, Some(out.view()), None),
-                    RoundKind::Vjp => s.submit_batch(round.id, &idx, None, Some(out.view())),
-                }
-                .expect("submit");
+                let results = PatchResults::new(round.id, idx, out).expect("checked results");
+                s.accept(results).expect("submit");
                 submit += t.elapsed().as_secs_f64();
             }
             let t = Instant::now();

@@ -4,7 +4,9 @@
 
 use crate::diffusion::model::ScoreModel;
 use crate::diffusion::posterior::{PosteriorSummary, summarize};
-use crate::diffusion::sampler::{Reconstruction, RoundKind, Sampler, SamplerSettings};
+use crate::diffusion::sampler::{
+    PatchResults, Reconstruction, RoundKind, Sampler, SamplerSettings,
+};
 use crate::error::{Error, Result};
 use crate::tasks::Problem;
 use std::sync::Arc;
@@ -20,15 +22,15 @@ pub fn run_round(model: &dyn ScoreModel, sampler: &mut Sampler, max_batch: usize
         match round.id.kind {
             RoundKind::Eps => {
                 let eps = model.eps(batch.x.view(), &batch.timesteps)?;
-                sampler.submit_batch(round.id, &indices, Some(eps.view()), None)?;
+                sampler.accept(PatchResults::new(round.id, indices, eps)?)?;
             }
             RoundKind::Vjp => {
                 let cot = batch
                     .cotangent
                     .as_ref()
                     .ok_or_else(|| Error::Protocol("VJP round batch without cotangents".into()))?;
-                let (eps, jtv) = model.vjp(batch.x.view(), &batch.timesteps, cot.view())?;
-                sampler.submit_batch(round.id, &indices, Some(eps.view()), Some(jtv.view()))?;
+                let jtv = model.vjp(batch.x.view(), &batch.timesteps, cot.view())?;
+                sampler.accept(PatchResults::new(round.id, indices, jtv)?)?;
             }
         }
     }

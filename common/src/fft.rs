@@ -23,7 +23,9 @@
 //! the padded real array is never materialised.
 //!
 //! Plans come from a process-wide cache keyed by (length, direction) ([`plan`]); an FFT
-//! plan is `Send + Sync`, so one plan serves every thread.
+//! plan is `Send + Sync`, so one plan serves every thread. Each key is planned by a fresh
+//! [`FftPlanner`], so a plan (and every output bit) does not depend on which other lengths
+//! the process planned before ([`PlanCache`] says why rustfft's own cache is not used).
 
 use crate::error::{Error, Result};
 use ndarray::parallel::prelude::*;
@@ -40,7 +42,18 @@ pub trait FftFloat: FftNum + Float + Default {
     fn plan_cache() -> &'static PlanCache<Self>;
 }
 
-/// Cache of FFT plans keyed by (length, direction). Planning is done once per key.
+/// Cache of FFT plans keyed by (length, direction). Planning is done once per key, each
+/// time with a fresh [`FftPlanner`].
+///
+/// Why not one shared `Mutex<FftPlanner<T>>` (rustfft caches plans per length itself):
+/// rustfft's AVX planner builds a new length on top of the sub-FFTs it has already cached
+/// (`replan_with_cache`), so the algorithm chosen for a length, and its rounding, depends
+/// on the lengths planned before it in the process. Measured with rustfft 6.4.1 (AVX2), a
+/// shared planner fed lengths 400, 399, …, 1 gives f64 transforms of lengths 321, 216,
+/// 214 and 107 that differ bitwise from a fresh planner's (and 864, 1152, 1296, 1728 among
+/// the fast lengths ≤ 2048); f32 showed no difference in the orders tried, but nothing
+/// guarantees it. Results would then depend on the order in which a process met its
+/// volume sizes. `plans_do_not_depend_on_planning_history` guards this.
 pub struct PlanCache<T: FftNum> {
     plans: Mutex<PlanMap<T>>,
 }
@@ -808,6 +821,31 @@ mod tests {
         let back = f.inverse(f.forward(x.view()).unwrap(), n).unwrap();
         let err = (&back - &x).iter().fold(0.0f32, |a, v| a.max(v.abs()));
         assert!(err < 1e-5, "{err}");
+    }
+
+    /// Every cached plan computes bit for bit what a fresh planner's plan of the same
+    /// length computes, whatever was planned before: lengths are planned in descending
+    /// order, the order in which a shared rustfft planner would reuse cached sub-FFTs and
+    /// change the f64 plans of lengths 321, 216, 214 and 107.
+    #[test]
+    fn plans_do_not_depend_on_planning_history() {
+        for n in (1..=400).rev() {
+            for d in [FftDirection::Forward, FftDirection::Inverse] {
+                let x: Vec<Complex<f64>> = (0..n)
+                    .map(|i| Complex::new((0.37 * i as f64).sin(), (0.11 * i as f64).cos()))
+                    .collect();
+                let (mut a, mut b) = (x.clone(), x);
+                plan::<f64>(n, d).process(&mut a);
+                FftPlanner::<f64>::new().plan_fft(n, d).process(&mut b);
+                let same = a.iter().zip(&b).all(|(p, q)| {
+                    p.re.to_bits() == q.re.to_bits() && p.im.to_bits() == q.im.to_bits()
+                });
+                assert!(
+                    same,
+                    "length {n} {d:?}: cached plan differs from a fresh one"
+                );
+            }
+        }
     }
 
     #[test]

@@ -13,8 +13,13 @@
 //!   model contract, sampler state machine), [`tasks`] (dipinv, sr, …) and [`driver`]
 //!   (the in-process reference driver).
 //!
+//! - Base utilities: [`splitmix`] (the seeded mixer), [`content_hash`] (SHA-256),
+//!   [`atomic_file`] (crash-safe writes).
+//!
 //! Units: χ and local field in ppm, lengths in mm, B0 in T, TE in s.
 
+pub mod atomic_file;
+pub mod content_hash;
 pub mod diffusion;
 pub mod driver;
 pub mod error;
@@ -29,6 +34,7 @@ pub mod patch;
 pub mod phantom;
 pub mod preview;
 pub mod simulate;
+pub mod splitmix;
 pub mod tasks;
 pub mod units;
 pub mod volume;

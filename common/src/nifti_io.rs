@@ -251,6 +251,13 @@ fn volume_shape(header: &NiftiHeader, name: &str) -> Result<[usize; 3]> {
 }
 
 /// The voxel-to-scanner affine: sform, else qform, else diagonal pixdim.
+///
+/// Kept by hand rather than `NiftiHeader::affine` (nifti 0.18, feature `nalgebra_affine`,
+/// which pulls in nalgebra 0.35 + simba): that one agrees on the sform and to ~5e-17 on
+/// ordinary qforms, but panics on `pixdim[0]` = 0 (common; means qfac = 1), negative
+/// pixdim or b² + c² + d² > 1, keeps a ≈ √a² where `nifti_quatern_to_mat44` (here) sets
+/// a = 0 below a² = 1e-7 (2.7e-4 apart near 180°), and without sform/qform it returns a
+/// centred, x-flipped affine instead of NIfTI method 1.
 fn header_affine(h: &NiftiHeader, name: &str) -> Result<[[f64; 4]; 4]> {
     let mut a = [[0.0f64; 4]; 4];
     a[3][3] = 1.0;

@@ -17,8 +17,8 @@
 //! padded length, a torus), so coverage is preserved; a grid built for shifting carries
 //! one extra stride of padding per axis so that the wrap seam falls in padding.
 
-use crate::diffusion::noise::{random_bits, stream_key};
 use crate::error::{Error, Result};
+use crate::splitmix::{random_bits, stream_key};
 use ndarray::{Array3, Array4, ArrayView3, ArrayView4};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

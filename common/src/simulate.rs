@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::fft::{Padding, RealFft3};
 use crate::geometry::B0Direction;
 use crate::kernels::DipoleKernel;
+use crate::splitmix::splitmix64;
 use crate::volume::Volume;
 use ndarray::Array3;
 use ndarray::parallel::prelude::*;
@@ -85,15 +86,6 @@ pub fn forward_field_with(
         kernel.line_map(j, l, out, |_, d| d as f32)
     })?;
     Ok(chi.like(field))
-}
-
-/// SplitMix64 finaliser: a bijective 64-bit mixer (Steele, Lea & Flood 2014).
-#[inline]
-pub fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// A uniform in (0, 1] from 64 random bits (53-bit resolution; never 0, so log is safe).

@@ -12,7 +12,6 @@
 //! brain mask and [`TaskOptions`]. Fields are taken in ppm (convert Hz/rad with
 //! [`crate::units`] first).
 
-use crate::diffusion::noise::mix64;
 use crate::error::{Error, Result};
 use crate::fft::Padding;
 use crate::geometry::B0Direction;
@@ -21,6 +20,7 @@ use crate::inversion::tv::{TvParams, tv, tv_lcurve_default};
 use crate::operators::{
     BlockDownsample, Compose, DipoleConvolution, Identity, KSpaceDownsample, LinearOperator, Mask,
 };
+use crate::splitmix::{GAMMA, mix64};
 use crate::volume::Volume;
 use ndarray::{Array3, Zip};
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 /// A reconstruction task.
+///
+/// Its serde and command-line names are kebab-case (`dipinv`, `sr-dipinv`, …): stored
+/// jobs and cohort manifests hold them. The proto enum `dmqsm.v1.Task` maps onto it in
+/// `dmqsm_proto::convert`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {
     /// Local field → χ: y = TKD(field, δ = 0.1), A = identity (DM-QSM DipInv, SR at ×1).
@@ -270,7 +275,7 @@ impl Problem {
             });
         let mut h = self.fingerprint ^ 0x696e_6974;
         for v in estimate.iter() {
-            h = mix64(h ^ v.to_bits() as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+            h = mix64(h ^ v.to_bits() as u64).wrapping_add(GAMMA);
         }
         self.fingerprint = h;
         self.initial = Some(estimate);
@@ -321,7 +326,7 @@ fn fingerprint(
     out_mask: &Array3<bool>,
 ) -> u64 {
     let mut h = mix64(0x7461_736b ^ task as u64);
-    let mut eat = |v: u64| h = mix64(h ^ v).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut eat = |v: u64| h = mix64(h ^ v).wrapping_add(GAMMA);
     for &s in y.shape().iter().chain(out.shape.iter()) {
         eat(s as u64);
     }

@@ -57,10 +57,7 @@ pub async fn connect(url: &str) -> Result<Client, ClientError> {
 
 /// True for the states a job cannot leave.
 pub fn is_terminal(state: i32) -> bool {
-    matches!(
-        v1::JobState::try_from(state),
-        Ok(v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
-    )
+    crate::job::JobState::from_wire(state).is_some_and(crate::job::JobState::is_terminal)
 }
 
 /// Follows a job with `WatchJob` until it ends, calling `on_progress` on every report.

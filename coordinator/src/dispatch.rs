@@ -17,13 +17,17 @@
 //!   is benched for a while. A job whose batches have no usable worker for
 //!   `no_worker_grace` fails instead of hanging.
 //!
-//! The dispatcher never looks inside a batch: which patches form a batch is fixed by the
-//! job (see `runner`), so the bits of a result never depend on which worker ran it.
+//! The dispatcher does not choose a batch's contents: which patches form a batch is fixed
+//! by the job (see `runner`), so the bits of a result never depend on which worker ran
+//! it. It is the edge where answers arrive, so it decodes and checks each answer once,
+//! into the sampler's `PatchResults`; a malformed answer counts as that worker's failure.
 
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::workers::{WorkerEntry, WorkerHealth, connect, fetch_info};
+use dmqsm_common::diffusion::sampler::{PatchResults, RoundId};
 use dmqsm_proto::v1;
+use ndarray::Array4;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -33,9 +37,9 @@ use tokio::task::JoinHandle;
 /// The RPC a batch needs.
 #[derive(Debug, Clone)]
 pub enum BatchRequest {
-    /// ε only.
+    /// ε (`Denoise`).
     Eps(v1::DenoiseRequest),
-    /// ε and Jᵀv.
+    /// Jᵀv (`DenoiseVjp`).
     Vjp(v1::DenoiseVjpRequest),
 }
 
@@ -48,31 +52,28 @@ impl BatchRequest {
     }
 }
 
-/// A worker's answer to a batch.
+/// One batch of patch evaluations of a job as it goes to a worker: the encoded request
+/// and where it belongs (the sampler's stacked patches are `dmqsm_common::diffusion::sampler::PatchBatch`).
 #[derive(Debug, Clone)]
-pub enum BatchReply {
-    /// Answer to [`BatchRequest::Eps`].
-    Eps(v1::DenoiseResponse),
-    /// Answer to [`BatchRequest::Vjp`].
-    Vjp(v1::DenoiseVjpResponse),
-}
-
-/// One batch of patch evaluations of a job.
-#[derive(Debug, Clone)]
-pub struct WorkBatch {
+pub struct WireBatch {
     /// The job it belongs to.
     pub job_id: String,
     /// Human-readable position, e.g. `sample 1 step 3/25 eps batch 7/12`, used in errors.
     pub label: String,
     /// The request (tensors are `Bytes`: retries do not copy them).
     pub request: BatchRequest,
+    /// The sampler round the batch belongs to.
+    pub round: RoundId,
+    /// The patch of each row of the request.
+    pub indices: Vec<usize>,
 }
 
 /// A batch answered.
 #[derive(Debug, Clone)]
 pub struct BatchOutcome {
-    /// The worker's answer (shape-checked against the request).
-    pub reply: BatchReply,
+    /// The worker's answer, decoded and checked once here at the edge (shape against the
+    /// request, finite values): ε for an ε batch, Jᵀv for a VJP batch.
+    pub results: PatchResults,
     /// Worker that answered.
     pub worker_id: String,
     /// Failed attempts before this answer (0 if the first try succeeded).
@@ -134,7 +135,7 @@ pub struct WorkerLoadView {
 }
 
 struct Pending {
-    batch: Arc<WorkBatch>,
+    batch: Arc<WireBatch>,
     attempts: u32,
     tried: BTreeSet<String>,
     reply: oneshot::Sender<std::result::Result<BatchOutcome, DispatchError>>,
@@ -382,7 +383,7 @@ impl Dispatcher {
     /// Queues a batch of an open job; the receiver yields its outcome.
     pub fn submit(
         &self,
-        batch: WorkBatch,
+        batch: WireBatch,
     ) -> oneshot::Receiver<std::result::Result<BatchOutcome, DispatchError>> {
         let (tx, rx) = oneshot::channel();
         let job = batch.job_id.clone();
@@ -575,58 +576,50 @@ async fn scheduler_loop(inner: Arc<Inner>) {
     }
 }
 
-/// Checks an answer's tensors against the request's patch shape.
-fn check_reply(request: &BatchRequest, reply: &BatchReply) -> std::result::Result<(), String> {
-    let want = request
+/// The one place a worker's answer is decoded and checked: the tensor the request asked
+/// for (ε for `Denoise`, Jᵀv for `DenoiseVjp`), with the request's shape, decoded to f32
+/// and checked as [`PatchResults`] (one row per patch, finite values). A bad answer is a
+/// failure of this worker, and the batch is retried elsewhere.
+fn decode_reply(
+    batch: &WireBatch,
+    tensor: Option<v1::Tensor>,
+) -> std::result::Result<PatchResults, String> {
+    let name = match batch.request {
+        BatchRequest::Eps(_) => "eps",
+        BatchRequest::Vjp(_) => "vjp",
+    };
+    let want = batch
+        .request
         .patches()
         .map(|t| t.shape.clone())
         .unwrap_or_default();
-    let check = |name: &str, t: Option<&v1::Tensor>| -> std::result::Result<(), String> {
-        let t = t.ok_or_else(|| format!("answer has no {name} tensor"))?;
-        if t.shape != want {
-            return Err(format!(
-                "answer {name} has shape {:?}, expected {want:?}",
-                t.shape
-            ));
-        }
-        let dtype = v1::Dtype::try_from(t.dtype).unwrap_or(v1::Dtype::Unspecified);
-        let size = dmqsm_proto::tensor::element_size(dtype)
-            .ok_or_else(|| format!("answer {name} has unsupported dtype {}", t.dtype))?;
-        let count: usize = t.shape.iter().map(|&s| s as usize).product();
-        if t.data.len() != count * size {
-            return Err(format!(
-                "answer {name} holds {} bytes, expected {}",
-                t.data.len(),
-                count * size
-            ));
-        }
-        Ok(())
-    };
-    match reply {
-        BatchReply::Eps(r) => check("eps", r.eps.as_ref()),
-        BatchReply::Vjp(r) => {
-            check("eps", r.eps.as_ref())?;
-            check("vjp", r.vjp.as_ref())
-        }
+    let t = tensor.ok_or_else(|| format!("answer has no {name} tensor"))?;
+    if t.shape != want {
+        return Err(format!(
+            "answer {name} has shape {:?}, expected {want:?}",
+            t.shape
+        ));
     }
+    let (values, shape) =
+        dmqsm_proto::tensor::decode(&t).map_err(|e| format!("answer {name}: {e}"))?;
+    let dims: [usize; 4] = shape
+        .try_into()
+        .map_err(|s: Vec<usize>| format!("answer {name} has shape {s:?}, expected 4-D"))?;
+    let values = Array4::from_shape_vec(dims, values).map_err(|e| format!("answer {name}: {e}"))?;
+    PatchResults::new(batch.round, batch.indices.clone(), values)
+        .map_err(|e| format!("answer rejected: {e}"))
 }
 
 async fn call_worker(
     a: &mut Assignment,
     timeout: Duration,
-) -> std::result::Result<BatchReply, String> {
+) -> std::result::Result<PatchResults, String> {
     let request = a.pending.batch.request.clone();
     let mut client = a.client.clone();
     let rpc = async move {
         match request {
-            BatchRequest::Eps(r) => client
-                .denoise(r)
-                .await
-                .map(|r| BatchReply::Eps(r.into_inner())),
-            BatchRequest::Vjp(r) => client
-                .denoise_vjp(r)
-                .await
-                .map(|r| BatchReply::Vjp(r.into_inner())),
+            BatchRequest::Eps(r) => client.denoise(r).await.map(|r| r.into_inner().eps),
+            BatchRequest::Vjp(r) => client.denoise_vjp(r).await.map(|r| r.into_inner().vjp),
         }
     };
     let generation = a.generation;
@@ -635,10 +628,7 @@ async fn call_worker(
         r = tokio::time::timeout(timeout, rpc) => match r {
             Err(_) => Err(format!("no answer within {:.1} s (batch timeout)", timeout.as_secs_f64())),
             Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
-            Ok(Ok(reply)) => {
-                check_reply(&a.pending.batch.request, &reply)?;
-                Ok(reply)
-            }
+            Ok(Ok(tensor)) => decode_reply(&a.pending.batch, tensor),
         },
         _ = rx.wait_for(|g| *g != generation) => Err("worker lost (missed heartbeats); batch reassigned".to_string()),
     }
@@ -673,9 +663,9 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
     }
     let mut pending = a.pending;
     match result {
-        Ok(reply) => {
+        Ok(results) => {
             let _ = pending.reply.send(Ok(BatchOutcome {
-                reply,
+                results,
                 worker_id: a.worker_id,
                 retries: pending.attempts,
             }));
@@ -872,9 +862,9 @@ mod tests {
         c
     }
 
-    fn batch(job: &str, i: usize) -> WorkBatch {
+    fn batch(job: &str, i: usize) -> WireBatch {
         let x = [i as f32, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
-        WorkBatch {
+        WireBatch {
             job_id: job.into(),
             label: format!("batch {i}"),
             request: BatchRequest::Eps(v1::DenoiseRequest {
@@ -887,18 +877,16 @@ mod tests {
                 timesteps: vec![1.0],
                 response_dtype: v1::Dtype::F32 as i32,
             }),
+            round: RoundId {
+                step: 0,
+                kind: dmqsm_common::diffusion::sampler::RoundKind::Eps,
+            },
+            indices: vec![i],
         }
     }
 
     fn first_value(o: &BatchOutcome) -> f32 {
-        match &o.reply {
-            BatchReply::Eps(r) => {
-                dmqsm_proto::tensor::decode(r.eps.as_ref().unwrap())
-                    .unwrap()
-                    .0[0]
-            }
-            BatchReply::Vjp(_) => panic!("eps expected"),
-        }
+        o.results.values()[[0, 0, 0, 0]]
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

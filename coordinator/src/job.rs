@@ -3,7 +3,9 @@
 
 use crate::error::{CoordinatorError, Result};
 use dmqsm_common::diffusion::model::ModelSpec;
-use dmqsm_proto::v1;
+use dmqsm_common::diffusion::sampler::Guidance;
+use dmqsm_common::tasks::Task;
+use dmqsm_proto::{convert, v1};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,114 +18,20 @@ pub fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The reconstruction task of a job (DM-QSM tasks plus the physics variants; see
-/// `dmqsm_common::tasks`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TaskKind {
-    /// Local field → χ via SR ×1 of TKD (DM-QSM DipInv).
-    Dipinv,
-    /// Low-res χ → high-res χ.
-    Sr,
-    /// Low-res field → high-res χ via SR of low-res TKD (DM-QSM SR-DipInv).
-    SrDipinv,
-    /// Local field → χ with A = mask ∘ dipole convolution.
-    DipinvPhysics,
-    /// Low-res field → high-res χ with A = downsample ∘ mask ∘ dipole convolution.
-    SrDipinvPhysics,
-}
-
-impl TaskKind {
-    /// The CLI / report name (`dipinv`, `sr`, `sr-dipinv`, `dipinv-physics`,
-    /// `sr-dipinv-physics`).
-    pub fn name(self) -> &'static str {
-        match self {
-            TaskKind::Dipinv => "dipinv",
-            TaskKind::Sr => "sr",
-            TaskKind::SrDipinv => "sr-dipinv",
-            TaskKind::DipinvPhysics => "dipinv-physics",
-            TaskKind::SrDipinvPhysics => "sr-dipinv-physics",
-        }
-    }
-
-    /// Parses a CLI / report name.
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            TaskKind::Dipinv,
-            TaskKind::Sr,
-            TaskKind::SrDipinv,
-            TaskKind::DipinvPhysics,
-            TaskKind::SrDipinvPhysics,
-        ]
-        .into_iter()
-        .find(|t| t.name() == s)
-    }
-
-    /// True for tasks whose output grid is finer than the measurement's.
-    pub fn is_super_resolution(self) -> bool {
-        matches!(
-            self,
-            TaskKind::Sr | TaskKind::SrDipinv | TaskKind::SrDipinvPhysics
-        )
-    }
-
-    /// True for tasks whose measurement is a field (TKD or dipole physics).
-    pub fn takes_field(self) -> bool {
-        !matches!(self, TaskKind::Sr)
-    }
-
-    fn from_proto(t: i32) -> Result<Self> {
-        match v1::Task::try_from(t) {
-            Ok(v1::Task::Dipinv) => Ok(TaskKind::Dipinv),
-            Ok(v1::Task::Sr) => Ok(TaskKind::Sr),
-            Ok(v1::Task::SrDipinv) => Ok(TaskKind::SrDipinv),
-            Ok(v1::Task::DipinvPhysics) => Ok(TaskKind::DipinvPhysics),
-            Ok(v1::Task::SrDipinvPhysics) => Ok(TaskKind::SrDipinvPhysics),
-            _ => Err(CoordinatorError::InvalidSubmission(format!(
-                "settings.task {t} is not a task (dipinv, sr, sr-dipinv, dipinv-physics, \
-                 sr-dipinv-physics)"
-            ))),
-        }
-    }
-
-    fn to_proto(self) -> v1::Task {
-        match self {
-            TaskKind::Dipinv => v1::Task::Dipinv,
-            TaskKind::Sr => v1::Task::Sr,
-            TaskKind::SrDipinv => v1::Task::SrDipinv,
-            TaskKind::DipinvPhysics => v1::Task::DipinvPhysics,
-            TaskKind::SrDipinvPhysics => v1::Task::SrDipinvPhysics,
-        }
-    }
-}
-
-/// How the DPS gradient is taken (see `dmqsm_common::diffusion`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GuidanceKind {
-    /// Through the score network: an ε round and a VJP round per step.
-    Exact,
-    /// Network Jacobian dropped: one ε round per step.
-    Approx,
-    /// Proximal data consistency on x̂_0 by CG (DDS), ξ as the data weight: one ε round
-    /// per step.
-    Prox,
-}
-
 /// The resolved settings of a job: every default filled in at submission, so a job
 /// restarted under another coordinator configuration computes exactly the same thing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
-    /// What to reconstruct.
-    pub task: TaskKind,
+    /// What to reconstruct (stored by its kebab-case name).
+    pub task: Task,
     /// Diffusion (DDIM) steps.
     pub steps: u32,
     /// DDIM η: 0 deterministic, 1 ancestral.
     pub eta: f64,
     /// DPS step size ξ; `None` uses the task default (0.5 dipole inversion, 2 SR).
     pub xi: Option<f64>,
-    /// Guidance mode.
-    pub guidance: GuidanceKind,
+    /// Guidance mode (stored by its lowercase name; never [`Guidance::None`]).
+    pub guidance: Guidance,
     /// Patch overlap S in voxels (stride P − S).
     pub overlap: u32,
     /// Noise seed of the first sample; sample k uses seed + k.
@@ -166,13 +74,12 @@ impl JobSpec {
     /// settings leave it 0.
     pub fn from_proto(s: &v1::JobSettings, batch_size: usize) -> Result<Self> {
         let bad = |m: String| Err(CoordinatorError::InvalidSubmission(m));
-        let task = TaskKind::from_proto(s.task)?;
-        let guidance = match v1::Guidance::try_from(s.guidance) {
-            Ok(v1::Guidance::Exact) => GuidanceKind::Exact,
-            Ok(v1::Guidance::Approx) | Ok(v1::Guidance::Unspecified) => GuidanceKind::Approx,
-            Ok(v1::Guidance::Prox) => GuidanceKind::Prox,
-            Err(_) => return bad(format!("settings.guidance {} is unknown", s.guidance)),
-        };
+        let invalid = |e: convert::ConvertError| CoordinatorError::InvalidSubmission(e.to_string());
+        let task = convert::task(s.task, "settings.task").map_err(invalid)?;
+        // Unset guidance is approx DPS, DM-QSM's one-round mode.
+        let guidance = convert::guidance(s.guidance, "settings.guidance")
+            .map_err(invalid)?
+            .unwrap_or(Guidance::Approx);
         let steps = if s.steps == 0 { 25 } else { s.steps };
         if steps > 10_000 {
             return bad(format!("settings.steps {steps} is above 10000"));
@@ -304,36 +211,6 @@ impl JobSpec {
             tv_alpha: s.tv_alpha,
         })
     }
-
-    /// The settings as a proto message (defaults resolved).
-    pub fn to_proto(&self) -> v1::JobSettings {
-        v1::JobSettings {
-            task: self.task.to_proto() as i32,
-            steps: self.steps,
-            eta: self.eta,
-            xi: self.xi.unwrap_or(0.0),
-            guidance: match self.guidance {
-                GuidanceKind::Exact => v1::Guidance::Exact as i32,
-                GuidanceKind::Approx => v1::Guidance::Approx as i32,
-                GuidanceKind::Prox => v1::Guidance::Prox as i32,
-            },
-            overlap: Some(self.overlap),
-            seed: self.seed,
-            samples: self.samples,
-            priority: self.priority,
-            model_id: self.model_id.clone(),
-            factor: self.factor.to_vec(),
-            b0_dir: self.b0_dir.map(|d| d.to_vec()).unwrap_or_default(),
-            tkd_threshold: self.tkd_threshold,
-            field_units: self.field_units.clone(),
-            b0_tesla: self.b0_tesla,
-            te_seconds: self.te_seconds,
-            downsample: self.downsample.clone(),
-            batch_size: self.batch_size,
-            start_timestep: self.start_timestep,
-            tv_alpha: self.tv_alpha,
-        }
-    }
 }
 
 /// Lifecycle of a job.
@@ -353,22 +230,24 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// The stored (serde) and displayed name: `queued`, `running`, `succeeded`, `failed`,
+    /// `cancelled`.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
     /// True once the job can no longer change.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
             JobState::Succeeded | JobState::Failed | JobState::Cancelled
         )
-    }
-
-    fn to_proto(self) -> v1::JobState {
-        match self {
-            JobState::Queued => v1::JobState::Queued,
-            JobState::Running => v1::JobState::Running,
-            JobState::Succeeded => v1::JobState::Succeeded,
-            JobState::Failed => v1::JobState::Failed,
-            JobState::Cancelled => v1::JobState::Cancelled,
-        }
     }
 }
 
@@ -470,26 +349,6 @@ impl JobRecord {
             self.history.drain(..cut);
         }
     }
-
-    /// The proto view of the job.
-    pub fn to_proto(&self) -> v1::JobStatus {
-        v1::JobStatus {
-            job_id: self.job_id.clone(),
-            label: self.label.clone(),
-            state: self.state.to_proto() as i32,
-            step: self.step,
-            total_steps: self.spec.steps,
-            sample: self.sample,
-            total_samples: self.spec.samples,
-            error: self.error.clone().unwrap_or_default(),
-            settings: Some(self.spec.to_proto()),
-            submitted_unix: self.submitted_unix,
-            finished_unix: self.finished_unix.unwrap_or(0.0),
-            retries: self.retries,
-            model_id: self.model.model_id.clone(),
-            model_hash: self.model.content_hash.clone(),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -508,8 +367,8 @@ mod tests {
         assert_eq!(spec.samples, 1);
         assert_eq!(spec.factor, [1, 1, 1]);
         assert_eq!(spec.tkd_threshold, 0.1);
-        assert_eq!(spec.guidance, GuidanceKind::Approx);
-        let back = JobSpec::from_proto(&spec.to_proto(), 4).unwrap();
+        assert_eq!(spec.guidance, Guidance::Approx);
+        let back = JobSpec::from_proto(&v1::JobSettings::from(&spec), 4).unwrap();
         assert_eq!(back, spec);
     }
 

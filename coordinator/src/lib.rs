@@ -8,6 +8,7 @@
 //! One concept per module:
 //! - [`config`]: every tunable, with defaults.
 //! - [`job`]: job settings, records and history as stored.
+//! - [`convert`]: stored job types ↔ their wire messages.
 //! - [`store`]: the sled store (jobs, inputs, checkpoints, results).
 //! - [`inputs`]: uploaded or path inputs under the data root.
 //! - [`problem`]: stored inputs → the sampler's problem.
@@ -17,15 +18,22 @@
 //! - [`results`]: result files (NIfTI, PNG, JSON report).
 //! - [`service`]: the gRPC `Coordinator` service.
 //! - [`client`]: the client side, shared by the CLI and the tests.
+//! - [`local_workers`]: embedded mode's `dmqsm-worker` processes on loopback.
+//! - [`remote_model`]: a worker's model as a `ScoreModel`, for in-process drivers.
+//!
+//! Nothing here links libtorch: models run in `dmqsm-worker` processes.
 
 pub mod client;
 pub mod cohort;
 pub mod config;
+pub mod convert;
 pub mod dispatch;
 pub mod error;
 pub mod inputs;
 pub mod job;
+pub mod local_workers;
 pub mod problem;
+pub mod remote_model;
 pub mod results;
 pub mod runner;
 pub mod service;

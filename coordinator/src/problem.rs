@@ -1,68 +1,23 @@
 //! From a stored job (settings + input NIfTI bytes) to the sampler's `Problem`.
 
 use crate::error::{CoordinatorError, Result};
-use crate::job::{JobSpec, TaskKind};
+use crate::job::JobSpec;
 use dmqsm_common::diffusion::model::ModelSpec;
-use dmqsm_common::diffusion::schedule::{ScheduleConfig, ScheduleKind};
 use dmqsm_common::nifti_io::read_nifti_bytes;
 use dmqsm_common::tasks::{
-    Downsampling, InitialEstimate, Problem, Resolution, Task, TaskOptions, prepare,
+    Downsampling, InitialEstimate, Problem, Resolution, TaskOptions, prepare,
 };
 use dmqsm_common::units::{FieldScale, FieldUnit};
 use dmqsm_proto::v1;
 
 /// The [`ModelSpec`] of a worker's model, as the sampler needs it.
 pub fn model_spec(m: &v1::ModelInfo) -> Result<ModelSpec> {
-    let s = m.schedule.clone().unwrap_or_default();
-    let kind = match s.kind.as_str() {
-        "linear" | "" => ScheduleKind::Linear,
-        "cosine" => ScheduleKind::Cosine,
-        other => {
-            return Err(CoordinatorError::InvalidSubmission(format!(
-                "model {} has an unknown schedule kind {other:?}",
-                m.model_id
-            )));
-        }
-    };
-    let schedule = if s.timesteps == 0 {
-        ScheduleConfig::default()
-    } else {
-        ScheduleConfig {
-            kind,
-            timesteps: s.timesteps as usize,
-            beta_start: s.beta_start,
-            beta_end: s.beta_end,
-        }
-    };
-    if !(m.chi_scale.is_finite() && m.chi_scale > 0.0) {
-        return Err(CoordinatorError::InvalidSubmission(format!(
-            "model {} has an invalid chi_scale {}",
-            m.model_id, m.chi_scale
-        )));
-    }
-    Ok(ModelSpec {
-        model_id: m.model_id.clone(),
-        content_hash: m.content_hash.clone(),
-        patch_size: m.patch_size as usize,
-        schedule,
-        chi_scale: m.chi_scale,
-    })
-}
-
-/// The common crate's task of a job.
-pub fn task_of(kind: TaskKind) -> Task {
-    match kind {
-        TaskKind::Dipinv => Task::Dipinv,
-        TaskKind::Sr => Task::Sr,
-        TaskKind::SrDipinv => Task::SrDipinv,
-        TaskKind::DipinvPhysics => Task::DipinvPhysics,
-        TaskKind::SrDipinvPhysics => Task::SrDipinvPhysics,
-    }
+    ModelSpec::try_from(m).map_err(|e| CoordinatorError::InvalidSubmission(e.to_string()))
 }
 
 /// The task options (`dmqsm_common::tasks::prepare`) of a job.
 pub fn task_options(spec: &JobSpec) -> Result<TaskOptions> {
-    let mut o = TaskOptions::new(task_of(spec.task));
+    let mut o = TaskOptions::new(spec.task);
     o.resolution = Resolution::Factor(spec.factor.map(|f| f as usize));
     o.downsampling = spec
         .downsample
@@ -96,7 +51,7 @@ pub fn build_problem(
         .map(read_nifti_bytes)
         .transpose()
         .map_err(|e| bad("mask", e))?;
-    if spec.task.takes_field() && spec.field_units != "ppm" {
+    if spec.task.measures_field() && spec.field_units != "ppm" {
         let unit: FieldUnit = spec
             .field_units
             .parse()

@@ -3,7 +3,7 @@
 //! the results.
 //!
 //! Each round the sampler's deterministic batch plan (`plan_batches(batch_size)`, with the
-//! batch size fixed in the job) becomes one [`WorkBatch`] per group of patch indices;
+//! batch size fixed in the job) becomes one [`WireBatch`] per group of patch indices;
 //! all batches of the round are queued at once, so several workers share them. Answers
 //! are handed back to the sampler in plan order once all have arrived, and the sampler
 //! sums per-patch results in patch-index order, so the step is bitwise the same whatever
@@ -13,9 +13,9 @@
 //! before the job moves on; a restarted coordinator resumes from there and computes the
 //! same bits (noise is a pure function of seed, step and voxel).
 
-use crate::dispatch::{BatchOutcome, BatchReply, BatchRequest, DispatchError, WorkBatch};
+use crate::dispatch::{BatchOutcome, BatchRequest, DispatchError, WireBatch};
 use crate::error::{CoordinatorError, Result};
-use crate::job::{GuidanceKind, JobRecord, JobSpec, JobState, unix_now};
+use crate::job::{JobRecord, JobSpec, JobState, unix_now};
 use crate::service::{JobHandle, Shared};
 use dmqsm_common::diffusion::sampler::{
     Checkpoint, Guidance, Reconstruction, RoundKind, Sampler, SamplerSettings,
@@ -53,11 +53,7 @@ pub fn sampler_settings(spec: &JobSpec, k: u32) -> SamplerSettings {
         steps: spec.steps as usize,
         eta: spec.eta,
         xi: spec.xi,
-        guidance: match spec.guidance {
-            GuidanceKind::Exact => Guidance::Exact,
-            GuidanceKind::Approx => Guidance::Approx,
-            GuidanceKind::Prox => Guidance::Prox,
-        },
+        guidance: spec.guidance,
         spacing: GridSpacing::Overlap(spec.overlap as usize),
         shift_grid: false,
         clamp_ppm: None,
@@ -151,7 +147,7 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job_id: String) {
         tracing::error!(job = %job_id, "cannot record the job's end: {e}");
     }
     handle.progress.send_replace(v1::JobProgress {
-        status: Some(rec.to_proto()),
+        status: Some(v1::JobStatus::from(&rec)),
         ..Default::default()
     });
 }
@@ -176,7 +172,7 @@ impl Meter {
             0.0
         };
         v1::JobProgress {
-            status: Some(rec.to_proto()),
+            status: Some(v1::JobStatus::from(rec)),
             eta_seconds: eta,
             patches_per_second: if elapsed > 0.0 {
                 self.patches_done as f64 / elapsed
@@ -252,7 +248,7 @@ async fn execute(
         started: Instant::now(),
         rounds_done: 0,
         patches_done: 0,
-        rounds_per_step: if rec.spec.guidance == GuidanceKind::Exact {
+        rounds_per_step: if rec.spec.guidance == Guidance::Exact {
             2
         } else {
             1
@@ -413,10 +409,12 @@ async fn run_round(
                         response_dtype: dtype as i32,
                     }),
                 };
-                out.push(WorkBatch {
+                out.push(WireBatch {
                     job_id: job.clone(),
                     label: format!("{label} batch {}/{n}", b + 1),
                     request,
+                    round: round.id,
+                    indices: indices.clone(),
                 });
             }
             Ok((sampler, plan, out))
@@ -466,44 +464,12 @@ async fn run_round(
         let (job, label) = (job_id.clone(), label.clone());
         blocking("round completion", move || {
             let mut sampler = sampler;
-            for (indices, o) in plan.iter().zip(outcomes) {
-                let (eps, vjp) = match o.reply {
-                    BatchReply::Eps(r) => (r.eps, None),
-                    BatchReply::Vjp(r) => (r.eps, r.vjp),
-                };
-                let worker = o.worker_id.clone();
-                let decode4 = |t: Option<v1::Tensor>, what: &str| -> Result<Option<Array4<f32>>> {
-                    let Some(t) = t else { return Ok(None) };
-                    let (values, shape) =
-                        tensor::decode(&t).map_err(|e| CoordinatorError::JobFailed {
-                            job: job.clone(),
-                            cause: format!("{label}: worker {worker} sent a bad {what}: {e}"),
-                        })?;
-                    let dims: [usize; 4] =
-                        shape
-                            .try_into()
-                            .map_err(|s: Vec<usize>| CoordinatorError::JobFailed {
-                                job: job.clone(),
-                                cause: format!(
-                                    "{label}: worker {worker} sent {what} of shape {s:?}"
-                                ),
-                            })?;
-                    Array4::from_shape_vec(dims, values).map(Some).map_err(|e| {
-                        CoordinatorError::JobFailed {
-                            job: job.clone(),
-                            cause: format!("{label}: {what}: {e}"),
-                        }
-                    })
-                };
-                let eps = decode4(eps, "eps")?;
-                let vjp = decode4(vjp, "vjp")?;
+            // The answers were decoded and checked at the edge (the dispatcher); the
+            // sampler keeps their rows as they are.
+            for o in outcomes {
+                let worker = o.worker_id;
                 sampler
-                    .submit_batch(
-                        round.id,
-                        indices,
-                        eps.as_ref().map(|a| a.view()),
-                        vjp.as_ref().map(|a| a.view()),
-                    )
+                    .accept(o.results)
                     .map_err(|e| CoordinatorError::JobFailed {
                         job: job.clone(),
                         cause: format!("{label}: result from worker {worker} rejected: {e}"),

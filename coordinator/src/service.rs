@@ -113,7 +113,7 @@ impl Coordinator {
     fn launch(&self, job: &JobRecord) {
         let (cancel, _) = watch::channel(false);
         let (progress, _) = watch::channel(v1::JobProgress {
-            status: Some(job.to_proto()),
+            status: Some(v1::JobStatus::from(job)),
             ..Default::default()
         });
         let handle = Arc::new(JobHandle { cancel, progress });
@@ -294,7 +294,7 @@ impl Coordinator {
             .filter(|_| !job.state.is_terminal())
         else {
             let last = v1::JobProgress {
-                status: Some(job.to_proto()),
+                status: Some(v1::JobStatus::from(&job)),
                 ..Default::default()
             };
             return Ok(Box::pin(futures::stream::iter([last])));
@@ -311,7 +311,7 @@ impl Coordinator {
                 let terminal = item
                     .status
                     .as_ref()
-                    .map(|s| is_terminal_proto(s.state))
+                    .map(|s| crate::client::is_terminal(s.state))
                     .unwrap_or(false);
                 if terminal {
                     return Some((item, None));
@@ -324,7 +324,7 @@ impl Coordinator {
                         .ok()
                         .flatten()
                         .map(|j| v1::JobProgress {
-                            status: Some(j.to_proto()),
+                            status: Some(v1::JobStatus::from(&j)),
                             ..Default::default()
                         })
                         .unwrap_or(item);
@@ -364,13 +364,6 @@ impl Coordinator {
     }
 }
 
-fn is_terminal_proto(state: i32) -> bool {
-    matches!(
-        v1::JobState::try_from(state),
-        Ok(v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
-    )
-}
-
 fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]
 }
@@ -404,11 +397,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> std::result::Result<Response<v1::JobStatus>, Status> {
-        Ok(Response::new(
-            self.coordinator
-                .get(&request.into_inner().job_id)?
-                .to_proto(),
-        ))
+        let job = self.coordinator.get(&request.into_inner().job_id)?;
+        Ok(Response::new(v1::JobStatus::from(&job)))
     }
 
     async fn list_jobs(
@@ -419,7 +409,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
             .coordinator
             .list()?
             .iter()
-            .map(JobRecord::to_proto)
+            .map(|j| v1::JobStatus::from(j))
             .collect();
         Ok(Response::new(v1::ListJobsResponse { jobs }))
     }
@@ -432,7 +422,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
             .coordinator
             .cancel(&request.into_inner().job_id)
             .await?;
-        Ok(Response::new(job.to_proto()))
+        Ok(Response::new(v1::JobStatus::from(&job)))
     }
 
     type WatchJobStream = BoxStream<v1::JobProgress>;

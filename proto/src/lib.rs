@@ -2,7 +2,9 @@
 //!
 //! `proto/dmqsm.proto` is compiled once here (tonic + prost, vendored protoc). Besides the
 //! generated types this crate holds the one piece of wire logic both sides need: packing
-//! f32 tensors into little-endian bytes and back, in f32, bf16 or f16 ([`tensor`]).
+//! f32 tensors into little-endian bytes and back, in f32, bf16 or f16 ([`tensor`]), and
+//! the conversions between wire enums/messages and the domain types of `dmqsm-common`
+//! ([`convert`]).
 
 /// Generated messages and services of package `dmqsm.v1`.
 pub mod v1 {
@@ -10,6 +12,7 @@ pub mod v1 {
     tonic::include_proto!("dmqsm.v1");
 }
 
+pub mod convert;
 pub mod tensor;
 
 /// Encoded file descriptor set, for gRPC server reflection.

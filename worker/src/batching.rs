@@ -57,13 +57,12 @@ pub struct QueueStats {
     pub failures: AtomicU64,
 }
 
-/// The result of one request: ε and, for VJP requests, Jᵀv.
+/// The result of one request, `[B, P, P, P]`: predicted ε for ε requests, Jᵀv for VJP
+/// requests.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
-    /// `[B, P, P, P]` predicted ε.
-    pub eps: Array4<f32>,
-    /// `[B, P, P, P]` Jᵀv (VJP requests only).
-    pub vjp: Option<Array4<f32>>,
+    /// ε or Jᵀv, one row per patch of the request.
+    pub values: Array4<f32>,
 }
 
 struct Job {
@@ -139,21 +138,17 @@ impl BatchQueue {
 
     /// ε for `[B, P, P, P]` patches at timesteps `t`.
     pub async fn eps(&self, patches: Array4<f32>, t: Vec<f32>) -> Result<Array4<f32>> {
-        Ok(self.submit(patches, t, None).await?.eps)
+        Ok(self.submit(patches, t, None).await?.values)
     }
 
-    /// ε and Jᵀv for patches, timesteps and cotangents.
+    /// Jᵀv for patches, timesteps and cotangents.
     pub async fn vjp(
         &self,
         patches: Array4<f32>,
         t: Vec<f32>,
         cotangent: Array4<f32>,
-    ) -> Result<(Array4<f32>, Array4<f32>)> {
-        let out = self.submit(patches, t, Some(cotangent)).await?;
-        let vjp = out
-            .vjp
-            .ok_or_else(|| WorkerError::Model("the model returned no VJP".into()))?;
-        Ok((out.eps, vjp))
+    ) -> Result<Array4<f32>> {
+        Ok(self.submit(patches, t, Some(cotangent)).await?.values)
     }
 
     async fn submit(
@@ -259,16 +254,11 @@ fn evaluate(
 ) -> Result<Evaluation> {
     catch_torch("evaluating the model", || match cotangent {
         None => Ok(Evaluation {
-            eps: model.eps(patches.view(), t)?,
-            vjp: None,
+            values: model.eps(patches.view(), t)?,
         }),
-        Some(v) => {
-            let (eps, vjp) = model.vjp(patches.view(), t, v.view())?;
-            Ok(Evaluation {
-                eps,
-                vjp: Some(vjp),
-            })
-        }
+        Some(v) => Ok(Evaluation {
+            values: model.vjp(patches.view(), t, v.view())?,
+        }),
     })
 }
 
@@ -327,13 +317,12 @@ fn run_group(model: &(dyn ScoreModel + Send + Sync), group: Vec<Job>, stats: &Qu
             for job in group {
                 let b = job.batch();
                 stats.patches.fetch_add(b as u64, Ordering::Relaxed);
-                let eps = out.eps.slice(s![start..start + b, .., .., ..]).to_owned();
-                let vjp = out
-                    .vjp
-                    .as_ref()
-                    .map(|g| g.slice(s![start..start + b, .., .., ..]).to_owned());
+                let values = out
+                    .values
+                    .slice(s![start..start + b, .., .., ..])
+                    .to_owned();
                 start += b;
-                answer(job, Ok(Evaluation { eps, vjp }), stats);
+                answer(job, Ok(Evaluation { values }), stats);
             }
         }
         Err(e) => {

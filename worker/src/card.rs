@@ -17,15 +17,12 @@ use crate::unet::UNetConfig;
 use dmqsm_common::diffusion::model::ModelSpec;
 use dmqsm_common::diffusion::schedule::{NoiseSchedule, ScheduleConfig};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Version of the card format written by this crate.
 pub const CARD_FORMAT_VERSION: u32 = 1;
 
-/// The only parameterisation served: ε-prediction.
-pub const PARAMETERISATION_EPS: &str = "eps";
+pub use dmqsm_common::diffusion::model::PARAMETERISATION_EPS;
 
 /// The network behind a model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,49 +193,14 @@ pub fn card_path_for(model: &Path) -> PathBuf {
     model.with_file_name(format!("{stem}.card.json"))
 }
 
-/// SHA-256 of a file's bytes, as lowercase hex.
+/// SHA-256 of a file's bytes, as lowercase hex ([`dmqsm_common::content_hash`]).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).map_err(|e| WorkerError::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| WorkerError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
+    dmqsm_common::content_hash::sha256_file_hex(path).map_err(|e| WorkerError::io(path, e))
 }
 
-/// SHA-256 of bytes, as lowercase hex.
-pub fn sha256_bytes(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Writes a file atomically: a sibling temp file, fsync, then rename over `path`.
+/// Writes a file atomically ([`dmqsm_common::atomic_file`]), naming `path` in the error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = tmp_sibling(path);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| WorkerError::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| WorkerError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| WorkerError::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| WorkerError::io(path, e))
-}
-
-/// A temp path next to `path` (same directory, so a rename is atomic).
-pub fn tmp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
+    dmqsm_common::atomic_file::write_atomic(path, bytes).map_err(|e| WorkerError::io(path, e))
 }
 
 #[cfg(test)]
@@ -288,12 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn sha256_matches_known_vector() {
-        // FIPS 180-2 test vector for "abc".
-        assert_eq!(
-            sha256_bytes(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+    fn card_sits_beside_its_model() {
         assert_eq!(
             card_path_for(Path::new("/a/b/model.pt")),
             Path::new("/a/b/model.card.json")

@@ -115,6 +115,10 @@ struct ServeArgs {
     /// Worker id (default worker-<listen address>).
     #[arg(long)]
     worker_id: Option<String>,
+    /// Stop when standard input closes (set by `dmqsm` for the workers it starts, so
+    /// they end with it).
+    #[arg(long)]
+    exit_with_parent: bool,
 }
 
 #[derive(Args)]
@@ -335,9 +339,37 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        dmqsm_worker::serve(config, served, listener, shutdown_signal()).await?;
+        let bound = listener.local_addr()?;
+        // Machine-readable line for the `dmqsm` processes that start workers on loopback
+        // (embedded mode) and for scripts (port 0 picks a free port).
+        println!("dmqsm-worker listening on http://{bound}");
+        let parent_gone = parent_gone(args.exit_with_parent);
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = parent_gone => tracing::info!("standard input closed: the parent process is gone"),
+            }
+        };
+        dmqsm_worker::serve(config, served, listener, stop).await?;
         Ok(())
     })
+}
+
+/// Resolves when standard input reaches its end, if `enabled` (never otherwise): a
+/// parent that holds the other end of the pipe (`dmqsm run`, `demo`, `benchmark`) closes
+/// it when it exits, also when it is killed, so its workers never outlive it.
+async fn parent_gone(enabled: bool) {
+    if !enabled {
+        return std::future::pending().await;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
 }
 
 fn export(args: ExportArgs) -> anyhow::Result<()> {

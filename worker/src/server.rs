@@ -23,7 +23,7 @@ use dmqsm_common::diffusion::model::{ModelSpec, ScoreModel};
 use dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES;
 use dmqsm_proto::v1::worker_client::WorkerClient;
 use dmqsm_proto::v1::worker_server::WorkerServer;
-use dmqsm_proto::v1::{Dtype, ModelInfo, Schedule, WorkerInfo};
+use dmqsm_proto::v1::{Dtype, ModelInfo, WorkerInfo};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -155,24 +155,8 @@ impl Default for ServerConfig {
 /// `Info`'s answer for a model served with a config.
 pub fn worker_info(model: &ServedModel, config: &ServerConfig, worker_id: &str) -> WorkerInfo {
     let spec = model.spec();
-    let kind = match spec.schedule.kind {
-        dmqsm_common::diffusion::schedule::ScheduleKind::Linear => "linear",
-        dmqsm_common::diffusion::schedule::ScheduleKind::Cosine => "cosine",
-    };
     WorkerInfo {
-        model: Some(ModelInfo {
-            model_id: spec.model_id.clone(),
-            content_hash: spec.content_hash.clone(),
-            patch_size: spec.patch_size as u32,
-            schedule: Some(Schedule {
-                kind: kind.to_string(),
-                timesteps: spec.schedule.timesteps as u32,
-                beta_start: spec.schedule.beta_start,
-                beta_end: spec.schedule.beta_end,
-            }),
-            chi_scale: spec.chi_scale,
-            parameterisation: crate::card::PARAMETERISATION_EPS.to_string(),
-        }),
+        model: Some(ModelInfo::from(spec)),
         device: model.device.clone(),
         max_batch: config.batch.max_batch as u32,
         supports_eps: true,

@@ -217,9 +217,8 @@ impl Worker for WorkerService {
         let cot = self
             .limits
             .decode_patches(req.cotangents.as_ref(), "cotangents", Some(b))?;
-        let (eps, vjp) = self.queue.vjp(patches, req.timesteps, cot).await?;
+        let vjp = self.queue.vjp(patches, req.timesteps, cot).await?;
         Ok(Response::new(DenoiseVjpResponse {
-            eps: Some(encode_patches(&eps, dtype)?),
             vjp: Some(encode_patches(&vjp, dtype)?),
         }))
     }

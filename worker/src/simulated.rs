@@ -72,7 +72,7 @@ impl ScoreModel for SimulatedModel {
         patches: ArrayView4<'_, f32>,
         t: &[f32],
         cotangent: ArrayView4<'_, f32>,
-    ) -> dmqsm_common::Result<(Array4<f32>, Array4<f32>)> {
+    ) -> dmqsm_common::Result<Array4<f32>> {
         self.wait(patches.shape()[0]);
         self.inner.vjp(patches, t, cotangent)
     }

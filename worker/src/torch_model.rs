@@ -23,6 +23,7 @@ use crate::card::{Architecture, ModelCard, card_path_for, sha256_file};
 use crate::device::{DeviceSpec, configure_threads};
 use crate::error::{Result, WorkerError, catch_torch};
 use crate::unet::{UNet3d, load_safetensors, parameter_count, trace, trace_bf16};
+use dmqsm_common::atomic_file::AtomicFile;
 use dmqsm_common::diffusion::model::{ModelSpec, ScoreModel};
 use ndarray::{Array4, ArrayView4};
 use std::path::Path;
@@ -256,13 +257,13 @@ impl TorchModel {
                 "refusing to export a bf16-cast module; load it without --bf16-autocast".into(),
             ));
         }
-        let tmp = crate::card::tmp_sibling(path);
+        let file = AtomicFile::new(path).map_err(|e| WorkerError::io(path, e))?;
         catch_torch("saving TorchScript", || {
             self.module
-                .save(&tmp)
+                .save(file.path())
                 .map_err(|e| WorkerError::torch(&format!("saving {}", path.display()), e))
         })?;
-        std::fs::rename(&tmp, path).map_err(|e| WorkerError::io(path, e))?;
+        file.commit().map_err(|e| WorkerError::io(path, e))?;
         let mut card = self.card.clone();
         card.torchscript_sha256 = Some(sha256_file(path)?);
         card.save(&card_path_for(path))?;
@@ -298,7 +299,7 @@ impl TorchModel {
         patches: ArrayView4<'_, f32>,
         t: &[f32],
         cotangent: ArrayView4<'_, f32>,
-    ) -> Result<(Array4<f32>, Array4<f32>)> {
+    ) -> Result<Array4<f32>> {
         let b = self.check_batch(&patches, t)?;
         if cotangent.shape() != patches.shape() {
             return Err(WorkerError::InvalidArgument(format!(
@@ -307,9 +308,9 @@ impl TorchModel {
                 patches.shape()
             )));
         }
-        let (eps, vjp) = self.evaluate(patches, t, Some(cotangent), b)?;
-        let vjp = vjp.ok_or_else(|| WorkerError::Model("VJP missing".into()))?;
-        Ok((eps, vjp))
+        // ε is computed on the way (the VJP differentiates it) and not returned.
+        let (_, vjp) = self.evaluate(patches, t, Some(cotangent), b)?;
+        vjp.ok_or_else(|| WorkerError::Model("VJP missing".into()))
     }
 
     /// Runs the fixed-size micro-batches. Returns ε and, with a cotangent, Jᵀv.
@@ -481,7 +482,7 @@ impl ScoreModel for TorchModel {
         patches: ArrayView4<'_, f32>,
         t: &[f32],
         cotangent: ArrayView4<'_, f32>,
-    ) -> dmqsm_common::Result<(Array4<f32>, Array4<f32>)> {
+    ) -> dmqsm_common::Result<Array4<f32>> {
         Ok(self.vjp_impl(patches, t, cotangent)?)
     }
 }

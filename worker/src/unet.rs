@@ -22,6 +22,7 @@
 //! size and on the device it is loaded to.
 
 use crate::error::{Result, WorkerError};
+use dmqsm_common::atomic_file::AtomicFile;
 use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::{Kind, Tensor};
@@ -356,11 +357,11 @@ pub fn seeded(config: &UNetConfig, device: tch::Device, seed: u64) -> (nn::VarSt
 /// SHA-256 (hex) over the variables of `vs` in name order (name, shape, f32 little-endian
 /// values): the identity of weights that have not been written to a file.
 pub fn weights_digest(vs: &nn::VarStore) -> Result<String> {
-    use sha2::{Digest, Sha256};
+    use dmqsm_common::content_hash::{Digest, Hasher, hex_digest};
     let vars = vs.variables();
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
-    let mut h = Sha256::new();
+    let mut h = Hasher::new();
     for name in names {
         let t = vars[name]
             .detach()
@@ -380,7 +381,7 @@ pub fn weights_digest(vs: &nn::VarStore) -> Result<String> {
             h.update(v.to_le_bytes());
         }
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex_digest(h))
 }
 
 /// Traces a bfloat16 copy of `net` (weights and activations in bf16; `t` stays f32),
@@ -455,10 +456,10 @@ pub fn save_safetensors(vs: &nn::VarStore, path: &std::path::Path) -> Result<()>
         .into_iter()
         .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).contiguous()))
         .collect();
-    let tmp = crate::card::tmp_sibling(path);
-    Tensor::write_safetensors(&cpu, &tmp)
+    let file = AtomicFile::new(path).map_err(|e| WorkerError::io(path, e))?;
+    Tensor::write_safetensors(&cpu, file.path())
         .map_err(|e| WorkerError::torch(&format!("writing {}", path.display()), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| WorkerError::io(path, e))
+    file.commit().map_err(|e| WorkerError::io(path, e))
 }
 
 /// Traces `net` into a TorchScript module (`forward(x, t) -> ε`).

@@ -10,9 +10,9 @@
 //! follow in closed form from the schedule ([`GaussianPriorModel::chain_moments`]).
 
 use crate::diffusion::model::{ModelSpec, ScoreModel};
-use crate::diffusion::noise::mix64;
 use crate::diffusion::schedule::{NoiseSchedule, SamplingSchedule, ScheduleConfig};
 use crate::error::{Error, Result};
+use crate::splitmix::mix64;
 use ndarray::{Array4, ArrayView4, Zip};
 
 /// The exact ε-prediction of an i.i.d. N(μ, σ²) prior (module docs). Implements
@@ -162,7 +162,8 @@ impl ScoreModel for GaussianPriorModel {
         patches: ArrayView4<'_, f32>,
         t: &[f32],
         cotangent: ArrayView4<'_, f32>,
-    ) -> Result<(Array4<f32>, Array4<f32>)> {
+    ) -> Result<Array4<f32>> {
+        self.check(&patches, t)?;
         if cotangent.shape() != patches.shape() {
             return Err(Error::Model(format!(
                 "cotangent shape {:?} differs from patches {:?}",
@@ -170,7 +171,6 @@ impl ScoreModel for GaussianPriorModel {
                 patches.shape()
             )));
         }
-        let eps = self.eps(patches, t)?;
         let mut jtv = Array4::<f32>::zeros(patches.raw_dim());
         for (b, &tb) in t.iter().enumerate() {
             let (k, _) = self.affine(self.timestep(tb)?);
@@ -178,7 +178,7 @@ impl ScoreModel for GaussianPriorModel {
                 .and(cotangent.index_axis(ndarray::Axis(0), b))
                 .for_each(|j, &v| *j = (k * v as f64) as f32);
         }
-        Ok((eps, jtv))
+        Ok(jtv)
     }
 }
 
@@ -218,7 +218,8 @@ mod tests {
         // And the model's batch output is that affine map; the VJP is κ v.
         let p = Array4::from_elem((2, 4, 4, 4), 0.7f32);
         let v = Array4::from_elem((2, 4, 4, 4), 2.0f32);
-        let (eps, jtv) = m.vjp(p.view(), &[t as f32, t as f32], v.view()).unwrap();
+        let eps = m.eps(p.view(), &[t as f32, t as f32]).unwrap();
+        let jtv = m.vjp(p.view(), &[t as f32, t as f32], v.view()).unwrap();
         assert!((eps[[1, 2, 3, 0]] as f64 - k * (0.7 - off)).abs() < 1e-6);
         assert!((jtv[[0, 0, 0, 0]] as f64 - 2.0 * k).abs() < 1e-6);
         assert!(m.eps(p.view(), &[t as f32]).is_err());

@@ -9,6 +9,10 @@ use crate::error::Result;
 use ndarray::{Array4, ArrayView4};
 use serde::{Deserialize, Serialize};
 
+/// The parameterisation of every model served today: ε-prediction (the `parameterisation`
+/// of model cards and of `dmqsm.v1.ModelInfo`).
+pub const PARAMETERISATION_EPS: &str = "eps";
+
 /// Identity and conventions of a score model, shared with its model card.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -35,12 +39,13 @@ pub trait ScoreModel {
     /// Predicted ε for each patch, `[B, P, P, P]`.
     fn eps(&self, patches: ArrayView4<'_, f32>, t: &[f32]) -> Result<Array4<f32>>;
 
-    /// Predicted ε and the vector-Jacobian product Jᵀv, with J = ∂ε/∂x_t taken per patch
-    /// and v = `cotangent`. Both `[B, P, P, P]`.
+    /// The vector-Jacobian product Jᵀv, with J = ∂ε/∂x_t taken per patch and v =
+    /// `cotangent`, `[B, P, P, P]`. (DPS's exact gradient needs only Jᵀv: its ε comes from
+    /// the step's ε round.)
     fn vjp(
         &self,
         patches: ArrayView4<'_, f32>,
         t: &[f32],
         cotangent: ArrayView4<'_, f32>,
-    ) -> Result<(Array4<f32>, Array4<f32>)>;
+    ) -> Result<Array4<f32>>;
 }

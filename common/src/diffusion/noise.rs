@@ -1,7 +1,7 @@
 //! Counter-based Gaussian noise: the noise of step k of a job with seed s at voxel i is a
 //! pure function of (s, k, i).
 //!
-//! Bits: SplitMix64 (Steele, Lea & Flood 2014) evaluated at an arbitrary position,
+//! Bits: [`crate::splitmix`] (SplitMix64, Steele, Lea & Flood 2014) evaluated at an arbitrary position,
 //! `mix64(key + (n+1)·γ)` with γ the golden-ratio increment, keyed by (seed, stream).
 //! Normals: the 256-layer ziggurat of Marsaglia & Tsang (2000), in the symmetric form
 //! used by `rand_distr`. Voxel i takes its first 64 bits from position i of the stream;
@@ -19,8 +19,7 @@ use ndarray::Array3;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
-/// SplitMix64 increment γ = 2^64/φ.
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+use crate::splitmix::{mix64, random_bits, stream_key};
 
 /// Stream of the initial noise x_T.
 pub const INITIAL_STREAM: u64 = 0;
@@ -28,23 +27,6 @@ pub const INITIAL_STREAM: u64 = 0;
 /// Stream of the fresh noise z added by sampling step `k` (0-based).
 pub fn step_stream(k: usize) -> u64 {
     (k as u64).wrapping_add(1)
-}
-
-/// The SplitMix64 output function (a bijective 64-bit mixer).
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Key of the (seed, stream) pair; distinct pairs give unrelated sequences.
-pub fn stream_key(seed: u64, stream: u64) -> u64 {
-    mix64(mix64(seed.wrapping_add(GOLDEN)) ^ stream.wrapping_mul(0xd1b5_4a32_d192_ed03))
-}
-
-/// The 64 random bits at position `counter` of the keyed stream.
-pub fn random_bits(key: u64, counter: u64) -> u64 {
-    mix64(key.wrapping_add(counter.wrapping_add(1).wrapping_mul(GOLDEN)))
 }
 
 /// Natural logarithm of x > 0 (finite, normal) with basic IEEE operations only.

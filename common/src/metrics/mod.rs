@@ -28,6 +28,7 @@
 
 pub mod calibration;
 mod filters;
+pub mod seams;
 #[cfg(test)]
 mod tests;
 

@@ -4,15 +4,7 @@
 //! crate, and split into named streams so that changing one setting (say the number of
 //! veins) leaves the other random draws (texture, shape) unchanged.
 
-/// The SplitMix64 output mixer: a bijective 64-bit finaliser.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Golden-ratio increment of SplitMix64.
-const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+use crate::splitmix::{GAMMA, mix64};
 
 /// Named, independent random streams of one phantom seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

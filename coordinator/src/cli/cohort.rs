@@ -1,23 +1,20 @@
 //! `dmqsm cohort <bids_dir>`: one DM-QSM job per subject/session of a BIDS dataset,
-//! on a coordinator (`--coordinator`), on local workers in this process
+//! on a coordinator (`--coordinator`), on local `dmqsm-worker` processes
 //! (`--local-workers N`), or as generated sbatch scripts (`--slurm DIR`).
 //! The logic lives in [`dmqsm_coordinator::cohort`].
 
 use super::{ConnArgs, Exit, SettingsArgs};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use dmqsm_common::diffusion::analytic::GaussianPriorModel;
-use dmqsm_common::diffusion::schedule::ScheduleConfig;
 use dmqsm_coordinator::cohort::{
     self, CohortOptions, CohortProgress, CohortReport, Entry, InputKind, Outcome, Selection,
     SlurmOptions,
 };
+use dmqsm_coordinator::local_workers::{LocalModel, LocalWorkerOptions};
 use dmqsm_coordinator::{Coordinator, CoordinatorConfig, client, spawn_server};
 use dmqsm_proto::v1;
-use dmqsm_worker::{DeviceSpec, EvalOptions, ServedModel, ServerConfig, TorchModel};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// The input the cohort reconstructs from.
@@ -177,7 +174,7 @@ fn usage(message: String) -> anyhow::Error {
 }
 
 /// The model of `--local-workers`.
-fn local_model(args: &CohortArgs) -> anyhow::Result<ServedModel> {
+fn local_model(args: &CohortArgs) -> anyhow::Result<LocalModel> {
     if let Some(a) = &args.analytic {
         let [mean, std] = a[..] else {
             return Err(usage(format!(
@@ -185,28 +182,22 @@ fn local_model(args: &CohortArgs) -> anyhow::Result<ServedModel> {
                 a.len()
             )));
         };
-        let m = GaussianPriorModel::new(
+        return Ok(LocalModel::Analytic {
             mean,
             std,
-            args.analytic_patch,
-            args.analytic_scale,
-            ScheduleConfig::default(),
-        )
-        .map_err(|e| usage(format!("--analytic: {e}")))?;
-        return Ok(ServedModel::new(Arc::new(m), "cpu (analytic)", 1, "f32"));
+            patch_size: args.analytic_patch,
+            chi_scale: args.analytic_scale,
+        });
     }
     let Some(path) = &args.model else {
         return Err(usage(
             "--local-workers needs --model PATH or --analytic MEAN,STD".into(),
         ));
     };
-    let device: DeviceSpec = args
-        .device
-        .parse()
-        .map_err(|e| usage(format!("--device {}: {e}", args.device)))?;
-    let model = TorchModel::load(path, device, EvalOptions::for_device(device))
-        .with_context(|| format!("loading model {}", path.display()))?;
-    Ok(ServedModel::torch(model))
+    Ok(LocalModel::Torch {
+        path: path.clone(),
+        device: args.device.clone(),
+    })
 }
 
 fn print_entries(entries: &[Entry]) {
@@ -356,19 +347,9 @@ pub async fn cohort(args: CohortArgs) -> anyhow::Result<()> {
         Some(0) => return Err(usage("--local-workers must be at least 1".into())),
         Some(n) => {
             let model = local_model(&args)?;
-            let mut workers = Vec::new();
-            for i in 0..n {
-                let config = ServerConfig {
-                    worker_id: Some(format!("local-{i}")),
-                    ..Default::default()
-                };
-                workers.push(
-                    dmqsm_worker::spawn_local_worker(model.clone(), config)
-                        .await
-                        .context("starting a local worker")?,
-                );
-            }
-            let urls: Vec<String> = workers.iter().map(|w| w.url()).collect();
+            let workers =
+                super::server::start_local_workers(model, LocalWorkerOptions::default(), n).await?;
+            let urls = workers.urls();
             let tmp;
             let data_dir = match &args.data_dir {
                 Some(d) => d.clone(),
@@ -395,9 +376,7 @@ pub async fn cohort(args: CohortArgs) -> anyhow::Result<()> {
             let _ = stop.send(());
             let _ = server.await;
             coordinator.shutdown();
-            for w in workers {
-                let _ = w.shutdown().await;
-            }
+            let _ = tokio::task::spawn_blocking(move || workers.shutdown()).await;
             if args.data_dir.is_none() {
                 let _ = std::fs::remove_dir_all(&data_dir);
             }

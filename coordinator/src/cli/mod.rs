@@ -2,10 +2,12 @@
 //! `cancel`, `fetch`, `workers` and `run` (embedded mode).
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
+use dmqsm_common::diffusion::sampler::Guidance;
+use dmqsm_common::tasks::Task;
 use dmqsm_coordinator::client::{self, ClientError};
-use dmqsm_coordinator::job::TaskKind;
-use dmqsm_proto::v1;
+use dmqsm_coordinator::job::JobState;
+use dmqsm_proto::{convert, v1};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -87,94 +89,13 @@ pub struct ConnArgs {
     pub coordinator: String,
 }
 
-/// Task names on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TaskArg {
-    /// Local field → χ (DM-QSM DipInv: SR ×1 of TKD).
-    Dipinv,
-    /// Low-res χ → high-res χ.
-    Sr,
-    /// Low-res field → high-res χ (DM-QSM SR-DipInv).
-    SrDipinv,
-    /// Local field → χ with the dipole model in the DPS term.
-    DipinvPhysics,
-    /// Low-res field → high-res χ with downsampling and the dipole model.
-    SrDipinvPhysics,
-}
-
-impl TaskArg {
-    /// The numerics' task.
-    pub fn task(self) -> dmqsm_common::tasks::Task {
-        use dmqsm_common::tasks::Task;
-        match self {
-            TaskArg::Dipinv => Task::Dipinv,
-            TaskArg::Sr => Task::Sr,
-            TaskArg::SrDipinv => Task::SrDipinv,
-            TaskArg::DipinvPhysics => Task::DipinvPhysics,
-            TaskArg::SrDipinvPhysics => Task::SrDipinvPhysics,
-        }
-    }
-
-    fn to_proto(self) -> v1::Task {
-        match self {
-            TaskArg::Dipinv => v1::Task::Dipinv,
-            TaskArg::Sr => v1::Task::Sr,
-            TaskArg::SrDipinv => v1::Task::SrDipinv,
-            TaskArg::DipinvPhysics => v1::Task::DipinvPhysics,
-            TaskArg::SrDipinvPhysics => v1::Task::SrDipinvPhysics,
-        }
-    }
-}
-
-/// Guidance mode on the command line (see `dmqsm_common::diffusion::sampler::Guidance`);
-/// serialized by its command-line name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GuidanceArg {
-    /// DPS gradient through the network (ε round + VJP round per step).
-    Exact,
-    /// DPS with the network Jacobian dropped (one ε round per step).
-    Approx,
-    /// Proximal data consistency by CG on x̂_0 (DDS), ξ as the data weight (one ε round
-    /// per step; beyond the paper).
-    Prox,
-}
-
-impl GuidanceArg {
-    /// The sampler's guidance mode.
-    pub fn guidance(self) -> dmqsm_common::diffusion::sampler::Guidance {
-        use dmqsm_common::diffusion::sampler::Guidance;
-        match self {
-            GuidanceArg::Exact => Guidance::Exact,
-            GuidanceArg::Approx => Guidance::Approx,
-            GuidanceArg::Prox => Guidance::Prox,
-        }
-    }
-    /// The command-line name.
-    pub fn name(self) -> &'static str {
-        match self {
-            GuidanceArg::Exact => "exact",
-            GuidanceArg::Approx => "approx",
-            GuidanceArg::Prox => "prox",
-        }
-    }
-    /// The proto value.
-    pub fn to_proto(self) -> v1::Guidance {
-        match self {
-            GuidanceArg::Exact => v1::Guidance::Exact,
-            GuidanceArg::Approx => v1::Guidance::Approx,
-            GuidanceArg::Prox => v1::Guidance::Prox,
-        }
-    }
-}
-
 /// Reconstruction settings shared by `submit`, `run` and `cohort` (one set of flags,
 /// one set of defaults).
 #[derive(Debug, Clone, Args)]
 pub struct SettingsArgs {
     /// Task. The default, `dipinv-physics`, uses the dipole model in the data term.
     #[arg(long, value_enum, default_value = "dipinv-physics")]
-    pub task: TaskArg,
+    pub task: Task,
     /// Diffusion (DDIM) steps.
     #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: u32,
@@ -197,7 +118,7 @@ pub struct SettingsArgs {
     pub xi: Option<f64>,
     /// Guidance mode.
     #[arg(long, value_enum, default_value = "prox")]
-    pub guidance: GuidanceArg,
+    pub guidance: Guidance,
     /// Patch overlap in voxels (DM-QSM: 8).
     #[arg(long, default_value_t = 8)]
     pub overlap: u32,
@@ -275,11 +196,13 @@ impl SettingsArgs {
         v1::JobSettings {
             start_timestep: self.start_timestep.resolve(self.steps),
             tv_alpha: self.tv_alpha,
-            task: self.task.to_proto() as i32,
+            task: v1::Task::from(self.task) as i32,
             steps: self.steps,
             eta: self.eta,
             xi: self.xi.unwrap_or(0.0),
-            guidance: self.guidance.to_proto() as i32,
+            // The command line never offers `none` (`value(skip)`).
+            guidance: v1::Guidance::try_from(self.guidance).map_or(v1::Guidance::Unspecified, |g| g)
+                as i32,
             overlap: Some(self.overlap),
             seed: self.seed,
             samples: self.samples,
@@ -432,28 +355,14 @@ pub struct WorkersArgs {
 }
 
 fn state_name(state: i32) -> &'static str {
-    match v1::JobState::try_from(state) {
-        Ok(v1::JobState::Queued) => "queued",
-        Ok(v1::JobState::Running) => "running",
-        Ok(v1::JobState::Succeeded) => "succeeded",
-        Ok(v1::JobState::Failed) => "failed",
-        Ok(v1::JobState::Cancelled) => "cancelled",
-        _ => "unknown",
-    }
+    JobState::from_wire(state).map_or("unknown", JobState::name)
 }
 
 fn task_name(s: &v1::JobStatus) -> &'static str {
     s.settings
         .as_ref()
-        .and_then(|x| match v1::Task::try_from(x.task) {
-            Ok(v1::Task::Dipinv) => Some(TaskKind::Dipinv),
-            Ok(v1::Task::Sr) => Some(TaskKind::Sr),
-            Ok(v1::Task::SrDipinv) => Some(TaskKind::SrDipinv),
-            Ok(v1::Task::DipinvPhysics) => Some(TaskKind::DipinvPhysics),
-            Ok(v1::Task::SrDipinvPhysics) => Some(TaskKind::SrDipinvPhysics),
-            _ => None,
-        })
-        .map(TaskKind::name)
+        .and_then(|x| convert::task(x.task, "settings.task").ok())
+        .map(Task::name)
         .unwrap_or("?")
 }
 
@@ -478,14 +387,15 @@ fn status_json(s: &v1::JobStatus) -> serde_json::Value {
 
 /// Converts a final status into the process outcome (exit 0, 4 or 5).
 pub fn outcome(s: &v1::JobStatus) -> anyhow::Result<()> {
-    match v1::JobState::try_from(s.state) {
-        Ok(v1::JobState::Succeeded) => Ok(()),
-        Ok(v1::JobState::Cancelled) => Err(Exit {
+    match JobState::from_wire(s.state) {
+        Some(JobState::Succeeded) => Ok(()),
+        Some(JobState::Cancelled) => Err(Exit {
             code: EXIT_JOB_CANCELLED,
             message: format!("job {} was cancelled", s.job_id),
         }
         .into()),
-        _ => Err(Exit {
+        // A status that is not final reaches here only from a broken coordinator: fail.
+        Some(JobState::Failed | JobState::Queued | JobState::Running) | None => Err(Exit {
             code: EXIT_JOB_FAILED,
             message: if s.error.starts_with(&format!("job {}", s.job_id)) {
                 s.error.clone()

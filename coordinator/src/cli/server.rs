@@ -1,18 +1,15 @@
 //! `dmqsm serve` (the coordinator service) and `dmqsm run` (embedded mode: coordinator
-//! and N local workers in one process on loopback, the same code path as a cluster).
+//! and N local `dmqsm-worker` processes on loopback, the same code path as a cluster).
 
 use super::{Exit, JobArgs, outcome, progress_bar, show_progress, write_files};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use dmqsm_common::diffusion::analytic::GaussianPriorModel;
-use dmqsm_common::diffusion::schedule::ScheduleConfig;
 use dmqsm_coordinator::client;
+use dmqsm_coordinator::local_workers::{LocalModel, LocalWorkerOptions, LocalWorkers};
 use dmqsm_coordinator::{Coordinator, CoordinatorConfig, spawn_server};
 use dmqsm_proto::v1;
-use dmqsm_worker::{DeviceSpec, EvalOptions, ServedModel, ServerConfig, TorchModel};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Wire element type of patch tensors.
@@ -206,27 +203,21 @@ pub struct RunArgs {
 }
 
 /// The model the embedded workers serve.
-pub fn load_model(args: &RunArgs) -> anyhow::Result<ServedModel> {
+pub fn local_model(args: &RunArgs) -> anyhow::Result<LocalModel> {
     if let Some(a) = &args.analytic {
-        if a.len() != 2 {
+        let [mean, std] = a[..] else {
             return Err(Exit {
                 code: 2,
                 message: format!("--analytic needs MEAN,STD, got {} values", a.len()),
             }
             .into());
-        }
-        let m = GaussianPriorModel::new(
-            a[0],
-            a[1],
-            args.analytic_patch,
-            args.analytic_scale,
-            ScheduleConfig::default(),
-        )
-        .map_err(|e| Exit {
-            code: 2,
-            message: format!("--analytic: {e}"),
-        })?;
-        return Ok(ServedModel::new(Arc::new(m), "cpu (analytic)", 1, "f32"));
+        };
+        return Ok(LocalModel::Analytic {
+            mean,
+            std,
+            patch_size: args.analytic_patch,
+            chi_scale: args.analytic_scale,
+        });
     }
     let Some(path) = &args.model else {
         return Err(Exit {
@@ -237,18 +228,31 @@ pub fn load_model(args: &RunArgs) -> anyhow::Result<ServedModel> {
         }
         .into());
     };
-    let device: DeviceSpec = args.device.parse().map_err(|e| Exit {
-        code: 2,
-        message: format!("--device {}: {e}", args.device),
-    })?;
-    let mut options = EvalOptions::for_device(device);
-    options.threads = args.threads;
-    let model = TorchModel::load(path, device, options)
-        .with_context(|| format!("loading model {}", path.display()))?;
-    Ok(ServedModel::torch(model))
+    Ok(LocalModel::Torch {
+        path: path.clone(),
+        device: args.device.clone(),
+    })
 }
 
-/// `dmqsm run`: one job on a coordinator with local workers, all in this process.
+/// Starts `count` local workers (blocking work moved off the runtime).
+pub async fn start_local_workers(
+    model: LocalModel,
+    options: LocalWorkerOptions,
+    count: usize,
+) -> anyhow::Result<LocalWorkers> {
+    tokio::task::spawn_blocking(move || LocalWorkers::start(&model, &options, count))
+        .await
+        .context("starting local workers")?
+        .map_err(|e| {
+            Exit {
+                code: 2,
+                message: e.to_string(),
+            }
+            .into()
+        })
+}
+
+/// `dmqsm run`: one job on a coordinator with local workers on loopback.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         return Err(Exit {
@@ -257,21 +261,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         .into());
     }
-    let model = load_model(&args)?;
-    let mut workers = Vec::new();
-    for i in 0..args.workers {
-        let config = ServerConfig {
-            worker_id: Some(format!("local-{i}")),
-            threads: args.threads,
-            ..Default::default()
-        };
-        workers.push(
-            dmqsm_worker::spawn_local_worker(model.clone(), config)
-                .await
-                .context("starting a local worker")?,
-        );
-    }
-    let urls: Vec<String> = workers.iter().map(|w| w.url()).collect();
+    let model = local_model(&args)?;
+    let options = LocalWorkerOptions {
+        threads: args.threads,
+        max_batch: None,
+    };
+    let workers = start_local_workers(model, options, args.workers).await?;
+    let urls = workers.urls();
     let config = args.tuning.config(args.data_dir.clone(), None)?;
     let coordinator = Coordinator::start(config, &urls)
         .await
@@ -311,8 +307,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = stop.send(());
     let _ = server.await;
     coordinator.shutdown();
-    for w in workers {
-        let _ = w.shutdown().await;
-    }
+    let _ = tokio::task::spawn_blocking(move || workers.shutdown()).await;
     result
 }

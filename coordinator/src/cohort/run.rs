@@ -9,9 +9,10 @@
 use super::CohortError;
 use super::bids::{Acquisition, Entry};
 use crate::client::{self, Client, ClientError};
+use dmqsm_common::content_hash::sha256_hex;
 use dmqsm_common::geometry::B0Direction;
 use dmqsm_common::nifti_io::read_nifti_bytes;
-use dmqsm_proto::v1;
+use dmqsm_proto::{convert, v1};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -154,19 +155,13 @@ pub struct CohortProgress {
 /// The settings as JSON (the sidecar's `DmqsmSettings`, also hashed into the
 /// fingerprint).
 pub fn settings_json(s: &v1::JobSettings) -> Value {
-    use crate::job::TaskKind;
-    let task = match v1::Task::try_from(s.task) {
-        Ok(v1::Task::Dipinv) => TaskKind::Dipinv.name().to_string(),
-        Ok(v1::Task::Sr) => TaskKind::Sr.name().to_string(),
-        Ok(v1::Task::SrDipinv) => TaskKind::SrDipinv.name().to_string(),
-        Ok(v1::Task::DipinvPhysics) => TaskKind::DipinvPhysics.name().to_string(),
-        Ok(v1::Task::SrDipinvPhysics) => TaskKind::SrDipinvPhysics.name().to_string(),
-        _ => format!("unknown({})", s.task),
-    };
-    let guidance = match v1::Guidance::try_from(s.guidance) {
-        Ok(v1::Guidance::Exact) => "exact".to_string(),
-        Ok(v1::Guidance::Approx) => "approx".to_string(),
-        Ok(v1::Guidance::Prox) => "prox".to_string(),
+    // Values outside the schema (never produced by this crate's CLI) are spelled out
+    // rather than refused: this is a record of what was asked, not a validation.
+    let task = convert::task(s.task, "settings.task")
+        .map(|t| t.name().to_string())
+        .unwrap_or_else(|_| format!("unknown({})", s.task));
+    let guidance = match convert::guidance(s.guidance, "settings.guidance") {
+        Ok(Some(g)) => g.name().to_string(),
         _ => format!("unknown({})", s.guidance),
     };
     let mut v = json!({
@@ -226,13 +221,13 @@ fn prepare(entry: &Entry, acq: &Acquisition, opts: &CohortOptions) -> Result<Pre
     s.b0_tesla = acq.field_strength_t.unwrap_or(0.0);
     s.te_seconds = acq.echo_time_s.unwrap_or(0.0);
     let mut h = serde_json::to_vec(&settings_json(&s)).unwrap_or_default();
-    h.extend_from_slice(dmqsm_worker::card::sha256_bytes(&meas).as_bytes());
+    h.extend_from_slice(sha256_hex(&meas).as_bytes());
     if let Some(m) = &mask {
-        h.extend_from_slice(dmqsm_worker::card::sha256_bytes(m).as_bytes());
+        h.extend_from_slice(sha256_hex(m).as_bytes());
     }
     let steps = s.steps as u64 * s.samples.max(1) as u64;
     Ok(Prepared {
-        fingerprint: dmqsm_worker::card::sha256_bytes(&h),
+        fingerprint: sha256_hex(&h),
         settings: s.clone(),
         b0_source,
         steps,

@@ -15,6 +15,7 @@
 use crate::card::{sha256_file, write_atomic};
 use crate::error::{Result, WorkerError};
 use crate::train::TrainConfig;
+use dmqsm_common::atomic_file::AtomicFile;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,7 +45,7 @@ pub struct TrainState {
 pub fn save(dir: &Path, state: &TrainState, tensors: &[(String, Tensor)]) -> Result<()> {
     let name = format!("checkpoint-{:08}.safetensors", state.iteration);
     let path = dir.join(&name);
-    let tmp = crate::card::tmp_sibling(&path);
+    let file = AtomicFile::new(&path).map_err(|e| WorkerError::io(&path, e))?;
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| {
@@ -54,9 +55,9 @@ pub fn save(dir: &Path, state: &TrainState, tensors: &[(String, Tensor)]) -> Res
             )
         })
         .collect();
-    Tensor::write_safetensors(&cpu, &tmp)
+    Tensor::write_safetensors(&cpu, file.path())
         .map_err(|e| WorkerError::torch(&format!("writing {}", path.display()), e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| WorkerError::io(&path, e))?;
+    file.commit().map_err(|e| WorkerError::io(&path, e))?;
     let previous = load_state(dir).ok().map(|s| s.tensors);
     let mut state = state.clone();
     state.tensors = name.clone();

@@ -129,18 +129,13 @@ pub struct DemoArgs {
 
 /// The ξ the demo uses (see [`DemoArgs::xi`]).
 fn demo_xi(a: &DemoArgs) -> Result<f64> {
-    use crate::cli::{GuidanceArg, TaskArg};
     use clap::ValueEnum;
-    let task = TaskArg::from_str(&a.task, false).map_err(|e| anyhow::anyhow!("--task: {e}"))?;
-    let guidance = GuidanceArg::from_str(&a.guidance, false)
-        .map_err(|e| anyhow::anyhow!("--guidance: {e}"))?;
-    Ok(a.xi.unwrap_or_else(|| {
-        dmqsm_common::diffusion::sampler::default_xi(
-            task.task(),
-            guidance.guidance(),
-            a.steps as usize,
-        )
-    }))
+    use dmqsm_common::diffusion::sampler::{Guidance, default_xi};
+    use dmqsm_common::tasks::Task;
+    let task = Task::from_str(&a.task, false).map_err(|e| anyhow::anyhow!("--task: {e}"))?;
+    let guidance =
+        Guidance::from_str(&a.guidance, false).map_err(|e| anyhow::anyhow!("--guidance: {e}"))?;
+    Ok(a.xi.unwrap_or_else(|| default_xi(task, guidance, a.steps as usize)))
 }
 
 /// Runs DM-QSM dipole inversion of `field` through the embedded coordinator and local

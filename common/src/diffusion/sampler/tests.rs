@@ -4,10 +4,11 @@ use super::*;
 use crate::diffusion::analytic::GaussianPriorModel;
 use crate::diffusion::model::ScoreModel;
 use crate::diffusion::noise::{initial_noise, noise_volume, step_noise};
+use crate::diffusion::schedule::ScheduleConfig;
 use crate::driver::{run, run_round, sample};
 use crate::operators::LinearOperator;
 use crate::tasks::{OutputGrid, Task};
-use ndarray::Array3;
+use ndarray::{Array3, ArrayView4};
 
 /// A = identity on a grid (test-local, so these tests need no physics operators).
 struct Identity([usize; 3]);
@@ -86,7 +87,8 @@ impl ScoreModel for CouplingModel {
         x: ArrayView4<'_, f32>,
         t: &[f32],
         u: ArrayView4<'_, f32>,
-    ) -> Result<(Array4<f32>, Array4<f32>)> {
+    ) -> Result<Array4<f32>> {
+        self.eps(x, t)?;
         let jtv = Array4::from_shape_fn(x.raw_dim(), |(i, a, b, c)| {
             let th = (x[[i, a, b, c]] as f64).tanh();
             let back = if c >= 1 {
@@ -96,7 +98,7 @@ impl ScoreModel for CouplingModel {
             };
             (0.3 * u[[i, a, b, c]] as f64 + 0.5 * (1.0 - th * th) * back) as f32
         });
-        Ok((self.eps(x, t)?, jtv))
+        Ok(jtv)
     }
 }
 
@@ -344,18 +346,18 @@ fn drive_custom(
             match round.id.kind {
                 RoundKind::Eps => {
                     let e = model.eps(b.x.view(), &b.timesteps).unwrap();
-                    s.submit_batch(round.id, &group, Some(e.view()), None)
+                    s.accept(PatchResults::new(round.id, group, e).unwrap())
                         .unwrap();
                 }
                 RoundKind::Vjp => {
-                    let (e, j) = model
+                    let j = model
                         .vjp(
                             b.x.view(),
                             &b.timesteps,
                             b.cotangent.as_ref().unwrap().view(),
                         )
                         .unwrap();
-                    s.submit_batch(round.id, &group, Some(e.view()), Some(j.view()))
+                    s.accept(PatchResults::new(round.id, group, j).unwrap())
                         .unwrap();
                 }
             }
@@ -394,8 +396,7 @@ fn batching_order_and_grouping_give_bitwise_identical_steps() {
             let mut p = p;
             let n = p.len();
             for i in (1..n).rev() {
-                let j = (crate::diffusion::noise::mix64((r * 1000 + i) as u64) % (i as u64 + 1))
-                    as usize;
+                let j = (crate::splitmix::mix64((r * 1000 + i) as u64) % (i as u64 + 1)) as usize;
                 p.swap(i, j);
             }
             let mut groups = Vec::new();

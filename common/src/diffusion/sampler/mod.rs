@@ -9,8 +9,8 @@
 //! while let Some(round) = s.round() {
 //!     for indices in s.plan_batches(max_batch)? {          // or any grouping you like
 //!         let batch = s.batch(&indices)?;                   // x [B,P,P,P], t [B], cotangent
-//!         let (eps, vjp) = evaluate(batch);                 // model.eps or model.vjp
-//!         s.submit_batch(round.id, &indices, Some(eps.view()), vjp.as_ref().map(|v| v.view()))?;
+//!         let out = evaluate(&batch);                       // model.eps, or model.vjp in a VJP round
+//!         s.accept(PatchResults::new(round.id, indices, out)?)?; // checked once, rows not copied
 //!     }
 //!     s.complete_round()?;                                  // errors if anything is missing
 //! }
@@ -28,8 +28,8 @@
 //!      ∇_{x_t} L = (g − √(1−ᾱ) Σ_p E_pᵀ J_pᵀ E_p (g/count)) / √ᾱ,
 //!      J_p = ∂ε/∂x of patch p. So the VJP round sends cotangent E_p(g/count) per patch
 //!      and sums the returned Jᵀv *without* dividing by the count. This needs ε̂ (for
-//!      x̂_0 and g) first, hence two rounds per step: ε, then ε+VJP. The ε returned in the
-//!      VJP round is ignored; the step uses the first round's ε.
+//!      x̂_0 and g) first, hence two rounds per step: ε, then Jᵀv (the VJP round returns
+//!      Jᵀv only; the step uses the first round's ε).
 //!    - [`Guidance::Approx`]: drops the network Jacobian, ∇ ≈ g/√ᾱ (one round).
 //!    - [`Guidance::Prox`]: instead of step 4, x̂_0 is replaced by the proximal
 //!      data-consistency solution x̃_0 = argmin ξ‖M_y(y − A M x)‖² + ‖x − x̂_0‖² (M the
@@ -46,74 +46,30 @@
 //! [`Checkpoint`] (taken at any time; it records the state at the start of the current
 //! step) restores bitwise identically.
 
+mod batch;
+mod checkpoint;
+mod guidance;
+mod rules;
+mod step;
+
+pub use batch::{PatchBatch, PatchResults, PatchWork};
+pub use checkpoint::Checkpoint;
+pub use guidance::Guidance;
+pub use rules::{DIVERGENCE_FACTOR, DIVERGENCE_MIN_ALPHA_BAR, default_xi};
+pub use step::{ddim_update, denoise, dps_gradient, sum_squares};
+
 use crate::diffusion::model::ModelSpec;
 use crate::diffusion::noise::{NoiseStream, step_stream};
-use crate::diffusion::schedule::{
-    NoiseSchedule, SamplingSchedule, ScheduleConfig, StepCoefficients,
-};
+use crate::diffusion::schedule::{NoiseSchedule, SamplingSchedule, StepCoefficients};
 use crate::error::{Error, Result};
 use crate::patch::{GridSpacing, PatchGrid};
-use crate::tasks::{Problem, Task};
+use crate::tasks::Problem;
 use crate::volume::Volume;
-use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Zip};
+use batch::RoundResults;
+use ndarray::{Array3, Array4, ArrayView3, Zip};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-
-/// How the DPS gradient ∇_{x_t} L is formed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Guidance {
-    /// Back through the score network (DPS): two model rounds per step (ε, then ε+VJP).
-    Exact,
-    /// Network Jacobian dropped, ∇ ≈ g/√ᾱ: one round per step.
-    Approx,
-    /// Proximal data consistency on x̂_0 by conjugate gradients (DDS, Chung, Lee & Ye,
-    /// ICLR 2024), ξ as the data weight: one round per step, no VJP.
-    Prox,
-    /// No data term: samples the prior (used for tests and unconditional generation).
-    None,
-}
-
-/// A run is declared diverged when its data residual ‖M_y(y − A x̂_0)‖ exceeds this many
-/// times ‖M_y y‖, the residual of the zero map, at a step with ᾱ_t ≥
-/// [`DIVERGENCE_MIN_ALPHA_BAR`]: the estimate then explains the data far worse than
-/// predicting nothing at all (the blow-ups seen with large DPS steps reach 10³–10⁵). A
-/// non-finite residual is divergence at any step.
-pub const DIVERGENCE_FACTOR: f64 = 20.0;
-/// The residual is only judged once ᾱ_t ≥ this: at the noisiest steps x̂_0 = (x_t −
-/// √(1−ᾱ) ε̂)/√ᾱ amplifies any error of ε̂ by up to 1/√ᾱ ≈ 160, so a large residual
-/// there says nothing about the result.
-pub const DIVERGENCE_MIN_ALPHA_BAR: f64 = 0.5;
-
-/// The default ξ of a run: what [`SamplerSettings::xi`] = `None` means.
-///
-/// - DPS ([`Guidance::Exact`], [`Guidance::Approx`]): DM-QSM's ξ ([`Task::default_xi`]:
-///   0.5 dipole inversion, 2 SR) is a per-step size at T = 1000 steps. With the
-///   plain-norm DPS gradient each step moves x by about ξ whatever the residual, so the
-///   total pull toward the data grows with the number of steps; N re-spaced steps take
-///   ξ·1000/N to keep it (equal to the paper's value at N = 1000).
-/// - [`Guidance::Prox`]: ξ is the data weight w of the proximal step, which does not
-///   accumulate over steps: 2 (`dipinv`, A = I on a TKD estimate), 16 (`sr`), 8
-///   (`sr-dipinv`) and 8 (physics tasks). The first three were tuned on held-out phantom
-///   1000 at 25 steps with the bundled model; the physics weight on the same phantom
-///   (64×64×48 crop) for the warm-started default (8 steps from t₀ = 50, where w = 2, 4,
-///   8 and 64 gave NRMSE 40.3, 37.9, 36.8 and 40.0 %); `dmqsm benchmark quality` sweeps
-///   around them.
-/// - [`Guidance::None`]: ξ is not used.
-pub fn default_xi(task: Task, guidance: Guidance, steps: usize) -> f64 {
-    match guidance {
-        Guidance::Exact | Guidance::Approx | Guidance::None => {
-            task.default_xi() * 1000.0 / steps.max(1) as f64
-        }
-        Guidance::Prox => match task {
-            Task::Dipinv => 2.0,
-            Task::Sr => 16.0,
-            Task::SrDipinv => 8.0,
-            Task::DipinvPhysics | Task::SrDipinvPhysics => 8.0,
-        },
-    }
-}
 
 /// Settings of one sampling run (one posterior sample).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,34 +165,6 @@ pub struct Progress {
     pub residual_ppm: Option<f64>,
 }
 
-/// One patch evaluation: the model input of patch `index`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PatchWork {
-    /// Patch index in the grid.
-    pub index: usize,
-    /// Training timestep t (as f32, the TorchScript contract).
-    pub timestep: f32,
-    /// x_t patch `[P, P, P]`, model units.
-    pub x: Array3<f32>,
-    /// Cotangent v `[P, P, P]` for a VJP round (the patch of g/count), else `None`.
-    pub cotangent: Option<Array3<f32>>,
-}
-
-/// A batch of patch evaluations stacked for a model call.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkBatch {
-    /// Round identity to quote when submitting the results.
-    pub round: RoundId,
-    /// Patch indices, in the order of the batch rows.
-    pub indices: Vec<usize>,
-    /// x_t patches `[B, P, P, P]`, model units.
-    pub x: Array4<f32>,
-    /// Timestep per row.
-    pub timesteps: Vec<f32>,
-    /// Cotangents `[B, P, P, P]` for a VJP round.
-    pub cotangent: Option<Array4<f32>>,
-}
-
 /// A finished reconstruction (one posterior sample).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reconstruction {
@@ -248,125 +176,6 @@ pub struct Reconstruction {
     pub steps: usize,
     /// DPS data residual ‖M_y(y − A x̂_0)‖ in ppm at the last step, if guided.
     pub residual_ppm: Option<f64>,
-}
-
-/// Serializable sampler state at a step boundary; restores bitwise identically.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Format version ([`Checkpoint::FORMAT`]).
-    pub format: u32,
-    /// Settings of the run (seed included).
-    pub settings: SamplerSettings,
-    /// Content hash of the model the run uses.
-    pub model_hash: String,
-    /// Patch edge P of the model.
-    pub patch_size: usize,
-    /// Model unit scale (χ_model = χ_ppm × chi_scale).
-    pub chi_scale: f64,
-    /// Training schedule of the model.
-    pub schedule: ScheduleConfig,
-    /// [`Problem::fingerprint`] of the problem.
-    pub problem_fingerprint: u64,
-    /// Padded volume shape of the state.
-    pub padded_shape: [usize; 3],
-    /// Steps completed.
-    pub step: usize,
-    /// Last data residual in ppm.
-    pub residual_ppm: Option<f64>,
-    /// x_t over the padded volume, C order, model units.
-    pub state: Vec<f32>,
-}
-
-const CHECKPOINT_MAGIC: &[u8; 8] = b"DMQSMCK1";
-
-#[derive(Serialize, Deserialize)]
-struct CheckpointHeader {
-    format: u32,
-    settings: SamplerSettings,
-    model_hash: String,
-    patch_size: usize,
-    chi_scale: f64,
-    schedule: ScheduleConfig,
-    problem_fingerprint: u64,
-    padded_shape: [usize; 3],
-    step: usize,
-    residual_ppm: Option<f64>,
-    state_len: usize,
-}
-
-impl Checkpoint {
-    /// Current checkpoint format version.
-    pub const FORMAT: u32 = 1;
-
-    /// Compact binary encoding: magic `DMQSMCK1`, u64 LE header length, JSON header, then
-    /// the state as f32 little-endian.
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let header = CheckpointHeader {
-            format: self.format,
-            settings: self.settings.clone(),
-            model_hash: self.model_hash.clone(),
-            patch_size: self.patch_size,
-            chi_scale: self.chi_scale,
-            schedule: self.schedule.clone(),
-            problem_fingerprint: self.problem_fingerprint,
-            padded_shape: self.padded_shape,
-            step: self.step,
-            residual_ppm: self.residual_ppm,
-            state_len: self.state.len(),
-        };
-        let json = serde_json::to_vec(&header)
-            .map_err(|e| Error::Protocol(format!("checkpoint header: {e}")))?;
-        let mut out = Vec::with_capacity(16 + json.len() + 4 * self.state.len());
-        out.extend_from_slice(CHECKPOINT_MAGIC);
-        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        out.extend_from_slice(&json);
-        for v in &self.state {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        Ok(out)
-    }
-
-    /// Decodes [`Checkpoint::to_bytes`]; errors name what is malformed.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let bad = |m: &str| Error::Protocol(format!("malformed checkpoint: {m}"));
-        if bytes.len() < 16 || &bytes[..8] != CHECKPOINT_MAGIC {
-            return Err(bad("missing DMQSMCK1 magic"));
-        }
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&bytes[8..16]);
-        let hlen = usize::try_from(u64::from_le_bytes(len)).map_err(|_| bad("header length"))?;
-        let body = bytes.get(16..).ok_or_else(|| bad("truncated"))?;
-        if hlen > body.len() {
-            return Err(bad("header longer than the file"));
-        }
-        let header: CheckpointHeader =
-            serde_json::from_slice(&body[..hlen]).map_err(|e| bad(&format!("header: {e}")))?;
-        let data = &body[hlen..];
-        if data.len() != header.state_len.saturating_mul(4) {
-            return Err(bad(&format!(
-                "state holds {} bytes, header says {} values",
-                data.len(),
-                header.state_len
-            )));
-        }
-        let state = data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Ok(Self {
-            format: header.format,
-            settings: header.settings,
-            model_hash: header.model_hash,
-            patch_size: header.patch_size,
-            chi_scale: header.chi_scale,
-            schedule: header.schedule,
-            problem_fingerprint: header.problem_fingerprint,
-            padded_shape: header.padded_shape,
-            step: header.step,
-            residual_ppm: header.residual_ppm,
-            state,
-        })
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -433,8 +242,9 @@ pub struct Sampler {
     step: usize,
     state: Array3<f32>,
     phase: Phase,
-    eps: Vec<Option<Array3<f32>>>,
-    vjp: Vec<Option<Array3<f32>>>,
+    /// Results of the open round (ε in an ε round, Jᵀv in a VJP round), held as the
+    /// batches they arrived in.
+    results: RoundResults,
     pending: Option<PendingStep>,
     residual_ppm: Option<f64>,
     last_gradient: Option<Array3<f32>>,
@@ -589,8 +399,7 @@ impl Sampler {
             step: 0,
             state: Array3::zeros([0, 0, 0]),
             phase: Phase::Eps,
-            eps: vec![None; n],
-            vjp: vec![None; n],
+            results: RoundResults::new(n),
             pending: None,
             residual_ppm: None,
             last_gradient: None,
@@ -601,8 +410,7 @@ impl Sampler {
 
     /// Sets up the grid and result slots of step `self.step` (or marks the run finished).
     fn enter_step(&mut self) -> Result<()> {
-        self.eps.iter_mut().for_each(|e| *e = None);
-        self.vjp.iter_mut().for_each(|e| *e = None);
+        self.results.clear(self.base_grid.len());
         self.pending = None;
         if self.step >= self.schedule.len() {
             self.phase = Phase::Finished;
@@ -692,26 +500,13 @@ impl Sampler {
 
     /// Progress of the run.
     pub fn progress(&self) -> Progress {
-        let slots = if self.phase == Phase::Vjp {
-            &self.vjp
-        } else {
-            &self.eps
-        };
         Progress {
             step: self.step,
             total_steps: self.schedule.len(),
             round: self.round().map(|r| r.id.kind),
-            received: slots.iter().filter(|s| s.is_some()).count(),
+            received: self.results.received(),
             patches: self.grid.len(),
             residual_ppm: self.residual_ppm,
-        }
-    }
-
-    fn slots(&self) -> &[Option<Array3<f32>>] {
-        if self.phase == Phase::Vjp {
-            &self.vjp
-        } else {
-            &self.eps
         }
     }
 
@@ -721,13 +516,13 @@ impl Sampler {
             return Vec::new();
         }
         (0..self.grid.len())
-            .filter(|&i| self.slots()[i].is_none())
+            .filter(|&i| !self.results.has(i))
             .collect()
     }
 
     /// Whether every result of the open round has arrived.
     pub fn is_round_complete(&self) -> bool {
-        self.phase != Phase::Finished && self.slots().iter().all(Option::is_some)
+        self.phase != Phase::Finished && self.results.received() == self.grid.len()
     }
 
     /// The deterministic default batching of the pending patches: ascending indices in
@@ -763,7 +558,7 @@ impl Sampler {
 
     /// The stacked model input for patches `indices` (any subset, any order) of the open
     /// round.
-    pub fn batch(&self, indices: &[usize]) -> Result<WorkBatch> {
+    pub fn batch(&self, indices: &[usize]) -> Result<PatchBatch> {
         let round = self
             .round()
             .ok_or_else(|| Error::Protocol("the sampler has finished; there is no work".into()))?;
@@ -788,7 +583,7 @@ impl Sampler {
             (Some(pending), RoundKind::Vjp) => Some(fill(&pending.cotangent)?),
             _ => None,
         };
-        Ok(WorkBatch {
+        Ok(PatchBatch {
             round: round.id,
             indices: indices.to_vec(),
             x,
@@ -810,33 +605,32 @@ impl Sampler {
         }
     }
 
-    fn check_patch(&self, what: &str, index: usize, v: &ArrayView3<'_, f32>) -> Result<()> {
+    /// Takes the checked results of one batch of the open round: their rows are kept as
+    /// they are, not copied. Returns how many patches were new: a patch already held keeps
+    /// its first result (duplicates from retries are harmless). Errors on a wrong round,
+    /// an index outside the grid or a patch edge other than the grid's; nothing is stored
+    /// then.
+    pub fn accept(&mut self, results: PatchResults) -> Result<usize> {
+        self.check_round(results.round())?;
         let p = self.grid.patch_size();
-        if index >= self.grid.len() {
+        if results.patch_size() != p {
+            return Err(Error::Model(format!(
+                "results of patch edge {}, but the grid's patches are {p}³",
+                results.patch_size()
+            )));
+        }
+        if let Some(&bad) = results.indices().iter().find(|&&i| i >= self.grid.len()) {
             return Err(Error::Protocol(format!(
-                "result for patch {index}, but the grid has {} patches",
+                "result for patch {bad}, but the grid has {} patches",
                 self.grid.len()
             )));
         }
-        if v.shape() != [p, p, p] {
-            return Err(Error::Model(format!(
-                "{what} of patch {index} has shape {:?}, expected [{p}, {p}, {p}]",
-                v.shape()
-            )));
-        }
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(Error::Model(format!(
-                "{what} of patch {index} holds non-finite values"
-            )));
-        }
-        Ok(())
+        Ok(self.results.insert(results))
     }
 
-    /// Hands back the result of one patch of round `round`: ε (needed in an ε round) and
-    /// Jᵀv (needed in a VJP round; ε may be given there and is ignored). Returns `true`
-    /// if stored, `false` if a result for this patch was already held (the first one
-    /// wins; duplicates from retries are harmless). Errors on a wrong round, a bad index,
-    /// shape or non-finite values; nothing is stored then.
+    /// Hands back the result of one patch of round `round`: ε (needed in an ε round) or
+    /// Jᵀv (needed in a VJP round). A convenience for tools and tests that copies the
+    /// patch; batch callers use [`Sampler::accept`]. Returns `true` if stored.
     pub fn submit(
         &mut self,
         round: RoundId,
@@ -853,71 +647,8 @@ impl Sampler {
                 vjp.ok_or_else(|| Error::Protocol(format!("VJP round: patch {index} sent no Jᵀv")))?
             }
         };
-        self.check_patch(
-            if kind == RoundKind::Eps {
-                "ε"
-            } else {
-                "Jᵀv"
-            },
-            index,
-            &value,
-        )?;
-        Ok(self.store(kind, index, value))
-    }
-
-    /// Stores a validated result unless one is already held (first wins).
-    fn store(&mut self, kind: RoundKind, index: usize, value: ArrayView3<'_, f32>) -> bool {
-        let slot = match kind {
-            RoundKind::Eps => &mut self.eps[index],
-            RoundKind::Vjp => &mut self.vjp[index],
-        };
-        if slot.is_some() {
-            return false;
-        }
-        *slot = Some(value.to_owned());
-        true
-    }
-
-    /// Hands back a batch: row b of `eps`/`vjp` (`[B, P, P, P]`) is patch `indices[b]`.
-    /// Validates everything before storing anything. Returns how many were new.
-    pub fn submit_batch(
-        &mut self,
-        round: RoundId,
-        indices: &[usize],
-        eps: Option<ArrayView4<'_, f32>>,
-        vjp: Option<ArrayView4<'_, f32>>,
-    ) -> Result<usize> {
-        let kind = self.check_round(round)?;
-        let values = match kind {
-            RoundKind::Eps => {
-                eps.ok_or_else(|| Error::Protocol("ε round: batch sent no ε".into()))?
-            }
-            RoundKind::Vjp => {
-                vjp.ok_or_else(|| Error::Protocol("VJP round: batch sent no Jᵀv".into()))?
-            }
-        };
-        if values.shape()[0] != indices.len() {
-            return Err(Error::Model(format!(
-                "batch of {} patches returned {} results",
-                indices.len(),
-                values.shape()[0]
-            )));
-        }
-        let what = if kind == RoundKind::Eps {
-            "ε"
-        } else {
-            "Jᵀv"
-        };
-        for (row, &idx) in indices.iter().enumerate() {
-            self.check_patch(what, idx, &values.index_axis(ndarray::Axis(0), row))?;
-        }
-        let mut new = 0;
-        for (row, &idx) in indices.iter().enumerate() {
-            if self.store(kind, idx, values.index_axis(ndarray::Axis(0), row)) {
-                new += 1;
-            }
-        }
-        Ok(new)
+        let values = value.insert_axis(ndarray::Axis(0)).to_owned();
+        Ok(self.accept(PatchResults::new(round, vec![index], values)?)? == 1)
     }
 
     /// Finishes the open round once all its results are in: an ε round of approx/none
@@ -941,9 +672,7 @@ impl Sampler {
         let c = self.coefficients()?;
         match round.id.kind {
             RoundKind::Eps => {
-                let views: Vec<ArrayView3<'_, f32>> =
-                    self.eps.iter().flatten().map(|a| a.view()).collect();
-                let eps_hat = self.grid.assemble_padded(&views)?;
+                let eps_hat = self.grid.assemble_padded(&self.results.views()?)?;
                 let (x0_hat, inside) = denoise(&self.state, &eps_hat, &c, self.clamp);
                 match self.settings.guidance {
                     Guidance::None => self.finish_step(&c, &eps_hat, &x0_hat, Gradient::None),
@@ -965,6 +694,7 @@ impl Sampler {
                             cotangent,
                         });
                         self.phase = Phase::Vjp;
+                        self.results.clear(self.grid.len());
                         Ok(())
                     }
                 }
@@ -974,9 +704,7 @@ impl Sampler {
                     .pending
                     .take()
                     .ok_or_else(|| Error::Protocol("VJP round without its ε round".into()))?;
-                let views: Vec<ArrayView3<'_, f32>> =
-                    self.vjp.iter().flatten().map(|a| a.view()).collect();
-                let jtv = self.grid.accumulate(&views)?;
+                let jtv = self.grid.accumulate(&self.results.views()?)?;
                 self.finish_step(
                     &c,
                     &pending.eps_hat,
@@ -1173,92 +901,5 @@ impl Sampler {
     }
 }
 
-/// x̂_0 = (x_t − √(1−ᾱ) ε̂)/√ᾱ, clamped to `clamp` (model units) if given; with a clamp
-/// also returns where x̂_0 was inside the range (the clamp's derivative).
-pub fn denoise(
-    x: &Array3<f32>,
-    eps_hat: &Array3<f32>,
-    c: &StepCoefficients,
-    clamp: Option<(f32, f32)>,
-) -> (Array3<f32>, Option<Array3<bool>>) {
-    let (sa, s1a) = (c.sqrt_alpha_bar(), c.sqrt_one_minus_alpha_bar());
-    let x0 = Zip::from(x)
-        .and(eps_hat)
-        .par_map_collect(|&x, &e| ((x as f64 - s1a * e as f64) / sa) as f32);
-    match clamp {
-        None => (x0, None),
-        Some((lo, hi)) => {
-            let inside = x0.mapv(|v| v > lo && v < hi);
-            (x0.mapv(|v| v.clamp(lo, hi)), Some(inside))
-        }
-    }
-}
-
-/// x'_{prev} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z (DDIM eq. 12).
-pub fn ddim_update(
-    x0_hat: &Array3<f32>,
-    eps_hat: &Array3<f32>,
-    c: &StepCoefficients,
-    z: Option<&Array3<f32>>,
-) -> Array3<f32> {
-    let (a, b, s) = (c.alpha_bar_prev.sqrt(), c.eps_coefficient(), c.sigma);
-    match z {
-        Some(z) => Zip::from(x0_hat)
-            .and(eps_hat)
-            .and(z)
-            .par_map_collect(|&x0, &e, &z| (a * x0 as f64 + b * e as f64 + s * z as f64) as f32),
-        None => Zip::from(x0_hat)
-            .and(eps_hat)
-            .par_map_collect(|&x0, &e| (a * x0 as f64 + b * e as f64) as f32),
-    }
-}
-
-/// Σ v² in f64 with fixed chunking (bitwise independent of the thread count).
-pub fn sum_squares(v: &[f32]) -> f64 {
-    const CHUNK: usize = 1 << 15;
-    let partial: Vec<f64> = v
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
-        .collect();
-    partial.iter().sum()
-}
-
-/// The DPS data term on the output grid: for x̂_0 (model units, output shape) and
-/// y_model = M_y ⊙ y·scale, returns g = ∇_{x̂_0}‖M_y(y − A x̂_0)‖₂ = −Aᵀ r / ‖r‖ with
-/// r = M_y(y − A x̂_0) (g = 0 when r = 0), and ‖r‖ (model units).
-pub fn dps_gradient(
-    problem: &Problem,
-    y_model: &Array3<f32>,
-    x0: &Array3<f32>,
-) -> Result<(Array3<f32>, f64)> {
-    let ax = problem.operator().apply(x0)?;
-    if ax.shape() != y_model.shape() {
-        return Err(Error::Shape(format!(
-            "forward model returned shape {:?}, measurement is {:?}",
-            ax.shape(),
-            y_model.shape()
-        )));
-    }
-    let r = Zip::from(y_model)
-        .and(&ax)
-        .and(problem.measurement_mask())
-        .par_map_collect(|&y, &a, &m| if m { y - a } else { 0.0 });
-    let r_std = r.as_standard_layout();
-    let norm = sum_squares(r_std.as_slice().unwrap_or(&[])).sqrt();
-    if !norm.is_finite() {
-        return Err(Error::NonFinite(
-            "DPS residual ‖y − A x̂_0‖ is not finite".into(),
-        ));
-    }
-    if norm == 0.0 {
-        return Ok((Array3::zeros(x0.raw_dim()), 0.0));
-    }
-    let mut g = problem.operator().adjoint(&r)?;
-    let inv = (-1.0 / norm) as f32;
-    g.par_mapv_inplace(|v| v * inv);
-    Ok((g, norm))
-}
-
 #[cfg(test)]
-#[path = "sampler_tests.rs"]
 mod tests;
