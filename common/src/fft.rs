@@ -1,8 +1,8 @@
 //! 3D discrete Fourier transforms on [rustfft], parallel over lines with rayon.
 //!
 //! Conventions (the same as `numpy.fft`):
-//! - forward: X[k] = Σₙ x[n]·e^{−2πi k·n/N}, unnormalised;
-//! - inverse: x[n] = (1/N)·Σₖ X[k]·e^{+2πi k·n/N}, where N is the total number of voxels;
+//! - forward: X\[k\] = Σₙ x\[n\]·e^{−2πi k·n/N}, unnormalised;
+//! - inverse: x\[n\] = (1/N)·Σₖ X\[k\]·e^{+2πi k·n/N}, where N is the total number of voxels;
 //! - frequency index k on an axis of length n stands for k/n cycles per voxel for
 //!   k < ⌈n/2⌉ and (k − n)/n otherwise ([`fftfreq`]); on even axes the Nyquist index n/2
 //!   is taken as −1/2.
@@ -458,7 +458,7 @@ impl<T: FftFloat> RealFft3<T> {
 
     /// Inverse transform (normalised by 1/N) of a Hermitian half spectrum, cropped to the
     /// corner of `out_shape`. For any half spectrum H the result is Re(ifftn(Z)), Z the
-    /// full spectrum implied by H (Z[q] = conj(H[−q]) on the missing half), as
+    /// full spectrum implied by H (Z\[q\] = conj(H\[−q\]) on the missing half), as
     /// `numpy.fft.irfftn`.
     pub fn inverse(
         &self,

@@ -84,12 +84,18 @@ impl Task {
 
     /// Whether the measurement is a field (ppm) rather than a χ map.
     pub fn measures_field(self) -> bool {
-        !matches!(self, Task::Sr)
+        match self {
+            Task::Sr => false,
+            Task::Dipinv | Task::SrDipinv | Task::DipinvPhysics | Task::SrDipinvPhysics => true,
+        }
     }
 
     /// Whether the output grid is finer than the measurement grid.
     pub fn is_super_resolution(self) -> bool {
-        matches!(self, Task::Sr | Task::SrDipinv | Task::SrDipinvPhysics)
+        match self {
+            Task::Sr | Task::SrDipinv | Task::SrDipinvPhysics => true,
+            Task::Dipinv | Task::DipinvPhysics => false,
+        }
     }
 }
 

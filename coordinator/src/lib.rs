@@ -16,7 +16,8 @@
 //! - [`dispatch`]: batches → workers (bounded in-flight, fairness, retries, lost workers).
 //! - [`runner`]: one job's life: rounds, steps, checkpoints, results.
 //! - [`results`]: result files (NIfTI, PNG, JSON report).
-//! - [`service`]: the gRPC `Coordinator` service.
+//! - [`service`]: the job service and its gRPC face.
+//! - `state`: what the service and the runners share (store, dispatcher, live jobs).
 //! - [`client`]: the client side, shared by the CLI and the tests.
 //! - [`local_workers`]: embedded mode's `dmqsm-worker` processes on loopback.
 //! - [`remote_model`]: a worker's model as a `ScoreModel`, for in-process drivers.
@@ -37,6 +38,7 @@ pub mod remote_model;
 pub mod results;
 pub mod runner;
 pub mod service;
+pub(crate) mod state;
 pub mod store;
 pub mod workers;
 

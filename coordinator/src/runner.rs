@@ -16,7 +16,7 @@
 use crate::dispatch::{BatchOutcome, BatchRequest, DispatchError, WireBatch};
 use crate::error::{CoordinatorError, Result};
 use crate::job::{JobRecord, JobSpec, JobState, unix_now};
-use crate::service::{JobHandle, Shared};
+use crate::state::{JobHandle, Shared};
 use dmqsm_common::diffusion::sampler::{
     Checkpoint, Guidance, Reconstruction, RoundKind, Sampler, SamplerSettings,
 };

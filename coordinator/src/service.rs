@@ -9,6 +9,7 @@ use crate::config::CoordinatorConfig;
 use crate::dispatch::Dispatcher;
 use crate::error::{CoordinatorError, Result};
 use crate::job::{JobRecord, JobSpec, JobState, unix_now};
+use crate::state::{JobHandle, Shared};
 use crate::store::JobStore;
 use dmqsm_proto::v1;
 use dmqsm_proto::v1::coordinator_server::{self, CoordinatorServer};
@@ -22,36 +23,6 @@ use tonic::{Request, Response, Status};
 
 /// Largest result chunk streamed by `FetchResult`, in bytes.
 pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
-
-/// A live job's control channels.
-pub(crate) struct JobHandle {
-    /// Set to true to cancel.
-    pub cancel: watch::Sender<bool>,
-    /// The latest progress report.
-    pub progress: watch::Sender<v1::JobProgress>,
-}
-
-/// State shared by the service and the job runners.
-pub(crate) struct Shared {
-    pub config: CoordinatorConfig,
-    pub store: JobStore,
-    pub dispatcher: Dispatcher,
-    pub jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
-    pub run_slots: Arc<Semaphore>,
-    /// Problems built while validating a submission, taken by the job's runner (so the
-    /// inputs are decoded once; a resumed job rebuilds from the stored inputs).
-    pub prepared: Mutex<HashMap<String, Arc<dmqsm_common::tasks::Problem>>>,
-}
-
-impl Shared {
-    pub(crate) fn handle(&self, job_id: &str) -> Option<Arc<JobHandle>> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(job_id)
-            .cloned()
-    }
-}
 
 /// The coordinator: store, dispatcher and running jobs (see the module docs).
 #[derive(Clone)]
@@ -409,7 +380,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
             .coordinator
             .list()?
             .iter()
-            .map(|j| v1::JobStatus::from(j))
+            .map(v1::JobStatus::from)
             .collect();
         Ok(Response::new(v1::ListJobsResponse { jobs }))
     }

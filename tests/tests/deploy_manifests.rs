@@ -149,16 +149,32 @@ fn dockerfiles_are_multi_stage_non_root_with_healthchecks_and_the_pinned_torch()
         let names: Vec<&str> = st.iter().map(|s| s.0.as_str()).collect();
         assert_eq!(
             names,
-            ["builder", "runtime", "coordinator", "worker"],
+            [
+                "coordinator-builder",
+                "builder",
+                "base",
+                "coordinator",
+                "runtime",
+                "worker"
+            ],
             "{file}"
         );
-        let runtime = &st[1].1;
+        // The coordinator image is built without torch and carries none.
+        assert!(
+            st[0].1.contains("-p dmqsm-coordinator --bin dmqsm") && !st[0].1.contains("torch"),
+            "{file}: the coordinator builds without torch"
+        );
+        assert!(
+            st[3].1.contains("COPY --from=coordinator-builder") && !st[3].1.contains("torch"),
+            "{file}: the coordinator image holds no torch"
+        );
+        let runtime = &st[4].1;
         assert!(
             runtime.contains("USER 10001:10001"),
             "{file}: runtime must be non-root"
         );
         assert!(runtime.contains("COPY --from=builder"), "{file}");
-        for (name, body) in &st[2..] {
+        for (name, body) in [&st[3], &st[5]] {
             assert!(
                 body.contains("HEALTHCHECK "),
                 "{file}: {name} has no HEALTHCHECK"
@@ -170,12 +186,12 @@ fn dockerfiles_are_multi_stage_non_root_with_healthchecks_and_the_pinned_torch()
             );
         }
         assert!(
-            st[2]
+            st[3]
                 .1
                 .contains("\"status\", \"--coordinator\", \"http://127.0.0.1:50051\"")
         );
         assert!(
-            st[3]
+            st[5]
                 .1
                 .contains("\"info\", \"--remote\", \"http://127.0.0.1:50061\"")
         );

@@ -35,7 +35,7 @@ pub fn boundary_planes(grid: &PatchGrid) -> [Vec<usize>; 3] {
     })
 }
 
-/// Seam number: the mean squared forward difference (x[p] − x[p−1])² across the planes
+/// Seam number: the mean squared forward difference `(x[p] − x[p−1])²` across the planes
 /// in `planes` (per axis), divided by the mean across all other planes, both over voxel
 /// pairs inside `mask` (accumulated in f64). 1 when boundaries look like the interior;
 /// `Ok(None)` when either set is empty or the interior has no gradient energy. Planes

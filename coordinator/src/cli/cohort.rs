@@ -306,7 +306,7 @@ pub async fn cohort(args: CohortArgs) -> anyhow::Result<()> {
             (Some(w), _, _) => w.clone(),
             (None, Some(m), _) => format!(
                 "--model {}",
-                cohort::slurm::sh_quote(&std::path::absolute(m)?.display().to_string())
+                cohort::slurm::sh_quote(&std::path::absolute(m)?.display().to_string())?
             ),
             (None, None, Some(_)) => "--synthetic".into(),
             (None, None, None) => {

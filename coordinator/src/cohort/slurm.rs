@@ -38,15 +38,12 @@ pub struct SlurmPlan {
     pub submit_all: PathBuf,
 }
 
-/// Quotes `s` for a POSIX shell (single quotes).
-pub fn sh_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
-    {
-        return s.to_string();
-    }
-    format!("'{}'", s.replace('\'', r"'\''"))
+/// Quotes `s` as one word of a POSIX shell (`shlex`); a NUL byte, which no shell word
+/// can hold, is an error naming the text.
+pub fn sh_quote(s: &str) -> Result<String, CohortError> {
+    shlex::try_quote(s)
+        .map(|q| q.into_owned())
+        .map_err(|e| CohortError::Options(format!("cannot quote {s:?} for the shell: {e}")))
 }
 
 /// Writes one sbatch script per distinct subject/session of `entries` into `out_dir`
@@ -110,16 +107,16 @@ pub fn write_slurm_scripts(
         if let Some(b) = &opts.bin_dir {
             generated.push_str(&format!(
                 "export DMQSM_BIN_DIR=${{DMQSM_BIN_DIR:-{}}}\n",
-                sh_quote(&b.display().to_string())
+                sh_quote(&b.display().to_string())?
             ));
         }
         generated.push_str(&format!(
             "export DMQSM_WORKER_ARGS=${{DMQSM_WORKER_ARGS:-{}}}\n",
-            sh_quote(&opts.worker_args)
+            sh_quote(&opts.worker_args)?
         ));
         generated.push_str(&format!(
             "export DMQSM_RUN_DIR=${{DMQSM_RUN_DIR:-{}-${{SLURM_JOB_ID:-local}}}}\n",
-            sh_quote(&out_abs.join(format!("run-{name}")).display().to_string())
+            sh_quote(&out_abs.join(format!("run-{name}")).display().to_string())?
         ));
         let mut cmd = vec![
             "cohort".to_string(),
@@ -136,7 +133,7 @@ pub fn write_slurm_scripts(
             "DMQSM_CMD=({})\n",
             cmd.iter()
                 .map(|a| sh_quote(a))
-                .collect::<Vec<_>>()
+                .collect::<Result<Vec<_>, _>>()?
                 .join(" ")
         ));
         let text = head + &body.replace("# @DMQSM_GENERATED@", generated.trim_end());
@@ -151,7 +148,7 @@ pub fn write_slurm_scripts(
         if let Some(n) = s.file_name() {
             all.push_str(&format!(
                 "sbatch \"$@\" {}\n",
-                sh_quote(&n.to_string_lossy())
+                sh_quote(&n.to_string_lossy())?
             ));
         }
     }
@@ -174,14 +171,24 @@ mod tests {
 
     #[test]
     fn quoting_round_trips_through_sh() {
-        for s in ["plain", "with space", "it's", "$HOME", "a\"b", ""] {
+        for s in [
+            "plain",
+            "with space",
+            "it's",
+            "$HOME",
+            "a\"b",
+            "",
+            "`x`",
+            "a\nb",
+        ] {
             let out = std::process::Command::new("sh")
                 .arg("-c")
-                .arg(format!("printf %s {}", sh_quote(s)))
+                .arg(format!("printf %s {}", sh_quote(s).unwrap()))
                 .output()
                 .unwrap();
             assert_eq!(String::from_utf8(out.stdout).unwrap(), s);
         }
+        assert!(sh_quote("a\0b").is_err());
     }
 
     #[test]

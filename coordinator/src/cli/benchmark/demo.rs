@@ -64,7 +64,7 @@ pub(super) fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
         steps: DEMO_STEPS as usize,
         eta: DEMO_ETA,
         xi: None,
-        guidance: guidance,
+        guidance,
         spacing: GridSpacing::Overlap(8),
         shift_grid: false,
         clamp_ppm: None,

@@ -10,15 +10,15 @@
 //! - `dipinv-snr100`: the same with Gaussian noise at SNR 100 (σ = RMS of the field in
 //!   the mask / 100, [`dmqsm_common::simulate::add_noise`]);
 //! - `sr`: ×2 super-resolution of a k-space-cropped χ map (2 mm); baselines k-space
-//!   zero-fill ([`KSpaceDownsample::upsample`](dmqsm_common::operators::KSpaceDownsample::upsample)) and trilinear upsampling
-//!   ([`trilinear_upsample`](dmqsm_common::operators::resample::trilinear_upsample));
+//!   zero-fill ([`KSpaceDownsample::upsample`]) and trilinear upsampling
+//!   ([`trilinear_upsample`]);
 //! - `sr-dipinv`: the 2 mm field (k-space crop of the 1 mm field) to 1 mm χ; baselines
 //!   TKD or L2 at 2 mm followed by zero-fill or trilinear upsampling;
 //! - `dipinv-physics`: DPS with A = mask ∘ dipole convolution, against TKD, L2 and TV;
 //! - `dipinv-physics-snr100`: the same on the SNR 100 field;
 //! - `dipinv-physics-fine`: the same without the inverse crime: the field is simulated on
 //!   a grid 2× finer per axis (χ replicated, the 0.5 mm dipole kernel) and block-averaged
-//!   to 1 mm ([`field_from_finer_grid`](cases::field_from_finer_grid)).
+//!   to 1 mm ([`field_from_finer_grid`]).
 //!
 //! The dipole cases' TV baseline (`dmqsm_common::inversion::tv`, brain-mask weight) runs
 //! at 10 values of α from 1e-5 to 1e-2: the row "TV (α tuned on truth)" is the one with
@@ -42,7 +42,7 @@
 //!
 //! Overlap ablation (DM-QSM's): the first case with overlap 0 and 8. The seam number is
 //! the mean squared forward difference across patch-boundary planes divided by the mean
-//! across all other planes, inside the mask ([`seam_ratio`](dmqsm_common::metrics::seams::seam_ratio)); 1 means the boundaries are
+//! across all other planes, inside the mask ([`seam_ratio`]); 1 means the boundaries are
 //! invisible, the truth gives the reference value.
 //!
 //! ξ sweep: every case at the smallest step count in each one-round guidance mode
@@ -58,6 +58,10 @@
 //! [`model`] (the score model and the DM-QSM runs), [`demo`] (the demo rows), [`report`]
 //! (rows, `results.md`, `results.json`, the PNG figures); this module holds the
 //! subcommand, its arguments and the orchestration ([`quality`]).
+//!
+//! [`KSpaceDownsample::upsample`]: dmqsm_common::operators::KSpaceDownsample::upsample
+//! [`trilinear_upsample`]: dmqsm_common::operators::resample::trilinear_upsample
+//! [`field_from_finer_grid`]: cases::field_from_finer_grid
 
 pub mod cases;
 pub mod demo;
@@ -81,7 +85,7 @@ use std::time::Instant;
 
 pub use cases::{Case, FIRST_HELD_OUT_SEED};
 pub use report::Row;
-pub use settings::{QualitySettings, resolve};
+pub use settings::resolve;
 
 /// `dmqsm benchmark …` subcommands.
 #[derive(Debug, Subcommand)]
