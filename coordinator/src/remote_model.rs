@@ -40,7 +40,11 @@ impl RemoteScoreModel {
             .enable_all()
             .build()
             .map_err(|e| CoordinatorError::Config(format!("starting a runtime: {e}")))?;
-        let mut client = connect(url, dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES)?;
+        // The lazy channel spawns its connection task on the current runtime.
+        let mut client = {
+            let _inside = runtime.enter();
+            connect(url, dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES)?
+        };
         let info = runtime.block_on(fetch_info(&mut client, url, Duration::from_secs(30)))?;
         let model = info.model.unwrap_or_default();
         let spec = ModelSpec::try_from(&model).map_err(|e| CoordinatorError::Worker {
