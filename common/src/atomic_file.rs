@@ -9,6 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
+const TEMP_PREFIX: &str = ".dmqsm-";
+const TEMP_SUFFIX: &str = ".tmp";
+
 /// A file being written atomically: write it at [`AtomicFile::path`] (by any means, e.g.
 /// libtorch's own `save`), then [`AtomicFile::commit`] moves it over the destination.
 /// Dropped without a commit, the temporary is removed and the destination is untouched.
@@ -28,8 +31,8 @@ impl AtomicFile {
             _ => PathBuf::from("."),
         };
         let tmp = tempfile::Builder::new()
-            .prefix(".dmqsm-")
-            .suffix(".tmp")
+            .prefix(TEMP_PREFIX)
+            .suffix(TEMP_SUFFIX)
             .tempfile_in(&dir)?
             .into_temp_path();
         Ok(Self {
@@ -57,6 +60,22 @@ impl AtomicFile {
         }
         Ok(())
     }
+}
+
+/// Removes the temporaries an [`AtomicFile`] leaves in `dir` when its process is killed
+/// before the commit (`.dmqsm-*.tmp`); returns how many. Only for a directory no other
+/// process is writing to.
+pub fn remove_stale_temporaries(dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+            std::fs::remove_file(e.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Writes `bytes` to `path` atomically (see the module docs).
@@ -95,6 +114,13 @@ mod tests {
         }
         assert_eq!(std::fs::read(&p).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A temporary a killed process left behind is found and removed.
+        let f = AtomicFile::new(&p).unwrap();
+        std::fs::write(f.path(), b"half").unwrap();
+        std::mem::forget(f);
+        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
     }
 
     #[test]

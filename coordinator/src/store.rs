@@ -67,6 +67,13 @@ impl JobStore {
         std::fs::create_dir_all(&checkpoint_dir).map_err(|e| {
             CoordinatorError::Store(format!("cannot create {}: {e}", checkpoint_dir.display()))
         })?;
+        // sled holds the directory's lock now, so no other coordinator writes here: a
+        // temporary left by a killed process is garbage.
+        match dmqsm_common::atomic_file::remove_stale_temporaries(&checkpoint_dir) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} unfinished checkpoint writes"),
+            Err(e) => tracing::warn!("cannot clear unfinished checkpoint writes: {e}"),
+        }
         Ok(Self {
             jobs: db.open_tree("jobs")?,
             inputs: db.open_tree("inputs")?,
@@ -143,25 +150,12 @@ impl JobStore {
         Ok(self.checkpoint_dir.join(format!("{job_id}.{name}")))
     }
 
-    /// Writes `bytes` to `path` atomically and durably: temporary file, fsync, rename,
-    /// fsync of the directory.
+    /// Writes `bytes` to `path` atomically and durably
+    /// ([`dmqsm_common::atomic_file::write_atomic`]: temporary sibling, fsync, rename,
+    /// fsync of the directory).
     fn write_durable(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        use std::io::Write;
-        let err = |what: &str, e: std::io::Error| {
-            CoordinatorError::Store(format!("{what} {}: {e}", path.display()))
-        };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let mut f = std::fs::File::create(&tmp).map_err(|e| err("creating", e))?;
-        f.write_all(bytes).map_err(|e| err("writing", e))?;
-        f.sync_all().map_err(|e| err("syncing", e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| err("renaming onto", e))?;
-        if let Ok(d) = std::fs::File::open(&self.checkpoint_dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        dmqsm_common::atomic_file::write_atomic(path, bytes)
+            .map_err(|e| CoordinatorError::Store(format!("writing {}: {e}", path.display())))
     }
 
     fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {

@@ -36,8 +36,8 @@ fn start_worker(model: GaussianPriorModel) -> (String, tokio::runtime::Runtime) 
         .unwrap();
     rt.spawn(async move {
         let l = tokio::net::TcpListener::from_std(l).unwrap();
-        let _ = dmqsm_worker::serve(ServerConfig::default(), served, l, std::future::pending())
-            .await;
+        let _ =
+            dmqsm_worker::serve(ServerConfig::default(), served, l, std::future::pending()).await;
     });
     (url, rt)
 }
@@ -57,7 +57,10 @@ fn remote_answers_and_a_whole_exact_dps_run_are_bitwise_the_in_process_ones() {
 
     let (x, v) = (patches(3, 0.0), patches(3, 1.0));
     let t = [10.0, 500.0, 990.0];
-    assert_eq!(remote.eps(x.view(), &t).unwrap(), local.eps(x.view(), &t).unwrap());
+    assert_eq!(
+        remote.eps(x.view(), &t).unwrap(),
+        local.eps(x.view(), &t).unwrap()
+    );
     assert_eq!(
         remote.vjp(x.view(), &t, v.view()).unwrap(),
         local.vjp(x.view(), &t, v.view()).unwrap()

@@ -3,6 +3,7 @@
 //! (`--local-workers N`), or as generated sbatch scripts (`--slurm DIR`).
 //! The logic lives in [`dmqsm_coordinator::cohort`].
 
+use super::server::LocalModelArgs;
 use super::{ConnArgs, Exit, SettingsArgs};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -10,7 +11,7 @@ use dmqsm_coordinator::cohort::{
     self, CohortOptions, CohortProgress, CohortReport, Entry, InputKind, Outcome, Selection,
     SlurmOptions,
 };
-use dmqsm_coordinator::local_workers::{LocalModel, LocalWorkerOptions};
+use dmqsm_coordinator::local_workers::LocalWorkerOptions;
 use dmqsm_coordinator::{Coordinator, CoordinatorConfig, client, spawn_server};
 use dmqsm_proto::v1;
 use std::net::SocketAddr;
@@ -51,25 +52,13 @@ pub struct CohortArgs {
     /// Only list what was found and what would run.
     #[arg(long)]
     pub list: bool,
-    /// Run on N workers in this process instead of a coordinator (needs --model or
+    /// Run on N local `dmqsm-worker` processes instead of a coordinator (needs --model or
     /// --analytic).
     #[arg(long)]
     pub local_workers: Option<usize>,
-    /// Local workers: model file (TorchScript or safetensors, card beside it).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Local workers: analytic Gaussian-prior model MEAN,STD (model units), for tests.
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
-    pub analytic: Option<Vec<f64>>,
-    /// Local workers: patch size of the analytic model.
-    #[arg(long, default_value_t = 48)]
-    pub analytic_patch: usize,
-    /// Local workers: χ scale of the analytic model (χ_model = χ_ppm × scale).
-    #[arg(long, default_value_t = 10.0)]
-    pub analytic_scale: f64,
-    /// Local workers: device (cpu, cuda:N).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// The local workers' model (also the workers' model of `--slurm` scripts).
+    #[command(flatten)]
+    pub local: LocalModelArgs,
     /// Local workers: sled store of the embedded coordinator (default: a temp folder).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -171,33 +160,6 @@ impl CohortArgs {
 
 fn usage(message: String) -> anyhow::Error {
     Exit { code: 2, message }.into()
-}
-
-/// The model of `--local-workers`.
-fn local_model(args: &CohortArgs) -> anyhow::Result<LocalModel> {
-    if let Some(a) = &args.analytic {
-        let [mean, std] = a[..] else {
-            return Err(usage(format!(
-                "--analytic needs MEAN,STD, got {} values",
-                a.len()
-            )));
-        };
-        return Ok(LocalModel::Analytic {
-            mean,
-            std,
-            patch_size: args.analytic_patch,
-            chi_scale: args.analytic_scale,
-        });
-    }
-    let Some(path) = &args.model else {
-        return Err(usage(
-            "--local-workers needs --model PATH or --analytic MEAN,STD".into(),
-        ));
-    };
-    Ok(LocalModel::Torch {
-        path: path.clone(),
-        device: args.device.clone(),
-    })
 }
 
 fn print_entries(entries: &[Entry]) {
@@ -302,7 +264,7 @@ pub async fn cohort(args: CohortArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(dir) = &args.slurm {
-        let worker_args = match (&args.worker_args, &args.model, &args.analytic) {
+        let worker_args = match (&args.worker_args, &args.local.model, &args.local.analytic) {
             (Some(w), _, _) => w.clone(),
             (None, Some(m), _) => format!(
                 "--model {}",
@@ -346,7 +308,7 @@ pub async fn cohort(args: CohortArgs) -> anyhow::Result<()> {
         }
         Some(0) => return Err(usage("--local-workers must be at least 1".into())),
         Some(n) => {
-            let model = local_model(&args)?;
+            let model = args.local.local_model()?;
             let workers =
                 super::server::start_local_workers(model, LocalWorkerOptions::default(), n).await?;
             let urls = workers.urls();

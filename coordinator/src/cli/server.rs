@@ -170,22 +170,8 @@ pub struct RunArgs {
     /// Local workers to start.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Model: TorchScript file (card beside it) or U-Net safetensors (card beside it).
-    #[arg(long, conflicts_with = "analytic")]
-    pub model: Option<PathBuf>,
-    /// Use the analytic Gaussian-prior model N(mean, std²) (model units) instead of a
-    /// network: fast, for smoke tests. Format: MEAN,STD.
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
-    pub analytic: Option<Vec<f64>>,
-    /// Patch size of the analytic model.
-    #[arg(long, default_value_t = 48)]
-    pub analytic_patch: usize,
-    /// χ scale of the analytic model (χ_model = χ_ppm × scale).
-    #[arg(long, default_value_t = 10.0)]
-    pub analytic_scale: f64,
-    /// Device of the local workers (cpu, cuda:N).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub local: LocalModelArgs,
     /// libtorch threads per worker.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -202,36 +188,60 @@ pub struct RunArgs {
     pub tuning: TuningArgs,
 }
 
-/// The model the embedded workers serve.
-pub fn local_model(args: &RunArgs) -> anyhow::Result<LocalModel> {
-    if let Some(a) = &args.analytic {
-        let [mean, std] = a[..] else {
+/// The model of local workers (`run`, `cohort --local-workers`): one set of flags, one
+/// meaning.
+#[derive(Debug, Clone, Args)]
+pub struct LocalModelArgs {
+    /// Model: TorchScript file (card beside it) or U-Net safetensors (card beside it).
+    #[arg(long, conflicts_with = "analytic")]
+    pub model: Option<PathBuf>,
+    /// Use the analytic Gaussian-prior model N(mean, std²) (model units) instead of a
+    /// network: fast, for smoke tests. Format: MEAN,STD.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub analytic: Option<Vec<f64>>,
+    /// Patch size of the analytic model.
+    #[arg(long, default_value_t = 48)]
+    pub analytic_patch: usize,
+    /// χ scale of the analytic model (χ_model = χ_ppm × scale).
+    #[arg(long, default_value_t = 10.0)]
+    pub analytic_scale: f64,
+    /// Device of the local workers (cpu, cuda:N).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl LocalModelArgs {
+    /// The model the local workers serve (usage error without `--model` or `--analytic`).
+    pub fn local_model(&self) -> anyhow::Result<LocalModel> {
+        if let Some(a) = &self.analytic {
+            let [mean, std] = a[..] else {
+                return Err(Exit {
+                    code: 2,
+                    message: format!("--analytic needs MEAN,STD, got {} values", a.len()),
+                }
+                .into());
+            };
+            return Ok(LocalModel::Analytic {
+                mean,
+                std,
+                patch_size: self.analytic_patch,
+                chi_scale: self.analytic_scale,
+            });
+        }
+        let Some(path) = &self.model else {
             return Err(Exit {
                 code: 2,
-                message: format!("--analytic needs MEAN,STD, got {} values", a.len()),
+                message: "give a model with --model PATH (TorchScript or safetensors with its \
+                          card) or --analytic MEAN,STD"
+                    .into(),
             }
             .into());
         };
-        return Ok(LocalModel::Analytic {
-            mean,
-            std,
-            patch_size: args.analytic_patch,
-            chi_scale: args.analytic_scale,
-        });
+        Ok(LocalModel::Torch {
+            path: path.clone(),
+            device: self.device.clone(),
+        })
     }
-    let Some(path) = &args.model else {
-        return Err(Exit {
-            code: 2,
-            message: "give a model with --model PATH (TorchScript or safetensors with its \
-                      card) or --analytic MEAN,STD"
-                .into(),
-        }
-        .into());
-    };
-    Ok(LocalModel::Torch {
-        path: path.clone(),
-        device: args.device.clone(),
-    })
 }
 
 /// Starts `count` local workers (blocking work moved off the runtime).
@@ -261,7 +271,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         .into());
     }
-    let model = local_model(&args)?;
+    let model = args.local.local_model()?;
     let options = LocalWorkerOptions {
         threads: args.threads,
         max_batch: None,

@@ -258,13 +258,8 @@ fn is_finished(entry: &Entry, root: &Path, fingerprint: &str) -> bool {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("renaming to {}: {e}", path.display()))
+    dmqsm_common::atomic_file::write_atomic(path, bytes)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// Metrics of `chi` against the entry's truth (and labels), `None` without a truth.

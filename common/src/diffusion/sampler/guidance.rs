@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Guidance {
-    /// Back through the score network (DPS): two model rounds per step (ε, then ε+VJP).
+    /// Back through the score network (DPS): two model rounds per step (ε, then Jᵀv).
     Exact,
     /// Network Jacobian dropped, ∇ ≈ g/√ᾱ: one round per step.
     Approx,

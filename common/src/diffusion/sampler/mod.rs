@@ -123,7 +123,7 @@ impl Default for SamplerSettings {
 pub enum RoundKind {
     /// ε only (`ScoreModel::eps`, proto `Denoise`).
     Eps,
-    /// ε and Jᵀv for a cotangent v (`ScoreModel::vjp`, proto `DenoiseVjp`).
+    /// Jᵀv for a cotangent v (`ScoreModel::vjp`, proto `DenoiseVjp`).
     Vjp,
 }
 
