@@ -406,8 +406,24 @@ impl PatchGrid {
                 patches.len()
             )));
         }
+        let owned = self.standard_patches(patches)?;
+        let slices = contiguous(&owned)?;
+        let plan = self.plane_plan();
+        let [_, ly, lz] = self.padded_shape;
+        let mut out = vec![0.0f64; self.padded_shape.iter().product()];
+        out.par_chunks_mut(ly * lz)
+            .enumerate()
+            .for_each(|(i, plane)| self.accumulate_plane(&plan, &slices, i, plane));
+        Array3::from_shape_vec(self.padded_shape, out).map_err(|e| Error::Shape(e.to_string()))
+    }
+
+    /// The patches in standard layout (borrowed when they already are), shape-checked.
+    fn standard_patches<'a>(
+        &self,
+        patches: &'a [ArrayView3<'a, f32>],
+    ) -> Result<Vec<ndarray::CowArray<'a, f32, ndarray::Ix3>>> {
         let p = self.patch;
-        let owned: Vec<_> = patches
+        patches
             .iter()
             .enumerate()
             .map(|(i, v)| {
@@ -419,49 +435,42 @@ impl PatchGrid {
                 }
                 Ok(v.as_standard_layout())
             })
-            .collect::<Result<_>>()?;
-        let slices: Vec<&[f32]> = owned
-            .iter()
-            .map(|v| {
-                v.as_slice()
-                    .ok_or_else(|| Error::Shape("patch is not contiguous".into()))
-            })
-            .collect::<Result<_>>()?;
-        Ok(self.accumulate_slices(&slices))
+            .collect()
     }
 
-    fn accumulate_slices(&self, patches: &[&[f32]]) -> Array3<f64> {
+    /// Which patch rows cover each x plane, y row and z run (see [`PatchGrid::accumulate`]).
+    fn plane_plan(&self) -> PlanePlan {
+        PlanePlan {
+            cov_x: self.coverage(0),
+            cov_y: self.coverage(1),
+            runs_z: (0..self.per_axis[2]).map(|j| self.runs(2, j)).collect(),
+        }
+    }
+
+    /// Adds every patch's contribution to x plane `i` into `plane` (`[ly, lz]`, C order),
+    /// per voxel in ascending patch-index order.
+    fn accumulate_plane(&self, plan: &PlanePlan, patches: &[&[f32]], i: usize, plane: &mut [f64]) {
         let p = self.patch;
-        let [_, ly, lz] = self.padded_shape;
-        let cov_x = self.coverage(0);
-        let cov_y = self.coverage(1);
-        let runs_z: Vec<[Run; 2]> = (0..self.per_axis[2]).map(|j| self.runs(2, j)).collect();
-        let mut out = vec![0.0f64; self.padded_shape.iter().product()];
-        out.par_chunks_mut(ly * lz)
-            .enumerate()
-            .for_each(|(i, plane)| {
-                for &(jx, a) in &cov_x[i] {
-                    for (py, cy) in cov_y.iter().enumerate() {
-                        let row = &mut plane[py * lz..(py + 1) * lz];
-                        for &(jy, b) in cy {
-                            for (jz, runs) in runs_z.iter().enumerate() {
-                                let src = patches[self.index([jx, jy, jz])];
-                                let src_row = &src[(a * p + b) * p..(a * p + b + 1) * p];
-                                for r in runs.iter().filter(|r| r.len > 0) {
-                                    for (d, s) in row[r.start..r.start + r.len]
-                                        .iter_mut()
-                                        .zip(&src_row[r.local..r.local + r.len])
-                                    {
-                                        *d += *s as f64;
-                                    }
-                                }
+        let lz = self.padded_shape[2];
+        for &(jx, a) in &plan.cov_x[i] {
+            for (py, cy) in plan.cov_y.iter().enumerate() {
+                let row = &mut plane[py * lz..(py + 1) * lz];
+                for &(jy, b) in cy {
+                    for (jz, runs) in plan.runs_z.iter().enumerate() {
+                        let src = patches[self.index([jx, jy, jz])];
+                        let src_row = &src[(a * p + b) * p..(a * p + b + 1) * p];
+                        for r in runs.iter().filter(|r| r.len > 0) {
+                            for (d, s) in row[r.start..r.start + r.len]
+                                .iter_mut()
+                                .zip(&src_row[r.local..r.local + r.len])
+                            {
+                                *d += *s as f64;
                             }
                         }
                     }
                 }
-            });
-        Array3::from_shape_vec(self.padded_shape, out)
-            .unwrap_or_else(|_| Array3::zeros(self.padded_shape))
+            }
+        }
     }
 
     /// Per-axis counts and a table of reciprocals 1/n for every product count n;
@@ -532,8 +541,39 @@ impl PatchGrid {
     }
 
     /// Overlap-normalised reassembly over the padded volume: Σ_p E_pᵀ v_p / count.
+    ///
+    /// The same arithmetic as [`PatchGrid::normalise`] of [`PatchGrid::accumulate`] (f64
+    /// sums in patch order, times 1/count, rounded to f32), bit for bit, but plane by
+    /// plane through one reused f64 plane per thread instead of a whole f64 volume.
     pub fn assemble_padded(&self, patches: &[ArrayView3<'_, f32>]) -> Result<Array3<f32>> {
-        self.normalise(&self.accumulate(patches)?)
+        if patches.len() != self.len() {
+            return Err(Error::Shape(format!(
+                "patch grid has {} patches, got {}",
+                self.len(),
+                patches.len()
+            )));
+        }
+        let owned = self.standard_patches(patches)?;
+        let slices = contiguous(&owned)?;
+        let plan = self.plane_plan();
+        let (c, recip) = self.count_tables()?;
+        let [_, ly, lz] = self.padded_shape;
+        let mut out = vec![0.0f32; self.padded_shape.iter().product()];
+        out.par_chunks_mut(ly * lz).enumerate().for_each_init(
+            || vec![0.0f64; ly * lz],
+            |acc, (i, o)| {
+                acc.fill(0.0);
+                self.accumulate_plane(&plan, &slices, i, acc);
+                for j in 0..ly {
+                    let cij = c[0][i] * c[1][j];
+                    let (o, s) = (&mut o[j * lz..(j + 1) * lz], &acc[j * lz..(j + 1) * lz]);
+                    for ((o, &s), &ck) in o.iter_mut().zip(s).zip(&c[2]) {
+                        *o = (s * recip[cij * ck]) as f32;
+                    }
+                }
+            },
+        );
+        Array3::from_shape_vec(self.padded_shape, out).map_err(|e| Error::Shape(e.to_string()))
     }
 
     /// Overlap-normalised reassembly of `[n, P, P, P]` patches, cropped to the volume.
@@ -561,6 +601,24 @@ impl PatchGrid {
         }
         Ok(())
     }
+}
+
+/// Coverage tables of one grid, shared by the planes of an accumulation.
+struct PlanePlan {
+    cov_x: Vec<Vec<(usize, usize)>>,
+    cov_y: Vec<Vec<(usize, usize)>>,
+    runs_z: Vec<[Run; 2]>,
+}
+
+/// The contiguous data of standard-layout patches.
+fn contiguous<'a>(owned: &'a [ndarray::CowArray<'_, f32, ndarray::Ix3>]) -> Result<Vec<&'a [f32]>> {
+    owned
+        .iter()
+        .map(|v| {
+            v.as_slice()
+                .ok_or_else(|| Error::Shape("patch is not contiguous".into()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -689,6 +747,37 @@ mod tests {
             (lhs - rhs).abs() <= 1e-9 * lhs.abs().max(1.0),
             "{lhs} vs {rhs}"
         );
+    }
+
+    /// The plane-by-plane assembly is bitwise the two-pass one (f64 volume, then
+    /// normalise), on plain and shifted grids with uneven overlaps.
+    #[test]
+    fn fused_assembly_is_bitwise_normalise_of_accumulate() {
+        for grid in [
+            PatchGrid::new([13, 11, 10], 6, GridSpacing::Overlap(2)).unwrap(),
+            PatchGrid::new_shifting([12, 11, 10], 8, GridSpacing::Overlap(3))
+                .unwrap()
+                .with_offset([1, 4, 2])
+                .unwrap(),
+        ] {
+            let p = grid.patch_size();
+            let v = Array4::from_shape_vec(
+                (grid.len(), p, p, p),
+                random([grid.len() * p, p, p], 9)
+                    .into_raw_vec_and_offset()
+                    .0,
+            )
+            .unwrap();
+            let views: Vec<_> = v.outer_iter().collect();
+            let two_pass = grid.normalise(&grid.accumulate(&views).unwrap()).unwrap();
+            let fused = grid.assemble_padded(&views).unwrap();
+            assert!(
+                two_pass
+                    .iter()
+                    .zip(fused.iter())
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
     }
 
     #[test]

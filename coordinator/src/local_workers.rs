@@ -52,6 +52,11 @@ pub struct LocalWorkerOptions {
     pub threads: Option<usize>,
     /// Largest batch a worker accepts (`None`: the worker's default, 16 patches).
     pub max_batch: Option<usize>,
+    /// Analytic model only: a simulated device latency per model call, spent sleeping
+    /// (no CPU), to model a GPU in benchmarks (`--latency-ms`).
+    pub latency_per_batch: Duration,
+    /// Analytic model only: simulated latency per patch (`--latency-per-patch-ms`).
+    pub latency_per_patch: Duration,
 }
 
 /// The `dmqsm-worker` binary: `$DMQSM_WORKER_BIN`, else beside the running executable
@@ -147,7 +152,15 @@ impl LocalWorkers {
                         .arg(format!("--synthetic-mean={mean}"))
                         .arg(format!("--synthetic-std={std}"))
                         .arg(format!("--synthetic-patch-size={patch_size}"))
-                        .arg(format!("--synthetic-chi-scale={chi_scale}"));
+                        .arg(format!("--synthetic-chi-scale={chi_scale}"))
+                        .arg(format!(
+                            "--latency-ms={}",
+                            options.latency_per_batch.as_secs_f64() * 1e3
+                        ))
+                        .arg(format!(
+                            "--latency-per-patch-ms={}",
+                            options.latency_per_patch.as_secs_f64() * 1e3
+                        ));
                 }
             }
             if let Some(t) = options.threads {

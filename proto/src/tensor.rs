@@ -39,18 +39,34 @@ pub fn element_size(dtype: Dtype) -> Option<usize> {
     }
 }
 
+/// f32 values as little-endian bytes: one copy on little-endian machines.
+fn f32_to_le_bytes(values: &[f32]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice::<f32, u8>(values).to_vec()
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+/// f32 values from little-endian bytes (length a multiple of 4, checked by the caller):
+/// one copy on little-endian machines, whatever the alignment of `bytes`.
+fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec::<u8, f32>(bytes)
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+}
+
 /// Packs `values` with the given `shape` into a tensor of element type `dtype`
 /// (`Unspecified` is treated as f32).
 pub fn encode(values: &[f32], shape: &[usize], dtype: Dtype) -> Tensor {
     let shape: Vec<u32> = shape.iter().map(|&s| s as u32).collect();
     let (dtype, data) = match dtype {
-        Dtype::F32 | Dtype::Unspecified => {
-            let mut out = Vec::with_capacity(values.len() * 4);
-            for v in values {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            (Dtype::F32, out)
-        }
+        Dtype::F32 | Dtype::Unspecified => (Dtype::F32, f32_to_le_bytes(values)),
         Dtype::Bf16 => {
             let mut out = Vec::with_capacity(values.len() * 2);
             for v in values {
@@ -98,10 +114,7 @@ pub fn decode(tensor: &Tensor) -> Result<(Vec<f32>, Vec<usize>), TensorError> {
     }
     let bytes = &tensor.data[..];
     let values = match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        Dtype::F32 => f32_from_le_bytes(bytes),
         Dtype::Bf16 => bytes
             .chunks_exact(2)
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -127,6 +140,29 @@ mod tests {
         let (back, shape) = decode(&t).unwrap();
         assert_eq!(shape, vec![2, 3, 4]);
         assert_eq!(back, v);
+    }
+
+    /// The bulk copies give exactly the per-element little-endian bytes, also for
+    /// unaligned input, NaN payloads, infinities and signed zeros.
+    #[test]
+    fn bulk_f32_coding_matches_the_element_wise_definition() {
+        let v: Vec<f32> = vec![
+            1.5,
+            -0.0,
+            f32::INFINITY,
+            f32::from_bits(0x7fc0_1234),
+            f32::MIN_POSITIVE / 2.0,
+            -3.25e-7,
+        ];
+        let reference: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(f32_to_le_bytes(&v), reference);
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&reference);
+        let back = f32_from_le_bytes(&shifted[1..]);
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -346,8 +346,15 @@ impl UNet3d {
 }
 
 /// A freshly initialised network whose weights depend only on `seed` (libtorch's global
-/// generator is seeded right before the variables are created).
+/// generator is seeded right before the variables are created). Seeding and creation hold
+/// one process-wide lock: the generator is global, so two threads initialising networks
+/// at once (parallel tests, two trainers in one process) would otherwise draw from each
+/// other's sequence.
 pub fn seeded(config: &UNetConfig, device: tch::Device, seed: u64) -> (nn::VarStore, UNet3d) {
+    static GLOBAL_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = GLOBAL_GENERATOR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let vs = nn::VarStore::new(device);
     tch::manual_seed(seed as i64);
     let net = UNet3d::new(&vs.root(), config);

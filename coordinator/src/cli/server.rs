@@ -274,7 +274,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let model = args.local.local_model()?;
     let options = LocalWorkerOptions {
         threads: args.threads,
-        max_batch: None,
+        ..LocalWorkerOptions::default()
     };
     let workers = start_local_workers(model, options, args.workers).await?;
     let urls = workers.urls();

@@ -58,6 +58,7 @@ pub(super) fn load_model(args: &QualityArgs) -> anyhow::Result<BenchModel> {
     let options = LocalWorkerOptions {
         threads: args.threads,
         max_batch: Some(args.max_batch),
+        ..LocalWorkerOptions::default()
     };
     let worker = LocalWorkers::start(&model, &options, 1)
         .with_context(|| format!("serving model {}", path.display()))?;
