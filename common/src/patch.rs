@@ -399,13 +399,6 @@ impl PatchGrid {
     ///
     /// This is the adjoint of [`PatchGrid::split_padded`] (Σ_p E_pᵀ v_p).
     pub fn accumulate(&self, patches: &[ArrayView3<'_, f32>]) -> Result<Array3<f64>> {
-        if patches.len() != self.len() {
-            return Err(Error::Shape(format!(
-                "patch grid has {} patches, got {}",
-                self.len(),
-                patches.len()
-            )));
-        }
         let owned = self.standard_patches(patches)?;
         let slices = contiguous(&owned)?;
         let plan = self.plane_plan();
@@ -417,11 +410,19 @@ impl PatchGrid {
         Array3::from_shape_vec(self.padded_shape, out).map_err(|e| Error::Shape(e.to_string()))
     }
 
-    /// The patches in standard layout (borrowed when they already are), shape-checked.
+    /// The patches in standard layout (borrowed when they already are), checked: one per
+    /// grid patch, each `[P, P, P]`.
     fn standard_patches<'a>(
         &self,
         patches: &'a [ArrayView3<'a, f32>],
     ) -> Result<Vec<ndarray::CowArray<'a, f32, ndarray::Ix3>>> {
+        if patches.len() != self.len() {
+            return Err(Error::Shape(format!(
+                "patch grid has {} patches, got {}",
+                self.len(),
+                patches.len()
+            )));
+        }
         let p = self.patch;
         patches
             .iter()
@@ -546,13 +547,6 @@ impl PatchGrid {
     /// sums in patch order, times 1/count, rounded to f32), bit for bit, but plane by
     /// plane through one reused f64 plane per thread instead of a whole f64 volume.
     pub fn assemble_padded(&self, patches: &[ArrayView3<'_, f32>]) -> Result<Array3<f32>> {
-        if patches.len() != self.len() {
-            return Err(Error::Shape(format!(
-                "patch grid has {} patches, got {}",
-                self.len(),
-                patches.len()
-            )));
-        }
         let owned = self.standard_patches(patches)?;
         let slices = contiguous(&owned)?;
         let plan = self.plane_plan();

@@ -46,21 +46,7 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Field (ppm) and mask NIfTI bytes of a smooth phantom on an n³ grid at 1 mm.
 fn inputs(n: usize) -> AnyResult<(Vec<u8>, Vec<u8>)> {
-    let c = (n as f64 - 1.0) / 2.0;
-    let mask = Array3::from_shape_fn((n, n, n), |(i, j, k)| {
-        let r = ((i as f64 - c).powi(2) + (j as f64 - c).powi(2) + (k as f64 - c).powi(2)).sqrt();
-        if r < 0.42 * n as f64 { 1.0f32 } else { 0.0 }
-    });
-    let chi = Array3::from_shape_fn((n, n, n), |(i, j, k)| {
-        0.1 * ((i as f32) * 0.2).sin() * ((j + k) as f32 * 0.15).cos() * mask[[i, j, k]]
-    });
-    let b0 = B0Direction::new([0.0, 0.0, 1.0])?;
-    let field = dmqsm_common::simulate::forward_field(&Volume::new(chi, [1.0; 3]), b0)?;
-    let masked = &field.data * &mask;
-    Ok((
-        dmqsm_common::nifti_io::write_nifti_bytes(&field.like(masked), true)?,
-        dmqsm_common::nifti_io::write_nifti_bytes(&Volume::new(mask, [1.0; 3]), true)?,
-    ))
+    inputs_shaped([n; 3])
 }
 
 fn request(m: &[u8], k: &[u8], settings: v1::JobSettings) -> v1::SubmitJobRequest {

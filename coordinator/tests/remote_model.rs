@@ -15,31 +15,23 @@ use dmqsm_common::patch::GridSpacing;
 use dmqsm_common::tasks::{Task, TaskOptions, prepare};
 use dmqsm_coordinator::local_workers::{LocalModel, LocalWorkerOptions, LocalWorkers};
 use dmqsm_coordinator::remote_model::RemoteScoreModel;
-use dmqsm_worker::{ServedModel, ServerConfig};
+mod support;
+
+use dmqsm_worker::ServedModel;
 use ndarray::{Array3, Array4};
 use std::sync::Arc;
+use support::start_worker;
 
 fn prior() -> GaussianPriorModel {
     GaussianPriorModel::new(0.1, 0.4, 8, 5.0, ScheduleConfig::default()).unwrap()
 }
 
-/// A worker serving `model` in process, on its own runtime (the test thread blocks).
-fn start_worker(model: GaussianPriorModel) -> (String, tokio::runtime::Runtime) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    let served = ServedModel::new(Arc::new(model), "cpu", 1, "f32");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.spawn(async move {
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
-        let _ =
-            dmqsm_worker::serve(ServerConfig::default(), served, l, std::future::pending()).await;
-    });
-    (url, rt)
+/// A worker serving `model` in process (see `support::start_worker`).
+fn start_model_worker(model: GaussianPriorModel) -> (String, tokio::runtime::Runtime) {
+    start_worker(
+        ServedModel::new(Arc::new(model), "cpu", 1, "f32"),
+        "remote-test",
+    )
 }
 
 fn patches(b: usize, seed: f32) -> Array4<f32> {
@@ -51,7 +43,7 @@ fn patches(b: usize, seed: f32) -> Array4<f32> {
 #[test]
 fn remote_answers_and_a_whole_exact_dps_run_are_bitwise_the_in_process_ones() {
     let local = prior();
-    let (url, _rt) = start_worker(prior());
+    let (url, _rt) = start_model_worker(prior());
     let remote = RemoteScoreModel::connect(&url).expect("the worker answers Info");
     assert_eq!(remote.spec(), local.spec());
 

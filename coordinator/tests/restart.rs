@@ -11,32 +11,15 @@ use dmqsm_common::geometry::B0Direction;
 use dmqsm_coordinator::client;
 use dmqsm_coordinator::job::JobSpec;
 use dmqsm_proto::v1;
-use dmqsm_worker::{ServedModel, ServerConfig, SimulatedModel};
+mod support;
+
+use dmqsm_worker::{ServedModel, SimulatedModel};
 use ndarray::Array3;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn start_worker(model: ServedModel, id: &str) -> (String, tokio::runtime::Runtime) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    let config = ServerConfig {
-        worker_id: Some(id.into()),
-        ..Default::default()
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.spawn(async move {
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
-        let _ = dmqsm_worker::serve(config, model, l, std::future::pending()).await;
-    });
-    (url, rt)
-}
+use support::start_worker;
 
 /// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
 struct Guard(Child);
