@@ -848,6 +848,20 @@ impl Sampler {
             ),
             _ => None,
         };
+        // The run's own blow-up (a huge ξ, say) is caught here, before a non-finite state
+        // reaches the workers, whose answers would then look like their fault.
+        if next.par_iter().any(|v| !v.is_finite()) {
+            return Err(Error::Diverged(format!(
+                "at step {} of {} the state x_t became non-finite with ξ = {}: {}",
+                self.step + 1,
+                self.schedule.len(),
+                self.xi,
+                match self.settings.guidance {
+                    Guidance::Prox => "lower --xi (the prox data weight)",
+                    _ => "lower --xi, or use --guidance prox, whose step is bounded",
+                }
+            )));
+        }
         self.state = Array3::from_shape_vec(self.state.raw_dim(), next)
             .map_err(|e| Error::Shape(e.to_string()))?;
         self.step += 1;

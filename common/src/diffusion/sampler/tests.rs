@@ -547,3 +547,27 @@ fn fused_step_equals_the_reference_ddim_update_with_step_noise() {
     assert!(c.sigma > 0.0);
     assert_eq!(bits(s.state()), bits(&want));
 }
+
+/// A run whose own ξ blows its state up fails with `Error::Diverged` before the next
+/// round goes out: no non-finite patch ever reaches a model, so no worker is blamed.
+#[test]
+fn a_non_finite_state_is_the_run_diverging_and_is_never_sent_out() {
+    let shape = [12, 9, 10];
+    let model = gaussian(0.0, 1.0, 8, 1.0);
+    let prob = problem(noise_volume(2, 2, shape), None);
+    let mut st = settings(4, 1.0, Guidance::Approx, 3);
+    st.xi = Some(1e300);
+    let mut s = Sampler::new(prob, model.spec(), st).unwrap();
+    let err = loop {
+        match run_round(&model, &mut s, 4) {
+            Ok(()) => {
+                let round = s.round().expect("diverges before the end");
+                let batch = s.batch(&s.pending()).unwrap();
+                assert!(batch.x.iter().all(|v| v.is_finite()), "round {round:?}");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::Diverged(_)), "{err}");
+    assert!(err.to_string().contains("--xi"), "{err}");
+}
