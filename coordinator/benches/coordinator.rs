@@ -123,7 +123,7 @@ async fn setup(
 impl Setup {
     async fn close(self) {
         let _ = self.stop.send(());
-        self.coordinator.shutdown();
+        self.coordinator.shutdown().await;
         for w in self.workers {
             let _ = w.shutdown().await;
         }
@@ -374,7 +374,7 @@ async fn gpu_scaling() -> AnyResult<()> {
                         .unwrap_or(0.0);
                 }
                 let _ = stop.send(());
-                coordinator.shutdown();
+                coordinator.shutdown().await;
                 tokio::task::spawn_blocking(move || workers.shutdown()).await?;
                 if n == 1 {
                     t1 = wall;

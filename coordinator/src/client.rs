@@ -1,10 +1,11 @@
 //! A thin client of the `Coordinator` service, shared by the CLI, the embedded mode and
 //! the end-to-end tests: connect, wait for a job, fetch its files.
 
+use dmqsm_proto::auth::Bearer;
+use dmqsm_proto::transport::{AuthChannel, ClientTls};
 use dmqsm_proto::v1;
 use dmqsm_proto::v1::coordinator_client::CoordinatorClient;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
 
 /// Errors of the client side.
 #[derive(Debug, thiserror::Error)]
@@ -25,18 +26,33 @@ pub enum ClientError {
     Protocol(String),
 }
 
-/// A connected coordinator client.
-pub type Client = CoordinatorClient<Channel>;
+/// A connected coordinator client (every request carries the configured token).
+pub type Client = CoordinatorClient<AuthChannel>;
 
-/// Connects to a coordinator at `url` (e.g. `http://127.0.0.1:50051`), with raised
-/// message limits.
+/// How a client authenticates and dials: its bearer token and, for `https://`, TLS.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Bearer token (read from a file or `$DMQSM_TOKEN`, see `dmqsm_proto::auth`).
+    pub token: Option<String>,
+    /// TLS for `https://` URLs.
+    pub tls: ClientTls,
+}
+
+/// Connects to a coordinator at `url` (e.g. `http://127.0.0.1:50051`) without a token,
+/// with raised message limits.
 pub async fn connect(url: &str) -> Result<Client, ClientError> {
+    connect_with(url, &ClientOptions::default()).await
+}
+
+/// Connects to a coordinator at `url` (`http://` or `https://`) with `options`.
+pub async fn connect_with(url: &str, options: &ClientOptions) -> Result<Client, ClientError> {
     let fail = |cause: String| ClientError::Connect {
         url: url.to_string(),
         cause,
     };
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| fail(format!("bad address: {e}")))?
+    let bearer = Bearer::new(options.token.as_deref()).map_err(|e| fail(e.to_string()))?;
+    let endpoint = dmqsm_proto::transport::endpoint(url, &options.tls)
+        .map_err(|e| fail(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_adaptive_window(true);
@@ -50,7 +66,7 @@ pub async fn connect(url: &str) -> Result<Client, ClientError> {
         fail(cause)
     })?;
     let max = dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES;
-    Ok(CoordinatorClient::new(channel)
+    Ok(CoordinatorClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max))
 }
@@ -60,39 +76,74 @@ pub fn is_terminal(state: i32) -> bool {
     crate::job::JobState::from_wire(state).is_some_and(crate::job::JobState::is_terminal)
 }
 
+/// How long [`wait`] keeps reconnecting to a coordinator that went away (a restart
+/// after SIGTERM takes seconds) before it gives up with [`ClientError::Connect`].
+pub const RECONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// True for errors a restarting coordinator produces (transport errors, `UNAVAILABLE`),
+/// after which the same call may succeed again.
+fn transient(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+}
+
 /// Follows a job with `WatchJob` until it ends, calling `on_progress` on every report.
-/// Returns the final status. Reconnects the stream if it breaks before the end.
+/// Returns the final status. If the stream breaks or the coordinator goes away (it
+/// restarts after SIGTERM), reconnects with backoff for up to [`RECONNECT_FOR`]; after
+/// that the error is [`ClientError::Connect`].
 pub async fn wait(
     client: &mut Client,
     job_id: &str,
     mut on_progress: impl FnMut(&v1::JobProgress),
 ) -> Result<v1::JobStatus, ClientError> {
+    let req = || v1::GetJobRequest {
+        job_id: job_id.to_string(),
+    };
+    let mut down_since: Option<tokio::time::Instant> = None;
+    let mut backoff = Duration::from_millis(200);
     loop {
-        let mut stream = client
-            .watch_job(v1::GetJobRequest {
-                job_id: job_id.to_string(),
-            })
-            .await?
-            .into_inner();
-        while let Ok(Some(p)) = stream.message().await {
-            on_progress(&p);
-            if let Some(s) = &p.status
-                && is_terminal(s.state)
-            {
-                return Ok(s.clone());
+        let outcome: Result<Option<v1::JobStatus>, tonic::Status> = async {
+            let mut stream = client.watch_job(req()).await?.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(p)) => {
+                        down_since = None;
+                        on_progress(&p);
+                        if let Some(s) = &p.status
+                            && is_terminal(s.state)
+                        {
+                            return Ok(Some(s.clone()));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => return Err(s),
+                }
             }
+            // Stream ended without a terminal report: ask directly, then watch again.
+            let s = client.get_job(req()).await?.into_inner();
+            Ok(is_terminal(s.state).then_some(s))
         }
-        // Stream ended without a terminal report: ask directly, then watch again.
-        let s = client
-            .get_job(v1::GetJobRequest {
-                job_id: job_id.to_string(),
-            })
-            .await?
-            .into_inner();
-        if is_terminal(s.state) {
-            return Ok(s);
+        .await;
+        match outcome {
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) => backoff = Duration::from_millis(200),
+            Err(s) if transient(&s) => {
+                let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= RECONNECT_FOR {
+                    return Err(ClientError::Connect {
+                        url: "the coordinator".into(),
+                        cause: format!(
+                            "gone for {:.0} s while watching job {job_id}: {}",
+                            since.elapsed().as_secs_f64(),
+                            s.message()
+                        ),
+                    });
+                }
+                tracing::info!("coordinator unavailable ({}); reconnecting", s.message());
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(s) => return Err(s.into()),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(backoff).await;
     }
 }
 

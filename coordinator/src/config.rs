@@ -1,6 +1,8 @@
 //! [`CoordinatorConfig`]: every tunable of the coordinator, with documented defaults.
 
 use crate::error::{CoordinatorError, Result};
+use dmqsm_proto::auth::Authenticator;
+use dmqsm_proto::transport::{ClientTls, ServerTls};
 use dmqsm_proto::v1::Dtype;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,6 +51,43 @@ pub struct CoordinatorConfig {
     pub max_message_bytes: usize,
     /// How many jobs run their sampler at once; more are queued.
     pub max_running_jobs: usize,
+    /// Fraction of batches (0 … 1) recomputed on a second worker of the same device
+    /// class and compared bitwise (see `dispatch`). Chosen deterministically per job and
+    /// batch; 0 turns spot checks off.
+    pub spot_check_fraction: f64,
+    /// How long shutdown waits for running jobs to reach a step boundary and checkpoint.
+    pub shutdown_grace: Duration,
+    /// Authentication, TLS and which workers are accepted.
+    pub security: SecurityConfig,
+}
+
+/// Which addresses a registering worker may ask the coordinator to dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerAddressPolicy {
+    /// The address's host must resolve to the IP the registration came from, so a
+    /// caller cannot point the coordinator at another machine.
+    #[default]
+    SameHost,
+    /// Any http(s)://host:port (for NAT or multi-homed nodes; still never `unix:`).
+    Any,
+}
+
+/// How the coordinator checks callers and secures its links
+/// (`dmqsm_proto::auth`, `dmqsm_proto::transport`).
+#[derive(Debug, Clone, Default)]
+pub struct SecurityConfig {
+    /// Checks bearer tokens; off by default, in which case the server must listen on
+    /// loopback only.
+    pub auth: Authenticator,
+    /// TLS of the coordinator's own gRPC server (plain TCP when `None`).
+    pub tls: Option<ServerTls>,
+    /// How the coordinator dials `https://` workers (CA; client certificate for mTLS).
+    pub worker_tls: ClientTls,
+    /// Token presented to statically listed workers (`--worker URL`); registered workers
+    /// are dialled with the token they registered with.
+    pub static_worker_token: Option<String>,
+    /// Which worker addresses registration accepts.
+    pub worker_addresses: WorkerAddressPolicy,
 }
 
 impl CoordinatorConfig {
@@ -70,6 +109,9 @@ impl CoordinatorConfig {
             wire_dtype: Dtype::F32,
             max_message_bytes: dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES,
             max_running_jobs: 8,
+            spot_check_fraction: 0.0,
+            shutdown_grace: Duration::from_secs(3),
+            security: SecurityConfig::default(),
         }
     }
 
@@ -93,6 +135,9 @@ impl CoordinatorConfig {
         }
         if self.max_running_jobs == 0 {
             return bad("max_running_jobs must be ≥ 1");
+        }
+        if !(0.0..=1.0).contains(&self.spot_check_fraction) {
+            return bad("spot_check_fraction must be in [0, 1]");
         }
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes must be ≥ 1024");

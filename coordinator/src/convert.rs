@@ -84,6 +84,7 @@ impl From<&JobRecord> for v1::JobStatus {
             retries: r.retries,
             model_id: r.model.model_id.clone(),
             model_hash: r.model.content_hash.clone(),
+            owner: r.owner.clone(),
         }
     }
 }

@@ -17,6 +17,15 @@
 //!   is benched for a while. A job whose batches have no usable worker for
 //!   `no_worker_grace` fails instead of hanging.
 //!
+//! - **Checked answers.** A malformed answer (wrong shape, non-finite values) is proof
+//!   that the worker is broken: it is marked untrusted at once and the batch is retried
+//!   elsewhere. With spot checks on (`spot_check_fraction`), a deterministic share of
+//!   batches (by job and batch label) is recomputed on a second worker of the same
+//!   device class (device kind, precision, micro-batch, model), which must agree bit for
+//!   bit. On a disagreement a third worker of the class decides: the outvoted worker is
+//!   untrusted, and jobs that took unchecked answers from it start over
+//!   ([`Dispatcher::is_untrusted`]). Without a third worker the batch fails, naming both.
+//!
 //! The dispatcher does not choose a batch's contents: which patches form a batch is fixed
 //! by the job (see `runner`), so the bits of a result never depend on which worker ran
 //! it. It is the edge where answers arrive, so it decodes and checks each answer once,
@@ -139,6 +148,45 @@ struct Pending {
     attempts: u32,
     tried: BTreeSet<String>,
     reply: oneshot::Sender<std::result::Result<BatchOutcome, DispatchError>>,
+    /// Answers of a spot-checked batch so far (worker id, results); the next attempt
+    /// must go to a worker of `class` that is not among them.
+    check: Option<SpotCheck>,
+}
+
+struct SpotCheck {
+    class: String,
+    answers: Vec<(String, PatchResults)>,
+}
+
+impl SpotCheck {
+    fn answered(&self, worker: &str) -> bool {
+        self.answers.iter().any(|(w, _)| w == worker)
+    }
+}
+
+/// True if the batch `label` of `job` is spot-checked at `fraction`: a hash of the two,
+/// mapped to [0, 1), is below it. The same batches are chosen on every run.
+pub fn spot_checked(job: &str, label: &str, fraction: f64) -> bool {
+    if fraction <= 0.0 {
+        return false;
+    }
+    let h = job
+        .bytes()
+        .chain([0u8])
+        .chain(label.bytes())
+        .fold(0x5eed_u64, |h, b| {
+            dmqsm_common::splitmix::mix64(h ^ u64::from(b))
+        });
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
+}
+
+fn same_bits(a: &PatchResults, b: &PatchResults) -> bool {
+    a.indices() == b.indices()
+        && a.values().shape() == b.values().shape()
+        && a.values()
+            .iter()
+            .zip(b.values().iter())
+            .all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 struct JobQueue {
@@ -149,8 +197,44 @@ struct JobQueue {
     starved_since: Option<Instant>,
 }
 
+/// A worker's `RegisterWorker` call, authenticated (see [`Dispatcher::register_worker`]).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerRegistration<'a> {
+    /// Address to dial back (`http(s)://host:port`, already checked by the service).
+    pub address: &'a str,
+    /// The id an earlier registration assigned ("" for a new worker).
+    pub previous_id: &'a str,
+    /// Display name.
+    pub name: &'a str,
+    /// Name of the caller's token ("local" without authentication).
+    pub owner: &'a str,
+    /// The caller's token, presented when dialling the worker back.
+    pub token: Option<&'a str>,
+}
+
+/// Why a registration or heartbeat was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistrationError {
+    /// The worker id belongs to another authenticated identity.
+    #[error(
+        "worker {0} was registered by another identity; only it may heartbeat, drain or re-register it"
+    )]
+    NotYours(String),
+    /// The address is registered by another identity.
+    #[error("address {0} is registered by another worker identity")]
+    AddressTaken(String),
+    /// The worker could not be dialled back, or refused the caller's token.
+    #[error(
+        "could not reach a worker at {0} that accepts this token (is `dmqsm-worker serve` listening there, with the same token?)"
+    )]
+    Unreachable(String),
+}
+
 #[derive(Default)]
 struct State {
+    /// Workers proven wrong, ever (ids are never reused within a process).
+    untrusted: BTreeSet<String>,
+    next_worker: u64,
     workers: BTreeMap<String, WorkerEntry>,
     jobs: BTreeMap<String, JobQueue>,
     serve_counter: u64,
@@ -161,7 +245,7 @@ struct Assignment {
     pending: Pending,
     worker_id: String,
     address: String,
-    client: v1::worker_client::WorkerClient<tonic::transport::Channel>,
+    client: v1::worker_client::WorkerClient<dmqsm_proto::transport::AuthChannel>,
     generation: u64,
     generation_rx: tokio::sync::watch::Receiver<u64>,
 }
@@ -217,7 +301,13 @@ impl Dispatcher {
     /// Adds a statically listed worker (probed with `Info`, no heartbeats expected). If it
     /// does not answer yet it is kept as lost and probed until it does. Returns its id.
     pub async fn add_static_worker(&self, address: &str) -> Result<String> {
-        let mut client = connect(address, self.inner.config.max_message_bytes)?;
+        let sec = &self.inner.config.security;
+        let mut client = connect(
+            address,
+            self.inner.config.max_message_bytes,
+            sec.static_worker_token.as_deref(),
+            &sec.worker_tls,
+        )?;
         let info = fetch_info(
             &mut client,
             address,
@@ -241,24 +331,87 @@ impl Dispatcher {
         Ok(id)
     }
 
-    /// Registers a worker that dialled in (`RegisterWorker`): fetches its `Info` and adds
-    /// or replaces it. Returns its id.
-    pub async fn register_worker(&self, address: &str, worker_id: &str) -> Result<String> {
-        let mut client = connect(address, self.inner.config.max_message_bytes)?;
-        let info = fetch_info(&mut client, address, Duration::from_secs(10)).await?;
-        let id = [worker_id, info.worker_id.as_str(), address]
-            .into_iter()
-            .find(|s| !s.is_empty())
-            .unwrap_or(address)
-            .to_string();
-        tracing::info!(worker = %id, %address, model = ?info.model.as_ref().map(|m| &m.model_id), "worker registered");
-        self.insert_worker(WorkerEntry::new(
-            id.clone(),
-            address.to_string(),
-            client,
-            Some(info),
-            true,
-        ));
+    /// Registers a worker that dialled in (`RegisterWorker`) as `owner` (the name of its
+    /// token): dials `address` back presenting `token`, fetches its `Info`, and adds it
+    /// under a coordinator-assigned id, which it returns. `previous_id` re-registers an
+    /// earlier registration of the same owner (after a lost link); the same address
+    /// registered again by the same owner replaces the old entry. An id or address held
+    /// by another owner is refused.
+    pub async fn register_worker(
+        &self,
+        registration: WorkerRegistration<'_>,
+    ) -> std::result::Result<String, RegistrationError> {
+        let WorkerRegistration {
+            address,
+            previous_id,
+            name,
+            owner,
+            token,
+        } = registration;
+        {
+            let st = self.inner.lock();
+            if let Some(w) = st.workers.get(previous_id)
+                && w.owner.as_deref() != Some(owner)
+            {
+                return Err(RegistrationError::NotYours(previous_id.to_string()));
+            }
+            if let Some(w) = st
+                .workers
+                .values()
+                .find(|w| w.address == address && w.owner.as_deref() != Some(owner))
+                && w.health != WorkerHealth::Lost
+            {
+                return Err(RegistrationError::AddressTaken(w.address.clone()));
+            }
+        }
+        let sec = &self.inner.config.security;
+        let mut client = connect(
+            address,
+            self.inner.config.max_message_bytes,
+            token,
+            &sec.worker_tls,
+        )
+        .map_err(|e| RegistrationError::Unreachable(e.to_string()))?;
+        // The dial-back's error text is not passed on: it would tell the caller what
+        // exists at an address of its choosing.
+        let info = fetch_info(&mut client, address, Duration::from_secs(10))
+            .await
+            .map_err(|e| {
+                tracing::warn!(%address, %owner, "registration refused: {e}");
+                RegistrationError::Unreachable(address.to_string())
+            })?;
+        let mut st = self.inner.lock();
+        let id = match st.workers.get(previous_id) {
+            Some(w) if w.owner.as_deref() == Some(owner) => previous_id.to_string(),
+            _ => {
+                st.next_worker += 1;
+                format!("w{}", st.next_worker)
+            }
+        };
+        // A worker restarted on the same address replaces its old entry.
+        let stale: Vec<String> = st
+            .workers
+            .values()
+            .filter(|w| w.address == address && w.id != id)
+            .map(|w| w.id.clone())
+            .collect();
+        for s in stale {
+            if let Some(mut old) = st.workers.remove(&s) {
+                old.mark_lost(&format!("replaced by the new registration {id}"));
+            }
+        }
+        let mut entry = WorkerEntry::new(id.clone(), address.to_string(), client, Some(info), true);
+        entry.owner = Some(owner.to_string());
+        if !name.is_empty() {
+            entry.name = name.to_string();
+        }
+        tracing::info!(worker = %id, name = %entry.name, %address, %owner, model = ?entry.info.as_ref().and_then(|i| i.model.as_ref()).map(|m| &m.model_id), "worker registered");
+        if let Some(mut old) = st.workers.remove(&id) {
+            old.mark_lost("registered again");
+        }
+        st.workers.insert(id.clone(), entry);
+        drop(st);
+        self.inner.wake.notify_one();
         Ok(id)
     }
 
@@ -272,12 +425,22 @@ impl Dispatcher {
         self.inner.wake.notify_one();
     }
 
-    /// Records a heartbeat. Returns false if the worker is unknown (it should register).
-    pub fn heartbeat(&self, worker_id: &str, draining: bool) -> bool {
+    /// Records a heartbeat from `owner` (the name of the caller's token). Returns
+    /// `Ok(false)` if the worker is unknown (it should register), and refuses a
+    /// heartbeat (or a drain) for a worker another identity registered.
+    pub fn heartbeat(
+        &self,
+        worker_id: &str,
+        draining: bool,
+        owner: &str,
+    ) -> std::result::Result<bool, RegistrationError> {
         let mut st = self.inner.lock();
         let Some(w) = st.workers.get_mut(worker_id) else {
-            return false;
+            return Ok(false);
         };
+        if w.owner.as_deref() != Some(owner) {
+            return Err(RegistrationError::NotYours(worker_id.to_string()));
+        }
         w.seen();
         if draining {
             w.health = WorkerHealth::Draining;
@@ -287,7 +450,7 @@ impl Dispatcher {
         }
         drop(st);
         self.inner.wake.notify_one();
-        true
+        Ok(true)
     }
 
     /// Removes a worker; its in-flight batches are reassigned.
@@ -334,6 +497,12 @@ impl Dispatcher {
                 .then_with(|| a.0.content_hash.cmp(&b.0.content_hash))
         });
         v
+    }
+
+    /// True if `worker_id` was proven wrong (a malformed answer or a lost spot check)
+    /// since this coordinator started. A job that took answers from it starts over.
+    pub fn is_untrusted(&self, worker_id: &str) -> bool {
+        self.inner.lock().untrusted.contains(worker_id)
     }
 
     /// Per-worker load.
@@ -392,6 +561,7 @@ impl Dispatcher {
             attempts: 0,
             tried: BTreeSet::new(),
             reply: tx,
+            check: None,
         };
         let mut st = self.inner.lock();
         match st.jobs.get_mut(&job) {
@@ -420,15 +590,20 @@ impl Dispatcher {
 fn pick_worker(
     workers: &BTreeMap<String, WorkerEntry>,
     hash: &str,
-    tried: &BTreeSet<String>,
+    pending: &Pending,
     max_in_flight: usize,
 ) -> Option<String> {
+    let tried = &pending.tried;
+    let eligible = |w: &WorkerEntry| match &pending.check {
+        None => true,
+        Some(c) => !c.answered(&w.id) && w.device_class() == c.class,
+    };
     let fresh_exists = workers
         .values()
-        .any(|w| w.may_serve(hash) && !tried.contains(&w.id));
+        .any(|w| w.may_serve(hash) && eligible(w) && !tried.contains(&w.id));
     workers
         .values()
-        .filter(|w| w.can_take(hash, max_in_flight))
+        .filter(|w| w.can_take(hash, max_in_flight) && eligible(w))
         .filter(|w| !fresh_exists || !tried.contains(&w.id))
         .min_by(|a, b| {
             a.in_flight
@@ -450,6 +625,7 @@ fn schedule(st: &mut State, config: &CoordinatorConfig) -> Vec<Assignment> {
             w.consecutive_failures = 0;
         }
     }
+    settle_unanswerable_checks(st);
     let mut out = Vec::new();
     loop {
         let mut order: Vec<(&String, &JobQueue)> = st
@@ -469,7 +645,7 @@ fn schedule(st: &mut State, config: &CoordinatorConfig) -> Vec<Assignment> {
             if let Some(w) = pick_worker(
                 &st.workers,
                 &q.model_hash,
-                &head.tried,
+                head,
                 config.max_in_flight_per_worker,
             ) {
                 chosen = Some((job_id.clone(), w));
@@ -555,6 +731,59 @@ fn schedule(st: &mut State, config: &CoordinatorConfig) -> Vec<Assignment> {
     out
 }
 
+/// Spot checks that no worker can take any more: a check with one answer and no second
+/// worker of its class is skipped (the answer stands; a check needs two workers); a
+/// disagreement with no third worker to decide fails the batch, naming both workers.
+fn settle_unanswerable_checks(st: &mut State) {
+    let State { workers, jobs, .. } = st;
+    for (job_id, q) in jobs.iter_mut() {
+        let mut i = 0;
+        while i < q.pending.len() {
+            let p = &q.pending[i];
+            let Some(c) = &p.check else {
+                i += 1;
+                continue;
+            };
+            let someone = workers.values().any(|w| {
+                w.may_serve(&q.model_hash) && !c.answered(&w.id) && w.device_class() == c.class
+            });
+            if someone {
+                i += 1;
+                continue;
+            }
+            let Some(mut p) = q.pending.remove(i) else {
+                break;
+            };
+            let Some(c) = p.check.take() else { continue };
+            let mut answers = c.answers;
+            if answers.len() == 1 {
+                let (worker, results) = answers.remove(0);
+                tracing::warn!(job = %job_id, batch = %p.batch.label, "spot check skipped: no second worker of class {} to compare with", c.class);
+                let _ = p.reply.send(Ok(BatchOutcome {
+                    results,
+                    worker_id: worker,
+                    retries: p.attempts,
+                }));
+            } else {
+                let names: Vec<&str> = answers.iter().map(|(w, _)| w.as_str()).collect();
+                let _ = p.reply.send(Err(DispatchError::Exhausted {
+                    job: job_id.clone(),
+                    batch: p.batch.label.clone(),
+                    attempts: p.attempts + answers.len() as u32,
+                    worker: names.join(" and "),
+                    address: "spot check".into(),
+                    cause: format!(
+                        "workers {} disagree bit for bit on this batch, and no third worker of \
+                         class {} can decide which is wrong",
+                        names.join(" and "),
+                        c.class
+                    ),
+                }));
+            }
+        }
+    }
+}
+
 async fn scheduler_loop(inner: Arc<Inner>) {
     let tick = (inner.config.no_worker_grace / 4)
         .clamp(Duration::from_millis(20), Duration::from_millis(250));
@@ -610,10 +839,16 @@ fn decode_reply(
         .map_err(|e| format!("answer rejected: {e}"))
 }
 
+/// Why an attempt failed; `malformed` answers are proof that the worker is broken.
+struct Failure {
+    cause: String,
+    malformed: bool,
+}
+
 async fn call_worker(
     a: &mut Assignment,
     timeout: Duration,
-) -> std::result::Result<PatchResults, String> {
+) -> std::result::Result<PatchResults, Failure> {
     let request = a.pending.batch.request.clone();
     let mut client = a.client.clone();
     let rpc = async move {
@@ -624,23 +859,43 @@ async fn call_worker(
     };
     let generation = a.generation;
     let rx = &mut a.generation_rx;
+    let plain = |cause: String| Failure {
+        cause,
+        malformed: false,
+    };
     tokio::select! {
         r = tokio::time::timeout(timeout, rpc) => match r {
-            Err(_) => Err(format!("no answer within {:.1} s (batch timeout)", timeout.as_secs_f64())),
-            Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
-            Ok(Ok(tensor)) => decode_reply(&a.pending.batch, tensor),
+            Err(_) => Err(plain(format!("no answer within {:.1} s (batch timeout)", timeout.as_secs_f64()))),
+            Ok(Err(s)) => Err(plain(format!("{:?}: {}", s.code(), s.message()))),
+            Ok(Ok(tensor)) => decode_reply(&a.pending.batch, tensor).map_err(|cause| Failure {
+                cause,
+                malformed: true,
+            }),
         },
-        _ = rx.wait_for(|g| *g != generation) => Err("worker lost (missed heartbeats); batch reassigned".to_string()),
+        _ = rx.wait_for(|g| *g != generation) => Err(plain("worker lost or untrusted; batch reassigned".to_string())),
     }
+}
+
+/// Marks a worker untrusted (see [`WorkerHealth::Untrusted`]): its in-flight batches
+/// are abandoned and reassigned, and jobs that used its answers start over.
+fn untrust(st: &mut State, worker_id: &str, why: &str) {
+    if let Some(w) = st.workers.get_mut(worker_id) {
+        tracing::error!(worker = %worker_id, address = %w.address, "worker untrusted: {why}");
+        w.mark_lost(why);
+        w.health = WorkerHealth::Untrusted;
+    }
+    st.untrusted.insert(worker_id.to_string());
 }
 
 async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
     let result = call_worker(&mut a, inner.config.batch_timeout).await;
     let config = &inner.config;
     let mut st = inner.lock();
+    let mut class = String::new();
     if let Some(w) = st.workers.get_mut(&a.worker_id)
         && w.generation == a.generation
     {
+        class = w.device_class();
         w.in_flight = w.in_flight.saturating_sub(1);
         match &result {
             Ok(_) => {
@@ -648,10 +903,10 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                 w.consecutive_failures = 0;
                 w.seen();
             }
-            Err(cause) => {
+            Err(f) => {
                 w.failures += 1;
                 w.consecutive_failures += 1;
-                tracing::warn!(worker = %a.worker_id, job = %a.pending.batch.job_id, batch = %a.pending.batch.label, "batch failed: {cause}");
+                tracing::warn!(worker = %a.worker_id, job = %a.pending.batch.job_id, batch = %a.pending.batch.label, "batch failed: {}", f.cause);
                 if w.consecutive_failures >= config.max_consecutive_failures
                     && w.health == WorkerHealth::Ready
                 {
@@ -661,19 +916,102 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
             }
         }
     }
+    if let Err(f) = &result
+        && f.malformed
+    {
+        untrust(
+            &mut st,
+            &a.worker_id,
+            &format!("malformed answer: {}", f.cause),
+        );
+    }
     let mut pending = a.pending;
+    let job = pending.batch.job_id.clone();
+    let requeue = |st: &mut State, pending: Pending| match st.jobs.get_mut(&pending.batch.job_id) {
+        Some(q) => q.pending.push_front(pending),
+        None => {
+            let job = pending.batch.job_id.clone();
+            let _ = pending.reply.send(Err(DispatchError::Cancelled { job }));
+        }
+    };
     match result {
         Ok(results) => {
-            let _ = pending.reply.send(Ok(BatchOutcome {
-                results,
-                worker_id: a.worker_id,
-                retries: pending.attempts,
-            }));
+            let checked = pending.check.is_some()
+                || (!class.is_empty()
+                    && spot_checked(&job, &pending.batch.label, config.spot_check_fraction));
+            if !checked {
+                let _ = pending.reply.send(Ok(BatchOutcome {
+                    results,
+                    worker_id: a.worker_id,
+                    retries: pending.attempts,
+                }));
+            } else {
+                let mut c = pending.check.take().unwrap_or(SpotCheck {
+                    class,
+                    answers: Vec::new(),
+                });
+                c.answers.push((a.worker_id.clone(), results));
+                match c.answers.len() {
+                    1 => {
+                        pending.check = Some(c);
+                        requeue(&mut st, pending);
+                    }
+                    2 if same_bits(&c.answers[0].1, &c.answers[1].1) => {
+                        let (worker, results) = c.answers.swap_remove(0);
+                        let _ = pending.reply.send(Ok(BatchOutcome {
+                            results,
+                            worker_id: worker,
+                            retries: pending.attempts,
+                        }));
+                    }
+                    2 => {
+                        tracing::warn!(job = %job, batch = %pending.batch.label, "spot check: workers {} and {} disagree; asking a third", c.answers[0].0, c.answers[1].0);
+                        pending.check = Some(c);
+                        requeue(&mut st, pending);
+                    }
+                    _ => {
+                        let third = &c.answers[2].1;
+                        let agree: Vec<usize> = (0..2)
+                            .filter(|&i| same_bits(&c.answers[i].1, third))
+                            .collect();
+                        if let [good] = agree[..] {
+                            let bad = c.answers[1 - good].0.clone();
+                            untrust(
+                                &mut st,
+                                &bad,
+                                &format!(
+                                    "lost a spot check on job {job} {}: workers {} and {} agree bit for bit, it does not",
+                                    pending.batch.label, c.answers[good].0, c.answers[2].0
+                                ),
+                            );
+                            let (worker, results) = c.answers.swap_remove(good);
+                            let _ = pending.reply.send(Ok(BatchOutcome {
+                                results,
+                                worker_id: worker,
+                                retries: pending.attempts,
+                            }));
+                        } else {
+                            let names: Vec<String> =
+                                c.answers.iter().map(|(w, _)| w.clone()).collect();
+                            let _ = pending.reply.send(Err(DispatchError::Exhausted {
+                                job: job.clone(),
+                                batch: pending.batch.label.clone(),
+                                attempts: pending.attempts + 3,
+                                worker: names.join(", "),
+                                address: "spot check".into(),
+                                cause: format!(
+                                    "workers {} give three different answers for this batch",
+                                    names.join(", ")
+                                ),
+                            }));
+                        }
+                    }
+                }
+            }
         }
-        Err(cause) => {
+        Err(f) => {
             pending.attempts += 1;
             pending.tried.insert(a.worker_id.clone());
-            let job = pending.batch.job_id.clone();
             if pending.attempts > config.max_retries {
                 let _ = pending.reply.send(Err(DispatchError::Exhausted {
                     job,
@@ -681,12 +1019,10 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                     attempts: pending.attempts,
                     worker: a.worker_id,
                     address: a.address,
-                    cause,
+                    cause: f.cause,
                 }));
-            } else if let Some(q) = st.jobs.get_mut(&job) {
-                q.pending.push_front(pending);
             } else {
-                let _ = pending.reply.send(Err(DispatchError::Cancelled { job }));
+                requeue(&mut st, pending);
             }
         }
     }

@@ -279,6 +279,10 @@ pub struct JobRecord {
     pub job_id: String,
     /// Free-form label given at submission.
     pub label: String,
+    /// Name of the token that submitted the job ([`dmqsm_proto::auth::Principal::name`];
+    /// "local" without authentication). Users see only their own jobs.
+    #[serde(default = "local_owner")]
+    pub owner: String,
     /// Resolved settings.
     pub spec: JobSpec,
     /// The model the job is pinned to (id, hash, patch size, schedule, χ scale).
@@ -309,6 +313,10 @@ pub struct JobRecord {
     pub history: Vec<HistoryEvent>,
 }
 
+fn local_owner() -> String {
+    dmqsm_proto::auth::Principal::local().name
+}
+
 /// Most history events kept per job.
 pub const HISTORY_LIMIT: usize = 200;
 
@@ -319,6 +327,7 @@ impl JobRecord {
         let mut r = Self {
             job_id,
             label,
+            owner: local_owner(),
             spec,
             model,
             state: JobState::Queued,

@@ -10,16 +10,16 @@ use crate::error::{CoordinatorError, Result};
 use crate::workers::{connect, fetch_info};
 use dmqsm_common::diffusion::model::{ModelSpec, ScoreModel};
 use dmqsm_proto::tensor::{decode, encode};
+use dmqsm_proto::transport::AuthChannel;
 use dmqsm_proto::v1::{self, worker_client::WorkerClient};
 use ndarray::{Array4, ArrayView4};
 use std::time::Duration;
-use tonic::transport::Channel;
 
 /// A score model served by the worker at a URL (see the module docs). Calls block on a
 /// runtime of its own, so it can be used from synchronous code.
 pub struct RemoteScoreModel {
     runtime: tokio::runtime::Runtime,
-    client: WorkerClient<Channel>,
+    client: WorkerClient<AuthChannel>,
     spec: ModelSpec,
     url: String,
 }
@@ -43,7 +43,12 @@ impl RemoteScoreModel {
         // The lazy channel spawns its connection task on the current runtime.
         let mut client = {
             let _inside = runtime.enter();
-            connect(url, dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES)?
+            connect(
+                url,
+                dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES,
+                None,
+                &dmqsm_proto::transport::ClientTls::default(),
+            )?
         };
         let info = runtime.block_on(fetch_info(&mut client, url, Duration::from_secs(30)))?;
         let model = info.model.unwrap_or_default();

@@ -33,7 +33,16 @@ use tokio::sync::watch;
 enum Stop {
     Cancelled,
     Failed(String),
+    /// The coordinator is shutting down: the job stays `running` and resumes on the next
+    /// start from its checkpoint.
+    Shutdown,
+    /// A worker whose answers this run used was proven wrong: start over.
+    Tainted(String),
 }
+
+/// How many times a job starts over because a worker it used was proven wrong, before
+/// it fails.
+const MAX_TAINT_RESTARTS: u32 = 3;
 
 impl From<dmqsm_common::Error> for Stop {
     fn from(e: dmqsm_common::Error) -> Self {
@@ -78,29 +87,53 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job_id: String) {
         return;
     };
     let mut cancel = handle.cancel.subscribe();
-    // Wait for a run slot (bounded concurrent samplers), or a cancel.
+    let mut stopping = shared.stopping.subscribe();
+    // Wait for a run slot (bounded concurrent samplers), or a cancel, or shutdown.
     let permit = tokio::select! {
-        p = shared.run_slots.clone().acquire_owned() => p.ok(),
-        _ = cancel.wait_for(|c| *c) => None,
+        p = shared.run_slots.clone().acquire_owned() => p.ok().ok_or(Stop::Shutdown),
+        _ = cancel.wait_for(|c| *c) => Err(Stop::Cancelled),
+        _ = stopping.wait_for(|s| *s) => Err(Stop::Shutdown),
     };
     let outcome = match permit {
-        None => Err(Stop::Cancelled),
-        Some(_permit) => {
+        Err(stop) => Err(stop),
+        Ok(_permit) => {
             // A bug must fail the job with a message, never leave it hanging.
             use futures::FutureExt;
-            let run =
-                std::panic::AssertUnwindSafe(execute(&shared, &job_id, &handle, cancel.clone()));
-            match run.catch_unwind().await {
-                Ok(r) => r,
-                Err(p) => {
-                    let what = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "unknown panic".into());
-                    Err(Stop::Failed(format!(
-                        "internal error in the coordinator: {what}"
-                    )))
+            let mut restarts = 0;
+            loop {
+                let run = std::panic::AssertUnwindSafe(execute(
+                    &shared,
+                    &job_id,
+                    &handle,
+                    cancel.clone(),
+                ));
+                let r = match run.catch_unwind().await {
+                    Ok(r) => r,
+                    Err(p) => {
+                        let what = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(Stop::Failed(format!(
+                            "internal error in the coordinator: {what}"
+                        )))
+                    }
+                };
+                match r {
+                    Err(Stop::Tainted(worker)) if restarts < MAX_TAINT_RESTARTS => {
+                        restarts += 1;
+                        if let Err(e) = start_over(&shared, &job_id, &worker) {
+                            break Err(e);
+                        }
+                    }
+                    Err(Stop::Tainted(worker)) => {
+                        break Err(Stop::Failed(format!(
+                            "started over {restarts} times because workers it used were \
+                             proven wrong (last: {worker}); check the workers"
+                        )));
+                    }
+                    other => break other,
                 }
             }
         }
@@ -115,8 +148,20 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job_id: String) {
         Ok(Some(r)) => r,
         _ => return,
     };
+    let outcome = match outcome {
+        Err(Stop::Tainted(w)) => Err(Stop::Failed(format!(
+            "worker {w}, whose answers it used, was proven wrong"
+        ))),
+        other => other,
+    };
     match outcome {
         Ok(()) => {}
+        Err(Stop::Tainted(_)) => {}
+        Err(Stop::Shutdown) => {
+            tracing::info!(job = %job_id, step = rec.step, "job paused for shutdown; it resumes on the next start");
+            let _ = shared.store.flush();
+            return;
+        }
         Err(Stop::Cancelled) => {
             rec.state = JobState::Cancelled;
             rec.error = Some(format!("job {job_id}: cancelled by user"));
@@ -150,6 +195,26 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job_id: String) {
         status: Some(v1::JobStatus::from(&rec)),
         ..Default::default()
     });
+}
+
+/// Drops everything a job computed (checkpoints, samples, progress) after `worker`,
+/// whose answers it used, was proven wrong; the next run starts from the beginning and,
+/// with honest workers, gives the bits an undisturbed run gives.
+fn start_over(shared: &Shared, job_id: &str, worker: &str) -> std::result::Result<(), Stop> {
+    tracing::warn!(job = %job_id, %worker, "starting the job over: it used answers of an untrusted worker");
+    shared.store.clear_checkpoints(job_id)?;
+    let mut rec = shared
+        .store
+        .get_job(job_id)?
+        .ok_or_else(|| Stop::Failed(format!("job {job_id} vanished from the store")))?;
+    rec.step = 0;
+    rec.sample = 0;
+    rec.workers_used.clear();
+    rec.log(format!(
+        "started over: worker {worker}, whose answers it used, was proven wrong by a spot check"
+    ));
+    shared.store.put_job(&rec)?;
+    Ok(())
 }
 
 /// Progress bookkeeping for `WatchJob`.
@@ -266,13 +331,23 @@ async fn execute(
         rec.step = sampler.progress().step as u32;
         store.put_job(&rec)?;
         handle.progress.send_replace(meter.report(shared, &rec));
+        let stopping = shared.stopping.subscribe();
         while !sampler.is_finished() {
             sampler = run_round(shared, &mut rec, sampler, &mut meter, &mut cancel).await?;
+            if let Some(w) = rec
+                .workers_used
+                .keys()
+                .find(|w| shared.dispatcher.is_untrusted(w))
+            {
+                return Err(Stop::Tainted(w.clone()));
+            }
             let step = sampler.progress().step as u32;
             if step != rec.step {
                 rec.step = step;
                 let every = shared.config.checkpoint_every;
-                if every > 0 && step.is_multiple_of(every) && !sampler.is_finished() {
+                let stop_now = *stopping.borrow();
+                if !sampler.is_finished() && (stop_now || (every > 0 && step.is_multiple_of(every)))
+                {
                     let t = Instant::now();
                     let ck = sampler.checkpoint();
                     let (store2, id) = (store.clone(), job_id.to_string());
@@ -285,6 +360,11 @@ async fn execute(
                     rec.timings.coordinator_numerics_s += t.elapsed().as_secs_f64();
                 }
                 store.put_job(&rec)?;
+                if stop_now && !sampler.is_finished() {
+                    rec.log(format!("paused for shutdown at step {step} of sample {k}"));
+                    store.put_job(&rec)?;
+                    return Err(Stop::Shutdown);
+                }
             }
             handle.progress.send_replace(meter.report(shared, &rec));
         }

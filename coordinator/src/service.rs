@@ -11,6 +11,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::job::{JobRecord, JobSpec, JobState, unix_now};
 use crate::state::{JobHandle, Shared};
 use crate::store::JobStore;
+use dmqsm_proto::auth::{Principal, Role};
 use dmqsm_proto::v1;
 use dmqsm_proto::v1::coordinator_server::{self, CoordinatorServer};
 use std::collections::HashMap;
@@ -55,6 +56,7 @@ impl Coordinator {
             dispatcher,
             jobs: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
+            stopping: watch::channel(false).0,
         });
         let c = Self { shared };
         for job in c.shared.store.list_jobs()? {
@@ -110,6 +112,11 @@ impl Coordinator {
     /// workers) get [`CoordinatorError::InvalidSubmission`] naming the problem; nothing
     /// is stored for them.
     pub async fn submit(&self, req: v1::SubmitJobRequest) -> Result<String> {
+        self.submit_as(req, &Principal::local()).await
+    }
+
+    /// [`Self::submit`] on behalf of `owner`, who will be the only user to see the job.
+    pub async fn submit_as(&self, req: v1::SubmitJobRequest, owner: &Principal) -> Result<String> {
         let settings = req.settings.clone().ok_or_else(|| {
             CoordinatorError::InvalidSubmission("settings are missing".to_string())
         })?;
@@ -153,7 +160,8 @@ impl Coordinator {
         };
         let store = &self.shared.store;
         let job_id = store.next_job_id()?;
-        let record = JobRecord::new(job_id.clone(), req.label.clone(), spec, model);
+        let mut record = JobRecord::new(job_id.clone(), req.label.clone(), spec, model);
+        record.owner = owner.name.clone();
         store.put_input(&job_id, "measurement", &measurement)?;
         if let Some(k) = &mask {
             store.put_input(&job_id, "mask", k)?;
@@ -205,6 +213,19 @@ impl Coordinator {
             .ok_or_else(|| CoordinatorError::JobNotFound(job_id.to_string()))
     }
 
+    /// A job's record if `who` may see it: its owner, or an admin.
+    pub fn get_as(&self, job_id: &str, who: &Principal) -> std::result::Result<JobRecord, Status> {
+        let job = self.get(job_id)?;
+        if who.sees_all_jobs() || job.owner == who.name {
+            Ok(job)
+        } else {
+            Err(Status::permission_denied(format!(
+                "job {job_id} belongs to another user; a user token sees only its own jobs, \
+                 an admin token sees all"
+            )))
+        }
+    }
+
     /// Every job, in submission order.
     pub fn list(&self) -> Result<Vec<JobRecord>> {
         self.shared.store.list_jobs()
@@ -254,10 +275,9 @@ impl Coordinator {
     }
 
     /// A stream of progress reports until the job ends (the last report is terminal).
-    pub fn watch(
-        &self,
-        job_id: &str,
-    ) -> Result<Pin<Box<dyn futures::Stream<Item = v1::JobProgress> + Send>>> {
+    /// When the coordinator shuts down, the stream ends with `UNAVAILABLE` ("coordinator
+    /// shutting down"): the job resumes on the next start and a client may reconnect.
+    pub fn watch(&self, job_id: &str) -> Result<BoxStream<v1::JobProgress>> {
         let job = self.get(job_id)?;
         let Some(h) = self
             .shared
@@ -268,16 +288,20 @@ impl Coordinator {
                 status: Some(v1::JobStatus::from(&job)),
                 ..Default::default()
             };
-            return Ok(Box::pin(futures::stream::iter([last])));
+            return Ok(Box::pin(futures::stream::iter([Ok(last)])));
         };
         let rx = h.progress.subscribe();
+        let stop = self.shared.stopping.subscribe();
         let store = self.shared.store.clone();
         let id = job_id.to_string();
-        let stream = futures::stream::unfold(Some(rx), move |state| {
+        let stream = futures::stream::unfold(Some((rx, stop)), move |state| {
             let store = store.clone();
             let id = id.clone();
             async move {
-                let mut rx = state?;
+                let (mut rx, mut stop) = state?;
+                if *stop.borrow() {
+                    return Some((Err(shutting_down()), None));
+                }
                 let item = rx.borrow_and_update().clone();
                 let terminal = item
                     .status
@@ -285,10 +309,18 @@ impl Coordinator {
                     .map(|s| crate::client::is_terminal(s.state))
                     .unwrap_or(false);
                 if terminal {
-                    return Some((item, None));
+                    return Some((Ok(item), None));
                 }
-                // Emit the current report, then wait for the next change.
-                if rx.changed().await.is_err() {
+                // Emit the current report, then wait for the next change (or shutdown).
+                let changed = tokio::select! {
+                    c = rx.changed() => Some(c),
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                let Some(changed) = changed else {
+                    // Shutdown: emit the current report; the next poll ends the stream.
+                    return Some((Ok(item), Some((rx, stop))));
+                };
+                if changed.is_err() {
                     // Runner ended: report the stored final state.
                     let last = store
                         .get_job(&id)
@@ -299,9 +331,9 @@ impl Coordinator {
                             ..Default::default()
                         })
                         .unwrap_or(item);
-                    return Some((last, None));
+                    return Some((Ok(last), None));
                 }
-                Some((item, Some(rx)))
+                Some((Ok(item), Some((rx, stop))))
             }
         });
         Ok(Box::pin(stream))
@@ -326,13 +358,47 @@ impl Coordinator {
         self.shared.store.get_results(job_id)
     }
 
-    /// Stops the dispatcher's loops and flushes the store. Running jobs are not
-    /// cancelled: they stay `running` in the store and resume from their last checkpoint
-    /// when a coordinator starts on the same data dir.
-    pub fn shutdown(&self) {
+    /// Starts shutting down: `watch` streams end with `UNAVAILABLE`, and running jobs
+    /// checkpoint at their next step boundary and stop (they stay `running` in the
+    /// store and resume when a coordinator starts on the same data dir). Call before
+    /// stopping the gRPC server, so that open streams do not hold it up.
+    pub fn begin_shutdown(&self) {
+        self.shared.stopping.send_replace(true);
+    }
+
+    /// Shuts down: [`Self::begin_shutdown`], then waits up to
+    /// `CoordinatorConfig::shutdown_grace` for running jobs to checkpoint, stops the
+    /// dispatcher's loops and flushes the store. Jobs not at a step boundary by then
+    /// resume from their last periodic checkpoint.
+    pub async fn shutdown(&self) {
+        self.begin_shutdown();
+        let deadline = tokio::time::Instant::now() + self.shared.config.shutdown_grace;
+        while !self
+            .shared
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shutdown_now();
+    }
+
+    /// Shuts down without waiting: streams end, the dispatcher's loops stop and the store
+    /// is flushed; running jobs resume from their last checkpoint on the next start.
+    pub fn shutdown_now(&self) {
+        self.begin_shutdown();
         self.shared.dispatcher.shutdown();
         let _ = self.shared.store.flush();
     }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable(
+        "coordinator shutting down; the job resumes when it restarts (watch again then)",
+    )
 }
 
 fn short(hash: &str) -> &str {
@@ -352,7 +418,8 @@ impl CoordinatorService {
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = std::result::Result<T, Status>> + Send>>;
+/// A boxed stream of RPC results (server-streaming answers).
+pub type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = std::result::Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl coordinator_server::Coordinator for CoordinatorService {
@@ -360,7 +427,12 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::SubmitJobRequest>,
     ) -> std::result::Result<Response<v1::SubmitJobResponse>, Status> {
-        let job_id = self.coordinator.submit(request.into_inner()).await?;
+        let who = Principal::of(&request);
+        who.require(Role::User, "SubmitJob")?;
+        let job_id = self
+            .coordinator
+            .submit_as(request.into_inner(), &who)
+            .await?;
         Ok(Response::new(v1::SubmitJobResponse { job_id }))
     }
 
@@ -368,18 +440,23 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> std::result::Result<Response<v1::JobStatus>, Status> {
-        let job = self.coordinator.get(&request.into_inner().job_id)?;
+        let who = Principal::of(&request);
+        who.require(Role::User, "GetJob")?;
+        let job = self.coordinator.get_as(&request.get_ref().job_id, &who)?;
         Ok(Response::new(v1::JobStatus::from(&job)))
     }
 
     async fn list_jobs(
         &self,
-        _request: Request<v1::ListJobsRequest>,
+        request: Request<v1::ListJobsRequest>,
     ) -> std::result::Result<Response<v1::ListJobsResponse>, Status> {
+        let who = Principal::of(&request);
+        who.require(Role::User, "ListJobs")?;
         let jobs = self
             .coordinator
             .list()?
             .iter()
+            .filter(|j| who.sees_all_jobs() || j.owner == who.name)
             .map(v1::JobStatus::from)
             .collect();
         Ok(Response::new(v1::ListJobsResponse { jobs }))
@@ -389,10 +466,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::CancelJobRequest>,
     ) -> std::result::Result<Response<v1::JobStatus>, Status> {
-        let job = self
-            .coordinator
-            .cancel(&request.into_inner().job_id)
-            .await?;
+        let who = Principal::of(&request);
+        who.require(Role::User, "CancelJob")?;
+        let id = &request.get_ref().job_id;
+        self.coordinator.get_as(id, &who)?;
+        let job = self.coordinator.cancel(id).await?;
         Ok(Response::new(v1::JobStatus::from(&job)))
     }
 
@@ -402,9 +480,12 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> std::result::Result<Response<Self::WatchJobStream>, Status> {
-        use futures::StreamExt;
-        let s = self.coordinator.watch(&request.into_inner().job_id)?;
-        Ok(Response::new(Box::pin(s.map(Ok))))
+        let who = Principal::of(&request);
+        who.require(Role::User, "WatchJob")?;
+        let id = &request.get_ref().job_id;
+        self.coordinator.get_as(id, &who)?;
+        let s = self.coordinator.watch(id)?;
+        Ok(Response::new(s))
     }
 
     type FetchResultStream = BoxStream<v1::ResultChunk>;
@@ -413,7 +494,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::FetchResultRequest>,
     ) -> std::result::Result<Response<Self::FetchResultStream>, Status> {
-        let files = self.coordinator.fetch(&request.into_inner().job_id)?;
+        let who = Principal::of(&request);
+        who.require(Role::User, "FetchResult")?;
+        let id = &request.get_ref().job_id;
+        self.coordinator.get_as(id, &who)?;
+        let files = self.coordinator.fetch(id)?;
         let mut chunks = Vec::new();
         for (name, data) in files {
             let data = bytes::Bytes::from(data);
@@ -441,8 +526,9 @@ impl coordinator_server::Coordinator for CoordinatorService {
 
     async fn list_workers(
         &self,
-        _request: Request<v1::ListWorkersRequest>,
+        request: Request<v1::ListWorkersRequest>,
     ) -> std::result::Result<Response<v1::ListWorkersResponse>, Status> {
+        Principal::of(&request).require(Role::User, "ListWorkers")?;
         Ok(Response::new(v1::ListWorkersResponse {
             workers: self.coordinator.dispatcher().workers(),
         }))
@@ -452,18 +538,37 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::RegisterWorkerRequest>,
     ) -> std::result::Result<Response<v1::RegisterWorkerResponse>, Status> {
+        let who = Principal::of(&request);
+        who.require(Role::Worker, "RegisterWorker")?;
+        let token = dmqsm_proto::auth::bearer_of(&request).map(str::to_string);
+        let peer = request.remote_addr();
         let r = request.into_inner();
         if r.address.is_empty() {
             return Err(Status::invalid_argument(
                 "RegisterWorker: address is empty (give the URL the coordinator should dial)",
             ));
         }
-        self.coordinator
+        check_worker_address(
+            &r.address,
+            peer,
+            self.coordinator.config().security.worker_addresses,
+        )
+        .await?;
+        let worker_id = self
+            .coordinator
             .dispatcher()
-            .register_worker(&r.address, &r.worker_id)
-            .await?;
+            .register_worker(crate::dispatch::WorkerRegistration {
+                address: &r.address,
+                previous_id: &r.worker_id,
+                name: &r.name,
+                owner: &who.name,
+                token: token.as_deref(),
+            })
+            .await
+            .map_err(registration_status)?;
         Ok(Response::new(v1::RegisterWorkerResponse {
             heartbeat_interval_ms: self.coordinator.config().heartbeat_interval.as_millis() as u32,
+            worker_id,
         }))
     }
 
@@ -471,12 +576,76 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> std::result::Result<Response<v1::HeartbeatResponse>, Status> {
+        let who = Principal::of(&request);
+        who.require(Role::Worker, "Heartbeat")?;
         let r = request.into_inner();
         let known = self
             .coordinator
             .dispatcher()
-            .heartbeat(&r.worker_id, r.draining);
+            .heartbeat(&r.worker_id, r.draining, &who.name)
+            .map_err(registration_status)?;
         Ok(Response::new(v1::HeartbeatResponse { known }))
+    }
+}
+
+fn registration_status(e: crate::dispatch::RegistrationError) -> Status {
+    use crate::dispatch::RegistrationError as E;
+    match e {
+        E::NotYours(_) | E::AddressTaken(_) => Status::permission_denied(e.to_string()),
+        E::Unreachable(_) => Status::failed_precondition(e.to_string()),
+    }
+}
+
+/// Refuses a worker address the coordinator should not dial: anything but
+/// `http(s)://host:port` (no `unix:` paths), and, under
+/// [`WorkerAddressPolicy::SameHost`], a host that does not resolve to the IP the
+/// registration came from. Nothing is dialled here.
+async fn check_worker_address(
+    address: &str,
+    peer: Option<std::net::SocketAddr>,
+    policy: crate::config::WorkerAddressPolicy,
+) -> std::result::Result<(), Status> {
+    let bad = |m: String| Status::invalid_argument(format!("RegisterWorker: {m}"));
+    let rest = address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+        .ok_or_else(|| {
+            bad(format!(
+                "address {address:?} is not http://host:port or https://host:port"
+            ))
+        })?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let uri: tonic::codegen::http::uri::Authority = authority
+        .parse()
+        .map_err(|e| bad(format!("address {address:?}: {e}")))?;
+    let port = uri
+        .port_u16()
+        .ok_or_else(|| bad(format!("address {address:?} has no port")))?;
+    if policy == crate::config::WorkerAddressPolicy::Any {
+        return Ok(());
+    }
+    let Some(peer) = peer else {
+        return Err(bad(
+            "the registration's source address is unknown, so the worker address cannot be \
+             checked"
+                .into(),
+        ));
+    };
+    let host = uri.host().trim_start_matches('[').trim_end_matches(']');
+    let resolved: Vec<std::net::IpAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map(|it| it.map(|a| a.ip()).collect())
+        .unwrap_or_default();
+    let canon = |ip: std::net::IpAddr| ip.to_canonical();
+    if resolved.iter().any(|ip| canon(*ip) == canon(peer.ip())) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "RegisterWorker: address {address} does not resolve to {}, where this \
+             registration came from; a worker may only register an address of its own \
+             host (or start the coordinator with --accept-worker-address any)",
+            peer.ip()
+        )))
     }
 }
 
@@ -488,9 +657,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let max = coordinator.config().max_message_bytes;
+    let security = coordinator.config().security.clone();
     let svc = CoordinatorServer::new(CoordinatorService::new(coordinator))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, security.auth.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorService>>()
@@ -500,7 +671,16 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| CoordinatorError::Config(format!("reflection service: {e}")))?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &security.tls {
+        builder = builder
+            .tls_config(
+                tls.load()
+                    .map_err(|e| CoordinatorError::Config(e.to_string()))?,
+            )
+            .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
+    }
+    builder
         .tcp_nodelay(true)
         .http2_adaptive_window(Some(true))
         .initial_stream_window_size(Some(8 << 20))

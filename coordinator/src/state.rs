@@ -28,6 +28,9 @@ pub(crate) struct Shared {
     /// Problems built while validating a submission, taken by the job's runner (so the
     /// inputs are decoded once; a resumed job rebuilds from the stored inputs).
     pub prepared: Mutex<HashMap<String, Arc<dmqsm_common::tasks::Problem>>>,
+    /// Turns true when the coordinator shuts down: watch streams end and runners
+    /// checkpoint at the next step boundary and stop.
+    pub stopping: watch::Sender<bool>,
 }
 
 impl Shared {

@@ -2,11 +2,12 @@
 //! ([`WorkerEntry`]), and dialling it ([`connect`], [`fetch_info`]).
 
 use crate::error::{CoordinatorError, Result};
+use dmqsm_proto::auth::Bearer;
+use dmqsm_proto::transport::{AuthChannel, ClientTls};
 use dmqsm_proto::v1;
 use dmqsm_proto::v1::worker_client::WorkerClient;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
 
 /// Health of a worker as the dispatcher sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +20,9 @@ pub enum WorkerHealth {
     Draining,
     /// Failed several batches in a row; no new batches until the instant passes.
     Benched(Instant),
+    /// Proven wrong: sent a malformed answer, or lost a spot check. Gets no batches
+    /// until it registers again (or, if statically listed, the coordinator restarts).
+    Untrusted,
 }
 
 impl WorkerHealth {
@@ -29,6 +33,7 @@ impl WorkerHealth {
             WorkerHealth::Lost => "lost",
             WorkerHealth::Draining => "draining",
             WorkerHealth::Benched(_) => "benched",
+            WorkerHealth::Untrusted => "untrusted",
         }
     }
 }
@@ -36,12 +41,18 @@ impl WorkerHealth {
 /// One worker known to the coordinator.
 #[derive(Debug)]
 pub struct WorkerEntry {
-    /// Stable id (the worker's own id, else its address).
+    /// Id assigned by the coordinator at registration (`w1`, `w2`, …; for statically
+    /// listed workers the address).
     pub id: String,
+    /// The name the worker gave itself (host, GPU); display only.
+    pub name: String,
+    /// Name of the token it registered with (`None` for statically listed workers):
+    /// only that identity may heartbeat, drain or re-register it.
+    pub owner: Option<String>,
     /// Address dialled, e.g. `http://127.0.0.1:50061`.
     pub address: String,
     /// gRPC client (cheap to clone; the channel reconnects on its own).
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerClient<AuthChannel>,
     /// What the worker serves; `None` until its `Info` answered.
     pub info: Option<v1::WorkerInfo>,
     /// True for workers that registered themselves and send heartbeats; false for
@@ -73,13 +84,19 @@ impl WorkerEntry {
     pub fn new(
         id: String,
         address: String,
-        client: WorkerClient<Channel>,
+        client: WorkerClient<AuthChannel>,
         info: Option<v1::WorkerInfo>,
         registered: bool,
     ) -> Self {
         let (generation_tx, _) = watch::channel(0);
+        let name = info
+            .as_ref()
+            .map(|i| i.worker_id.clone())
+            .unwrap_or_default();
         Self {
             id,
+            name,
+            owner: None,
             address,
             client,
             health: if info.is_some() {
@@ -107,6 +124,22 @@ impl WorkerEntry {
             .and_then(|i| i.model.as_ref())
             .map(|m| m.content_hash.as_str())
             .unwrap_or("")
+    }
+
+    /// The worker's device class: device kind (`cuda`, `cpu`, …, without the index),
+    /// precision, evaluation micro-batch and model hash. Workers of one class give bitwise
+    /// identical answers (see `WorkerInfo.eval_batch`), so spot checks compare within it.
+    pub fn device_class(&self) -> String {
+        match &self.info {
+            None => String::new(),
+            Some(i) => format!(
+                "{}/{}/eb{}/{}",
+                i.device.split(':').next().unwrap_or(""),
+                i.precision,
+                i.eval_batch,
+                self.model_hash()
+            ),
+        }
     }
 
     /// True if the worker may receive a new batch of a job pinned to `hash` now.
@@ -152,33 +185,43 @@ impl WorkerEntry {
             in_flight: self.in_flight as u32,
             batches_done: self.batches_done,
             failures: self.failures,
+            name: self.name.clone(),
+            owner: self.owner.clone().unwrap_or_default(),
         }
     }
 }
 
 /// A lazily connecting client for `address` with raised message limits and HTTP/2
-/// windows sized for patch tensors (REFERENCE.md §9).
-pub fn connect(address: &str, max_message_bytes: usize) -> Result<WorkerClient<Channel>> {
-    let endpoint = Endpoint::from_shared(address.to_string())
-        .map_err(|e| CoordinatorError::Worker {
-            worker: address.to_string(),
-            address: address.to_string(),
-            cause: format!("bad address: {e}"),
-        })?
+/// windows sized for patch tensors (REFERENCE.md §9), presenting `token` and dialling
+/// `https://` with `tls`.
+pub fn connect(
+    address: &str,
+    max_message_bytes: usize,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> Result<WorkerClient<AuthChannel>> {
+    let fail = |cause: String| CoordinatorError::Worker {
+        worker: address.to_string(),
+        address: address.to_string(),
+        cause,
+    };
+    let bearer = Bearer::new(token).map_err(|e| fail(e.to_string()))?;
+    let endpoint = dmqsm_proto::transport::endpoint(address, tls)
+        .map_err(|e| fail(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_adaptive_window(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20));
     let channel = endpoint.connect_lazy();
-    Ok(WorkerClient::new(channel)
+    Ok(WorkerClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
 }
 
 /// Asks a worker what it serves, within `timeout`.
 pub async fn fetch_info(
-    client: &mut WorkerClient<Channel>,
+    client: &mut WorkerClient<AuthChannel>,
     address: &str,
     timeout: Duration,
 ) -> Result<v1::WorkerInfo> {

@@ -4,7 +4,8 @@
 //! generated types this crate holds the one piece of wire logic both sides need: packing
 //! f32 tensors into little-endian bytes and back, in f32, bf16 or f16 ([`tensor`]), and
 //! the conversions between wire enums/messages and the domain types of `dmqsm-common`
-//! ([`convert`]).
+//! ([`convert`]). Both ends also share how a link is secured: bearer-token
+//! authentication ([`auth`]) and TLS ([`transport`]).
 
 /// Generated messages and services of package `dmqsm.v1`.
 pub mod v1 {
@@ -12,8 +13,10 @@ pub mod v1 {
     tonic::include_proto!("dmqsm.v1");
 }
 
+pub mod auth;
 pub mod convert;
 pub mod tensor;
+pub mod transport;
 
 /// Encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dmqsm_descriptor");

@@ -184,7 +184,7 @@ impl Drop for Cluster {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        self.coordinator.shutdown();
+        self.coordinator.shutdown_now();
     }
 }
 

@@ -57,8 +57,8 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0:50061")]
+    /// Address to listen on. Beyond loopback only with a token (see --token-file).
+    #[arg(long, default_value = "127.0.0.1:50061")]
     listen: String,
     /// Model: TorchScript (.pt) or native weights (.safetensors), card beside it.
     #[arg(long, conflicts_with = "synthetic")]
@@ -119,6 +119,24 @@ struct ServeArgs {
     /// they end with it).
     #[arg(long)]
     exit_with_parent: bool,
+    /// File holding this worker's bearer token (a `worker` token of the coordinator's
+    /// table). Without it: the file named by $DMQSM_TOKEN_FILE, else $DMQSM_TOKEN. The
+    /// worker presents it when registering and requires it of every caller.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// TLS certificate (PEM) of the worker's server; also its client certificate when
+    /// the coordinator requires mTLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Accept only callers with a client certificate signed by this CA (mTLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// CA (PEM) that signed an https:// coordinator's certificate.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -317,10 +335,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("loading {}", path.display()))?;
         ServedModel::torch(model)
     };
-    let registration = args
-        .coordinator
-        .as_ref()
-        .map(|c| RegistrationConfig::new(c.clone(), args.advertise.clone().unwrap_or_default()));
+    let token = dmqsm_proto::auth::read_token(args.token_file.as_deref())?;
+    let tls = dmqsm_proto::transport::ServerTls::from_parts(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_client_ca.as_deref(),
+    )?;
+    let registration = args.coordinator.as_ref().map(|c| {
+        let mut r = RegistrationConfig::new(c.clone(), args.advertise.clone().unwrap_or_default());
+        r.tls = dmqsm_proto::transport::ClientTls {
+            ca: args.tls_ca.clone(),
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+            domain: None,
+        };
+        r
+    });
     let config = ServerConfig {
         worker_id: args.worker_id.clone(),
         batch: BatchConfig {
@@ -330,6 +360,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_mb.saturating_mul(1 << 20),
         threads: args.threads,
         registration,
+        token: token.clone(),
+        tls: tls.clone(),
         ..ServerConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -340,9 +372,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let bound = listener.local_addr()?;
+        dmqsm_proto::auth::require_loopback_without_auth(
+            bound,
+            token.is_some(),
+            "--token-file FILE or $DMQSM_TOKEN",
+        )?;
+        if token.is_none() {
+            tracing::warn!(
+                "no token (--token-file, $DMQSM_TOKEN_FILE, $DMQSM_TOKEN): authentication is off, \
+                 listening on loopback {bound} only"
+            );
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         // Machine-readable line for the `dmqsm` processes that start workers on loopback
         // (embedded mode) and for scripts (port 0 picks a free port).
-        println!("dmqsm-worker listening on http://{bound}");
+        println!("dmqsm-worker listening on {scheme}://{bound}");
         let parent_gone = parent_gone(args.exit_with_parent);
         let stop = async move {
             tokio::select! {

@@ -1,21 +1,24 @@
 //! Registering with a coordinator (`--coordinator URL`) and heartbeats.
 //!
-//! The worker calls `RegisterWorker { address, worker_id }`, then sends
+//! The worker calls `RegisterWorker { address, name }` with its bearer token; the
+//! coordinator dials it back, assigns its id and answers it. The worker then sends
 //! `Heartbeat { worker_id, in_flight, draining: false }` every
 //! `heartbeat_interval_ms` (from the coordinator's answer). A heartbeat answered with
-//! `known: false` triggers a new registration; any transport error reconnects with
+//! `known: false` registers again, offering the old id (the coordinator keeps it when the
+//! same identity asks); any transport error reconnects with
 //! exponential backoff (initial → ×2 → max). On shutdown one last heartbeat with
 //! `draining: true` tells the coordinator to send no new batches. The coordinator being
 //! down never stops the worker from serving.
 
 use crate::batching::QueueStats;
+use dmqsm_proto::auth::Bearer;
+use dmqsm_proto::transport::{AuthChannel, ClientTls};
 use dmqsm_proto::v1::coordinator_client::CoordinatorClient;
 use dmqsm_proto::v1::{HeartbeatRequest, RegisterWorkerRequest};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
 
 /// Where and how to register.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +33,10 @@ pub struct RegistrationConfig {
     pub max_backoff: Duration,
     /// Heartbeat interval used when the coordinator answers 0.
     pub default_heartbeat: Duration,
+    /// Bearer token presented to the coordinator (default: the worker's own token).
+    pub token: Option<String>,
+    /// How to dial an `https://` coordinator.
+    pub tls: ClientTls,
 }
 
 impl RegistrationConfig {
@@ -41,20 +48,24 @@ impl RegistrationConfig {
             initial_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(10),
             default_heartbeat: Duration::from_secs(5),
+            token: None,
+            tls: ClientTls::default(),
         }
     }
 }
 
-async fn connect(url: &str) -> Result<CoordinatorClient<Channel>, String> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("bad coordinator URL {url}: {e}"))?
+async fn connect(config: &RegistrationConfig) -> Result<CoordinatorClient<AuthChannel>, String> {
+    let url = &config.coordinator;
+    let bearer = Bearer::new(config.token.as_deref()).map_err(|e| e.to_string())?;
+    let endpoint = dmqsm_proto::transport::endpoint(url, &config.tls)
+        .map_err(|e| format!("coordinator URL {url}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10));
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| format!("cannot reach coordinator {url}: {e}"))?;
-    Ok(CoordinatorClient::new(channel))
+    Ok(CoordinatorClient::with_interceptor(channel, bearer))
 }
 
 /// Sleeps `d` unless draining starts first; returns true when draining.
@@ -70,14 +81,18 @@ async fn sleep_or_drain(d: Duration, drain: &mut watch::Receiver<bool>) -> bool 
 
 /// Runs registration and heartbeats until `drain` turns true (or its sender is
 /// dropped), then sends the final draining heartbeat.
+/// `name` is the worker's display name; the id heartbeats carry is the one the
+/// coordinator assigns.
 pub async fn run(
     config: RegistrationConfig,
-    worker_id: String,
+    name: String,
     stats: Arc<QueueStats>,
     mut drain: watch::Receiver<bool>,
 ) {
     let mut backoff = config.initial_backoff;
-    let mut client: Option<CoordinatorClient<Channel>> = None;
+    let mut client: Option<CoordinatorClient<AuthChannel>> = None;
+    // Assigned by the coordinator; empty until the first registration succeeds.
+    let mut worker_id = String::new();
     'outer: loop {
         if *drain.borrow() {
             break;
@@ -85,7 +100,7 @@ pub async fn run(
         // (Re)connect and register.
         let mut c = match client.take() {
             Some(c) => c,
-            None => match connect(&config.coordinator).await {
+            None => match connect(&config).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("{e}; retrying in {backoff:?}");
@@ -101,13 +116,16 @@ pub async fn run(
             .register_worker(RegisterWorkerRequest {
                 address: config.advertise.clone(),
                 worker_id: worker_id.clone(),
+                name: name.clone(),
             })
             .await
         {
             Ok(r) => {
-                let ms = r.into_inner().heartbeat_interval_ms;
+                let r = r.into_inner();
+                let ms = r.heartbeat_interval_ms;
+                worker_id = r.worker_id;
                 tracing::info!(
-                    "registered as {worker_id} ({}) with coordinator {}",
+                    "registered {name} as {worker_id} ({}) with coordinator {}",
                     config.advertise,
                     config.coordinator
                 );
@@ -164,11 +182,14 @@ pub async fn run(
             }
         }
     }
-    // Final heartbeat: draining.
+    // Final heartbeat: draining (nothing to tell if the worker never registered).
+    if worker_id.is_empty() {
+        return;
+    }
     let send = async {
         let mut c = match client {
             Some(c) => c,
-            None => connect(&config.coordinator).await?,
+            None => connect(&config).await?,
         };
         c.heartbeat(HeartbeatRequest {
             worker_id: worker_id.clone(),

@@ -21,6 +21,8 @@ use crate::simulated::SimulatedModel;
 use crate::torch_model::TorchModel;
 use dmqsm_common::diffusion::model::{ModelSpec, ScoreModel};
 use dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES;
+use dmqsm_proto::auth::{Authenticator, Bearer, Role};
+use dmqsm_proto::transport::{AuthChannel, ClientTls, ServerTls};
 use dmqsm_proto::v1::worker_client::WorkerClient;
 use dmqsm_proto::v1::worker_server::WorkerServer;
 use dmqsm_proto::v1::{Dtype, ModelInfo, WorkerInfo};
@@ -32,7 +34,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::Server;
 
 /// A model ready to serve, with how it describes itself in `Info`.
 #[derive(Clone)]
@@ -136,6 +138,13 @@ pub struct ServerConfig {
     pub registration: Option<RegistrationConfig>,
     /// Counters of the request queue; keep a clone to watch a running worker.
     pub stats: Arc<QueueStats>,
+    /// This worker's bearer token: presented to the coordinator when registering, and
+    /// required of every `Worker` RPC (the coordinator dials back with the same token).
+    /// `None`: no authentication (loopback only, see `dmqsm_proto::auth`).
+    pub token: Option<String>,
+    /// TLS of the worker's server (plain TCP when `None`; with a client CA, only callers
+    /// holding a certificate it signed, i.e. the coordinator, get through).
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -148,6 +157,8 @@ impl Default for ServerConfig {
             threads: None,
             registration: None,
             stats: Arc::new(QueueStats::default()),
+            token: None,
+            tls: None,
         }
     }
 }
@@ -171,9 +182,10 @@ pub fn worker_info(model: &ServedModel, config: &ServerConfig, worker_id: &str) 
 /// The address to advertise when none is given: `http://<listen address>`, or, for a
 /// wildcard listen address (0.0.0.0, ::), `http://<host name>:<port>` (the coordinator
 /// cannot dial a wildcard).
-fn default_advertise(addr: SocketAddr) -> String {
+fn default_advertise(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     if !addr.ip().is_unspecified() {
-        return format!("http://{addr}");
+        return format!("{scheme}://{addr}");
     }
     let host = std::env::var("HOSTNAME")
         .ok()
@@ -181,12 +193,12 @@ fn default_advertise(addr: SocketAddr) -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty());
     match host {
-        Some(h) => format!("http://{h}:{}", addr.port()),
+        Some(h) => format!("{scheme}://{h}:{}", addr.port()),
         None => {
             tracing::warn!(
                 "listening on {addr} without --advertise: the coordinator may not reach this worker"
             );
-            format!("http://{addr}")
+            format!("{scheme}://{addr}")
         }
     }
 }
@@ -226,6 +238,12 @@ pub async fn serve(
     let worker = WorkerServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    let auth = match &config.token {
+        Some(t) => Authenticator::single(Role::Worker, "coordinator", t)
+            .map_err(|e| WorkerError::Transport(e.to_string()))?,
+        None => Authenticator::new(None),
+    };
+    let worker = tonic::service::interceptor::InterceptedService::new(worker, auth);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -240,7 +258,10 @@ pub async fn serve(
     let (drain_tx, drain_rx) = watch::channel(false);
     let registration_task = config.registration.clone().map(|mut reg| {
         if reg.advertise.is_empty() {
-            reg.advertise = default_advertise(addr);
+            reg.advertise = default_advertise(addr, config.tls.is_some());
+        }
+        if reg.token.is_none() {
+            reg.token = config.token.clone();
         }
         tokio::spawn(registration::run(
             reg,
@@ -270,7 +291,16 @@ pub async fn serve(
     // TCP_NODELAY is set on the incoming stream below (the builder's setting only applies
     // to listeners it binds itself); without it small responses wait ~40 ms for delayed
     // ACKs.
-    let mut builder = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(
+                tls.load()
+                    .map_err(|e| WorkerError::Transport(e.to_string()))?,
+            )
+            .map_err(|e| WorkerError::Transport(format!("TLS: {e}")))?;
+    }
+    let mut builder = builder
         .initial_stream_window_size(Some(h2.initial_stream_window))
         .initial_connection_window_size(Some(h2.initial_connection_window));
     if h2.adaptive_window {
@@ -350,11 +380,11 @@ pub async fn spawn_local_worker(model: ServedModel, config: ServerConfig) -> Res
     })
 }
 
-/// Connects a `Worker` client with the given message limit and the default HTTP/2
-/// windows (matching the server).
-pub async fn connect(url: &str, max_message_bytes: usize) -> Result<WorkerClient<Channel>> {
+/// Connects a `Worker` client (no token, plain `http://`) with the given message limit
+/// and the default HTTP/2 windows (matching the server).
+pub async fn connect(url: &str, max_message_bytes: usize) -> Result<WorkerClient<AuthChannel>> {
     let h2 = Http2Config::default();
-    let channel = Endpoint::from_shared(url.to_string())
+    let channel = dmqsm_proto::transport::endpoint(url, &ClientTls::default())
         .map_err(|e| WorkerError::Transport(format!("bad worker URL {url}: {e}")))?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(h2.initial_stream_window))
@@ -363,7 +393,7 @@ pub async fn connect(url: &str, max_message_bytes: usize) -> Result<WorkerClient
         .connect()
         .await
         .map_err(|e| WorkerError::Transport(format!("connecting to {url}: {e}")))?;
-    Ok(WorkerClient::new(channel)
+    Ok(WorkerClient::with_interceptor(channel, Bearer::default())
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
 }

@@ -420,7 +420,8 @@ async fn shutdown_drains_in_flight_requests() {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Event {
-    Register(String, String),
+    /// name, offered id, address
+    Register(String, String, String),
     Heartbeat(String, bool),
 }
 
@@ -484,9 +485,10 @@ impl Coordinator for FakeCoordinator {
         self.events
             .lock()
             .unwrap()
-            .push(Event::Register(r.worker_id, r.address));
+            .push(Event::Register(r.name, r.worker_id, r.address));
         Ok(Response::new(RegisterWorkerResponse {
             heartbeat_interval_ms: 50,
+            worker_id: "c-7".into(),
         }))
     }
     async fn heartbeat(
@@ -564,10 +566,25 @@ async fn registers_with_coordinator_and_heartbeats() {
         .filter(|e| matches!(e, Event::Register(..)))
         .collect();
     assert!(registrations.len() >= 2, "{events:?}");
-    assert_eq!(registrations[0], &Event::Register("w-test".into(), url));
+    // The first registration offers no id; the coordinator assigns one, which every
+    // heartbeat carries and the next registration offers back.
+    assert_eq!(
+        registrations[0],
+        &Event::Register("w-test".into(), String::new(), url.clone())
+    );
+    assert_eq!(
+        registrations[1],
+        &Event::Register("w-test".into(), "c-7".into(), url)
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| !matches!(e, Event::Heartbeat(id, _) if id != "c-7")),
+        "{events:?}"
+    );
     assert_eq!(
         events.last(),
-        Some(&Event::Heartbeat("w-test".into(), true)),
+        Some(&Event::Heartbeat("c-7".into(), true)),
         "{events:?}"
     );
     let _ = stop_tx.send(());

@@ -301,9 +301,7 @@ pub async fn cohort(args: CohortArgs) -> anyhow::Result<()> {
     let pb = progress_bar();
     let report = match args.local_workers {
         None => {
-            let mut c = client::connect(&args.conn.coordinator)
-                .await
-                .map_err(super::exit_from_client)?;
+            let mut c = args.conn.connect().await?;
             cohort::run_cohort(&mut c, &args.bids_dir, &entries, &opts, |p| show(&pb, p)).await?
         }
         Some(0) => return Err(usage("--local-workers must be at least 1".into())),
@@ -337,7 +335,7 @@ pub async fn cohort(args: CohortArgs) -> anyhow::Result<()> {
             .await;
             let _ = stop.send(());
             let _ = server.await;
-            coordinator.shutdown();
+            coordinator.shutdown().await;
             let _ = tokio::task::spawn_blocking(move || workers.shutdown()).await;
             if args.data_dir.is_none() {
                 let _ = std::fs::remove_dir_all(&data_dir);

@@ -30,8 +30,9 @@ Exit codes:
      unknown model, no workers)
   4  job failed (the message names the job, the worker and the cause)
   5  job cancelled
-  6  coordinator unreachable
-  7  job not found, or no result to fetch";
+  6  coordinator unreachable (watch and submit --wait reconnect for 60 s first)
+  7  job not found, or no result to fetch
+  8  not authorised (no or unknown token, or the token's role may not do this)";
 
 /// An error with its documented exit code.
 #[derive(Debug)]
@@ -63,6 +64,7 @@ pub fn exit_from_client(e: ClientError) -> Exit {
             tonic::Code::InvalidArgument => 3,
             tonic::Code::NotFound | tonic::Code::FailedPrecondition => 7,
             tonic::Code::Unavailable => 6,
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => 8,
             _ => 1,
         },
         ClientError::Protocol(_) => 1,
@@ -77,16 +79,73 @@ fn ce(e: ClientError) -> anyhow::Error {
     exit_from_client(e).into()
 }
 
-/// Where the coordinator is.
+/// Where the coordinator is, and how to authenticate to it.
 #[derive(Debug, Clone, Args)]
 pub struct ConnArgs {
-    /// Coordinator URL.
+    /// Coordinator URL (https:// for TLS).
     #[arg(
         long,
         env = "DMQSM_COORDINATOR",
         default_value = "http://127.0.0.1:50051"
     )]
     pub coordinator: String,
+    /// File holding the bearer token (first line). Without it the token comes from the
+    /// file named by $DMQSM_TOKEN_FILE, else from $DMQSM_TOKEN; tokens are never flags.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// How to dial `https://` servers (PEM files).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientTlsArgs {
+    /// CA certificate that signed the server's certificate.
+    #[arg(long, env = "DMQSM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate, for servers that require mTLS.
+    #[arg(long, env = "DMQSM_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Key of the client certificate.
+    #[arg(long, env = "DMQSM_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Server name to verify, when it differs from the URL's host.
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+}
+
+impl ClientTlsArgs {
+    /// The TLS settings these flags describe.
+    pub fn client_tls(&self) -> dmqsm_proto::transport::ClientTls {
+        dmqsm_proto::transport::ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_client_cert.clone(),
+            key: self.tls_client_key.clone(),
+            domain: self.tls_domain.clone(),
+        }
+    }
+}
+
+impl ConnArgs {
+    /// The token and TLS settings (usage error for an unreadable or malformed token).
+    pub fn options(&self) -> anyhow::Result<client::ClientOptions> {
+        let token =
+            dmqsm_proto::auth::read_token(self.token_file.as_deref()).map_err(|e| Exit {
+                code: 2,
+                message: e.to_string(),
+            })?;
+        Ok(client::ClientOptions {
+            token,
+            tls: self.tls.client_tls(),
+        })
+    }
+
+    /// Connects to the coordinator (exit code 6 when unreachable).
+    pub async fn connect(&self) -> anyhow::Result<client::Client> {
+        client::connect_with(&self.coordinator, &self.options()?)
+            .await
+            .map_err(ce)
+    }
 }
 
 /// Reconstruction settings shared by `submit`, `run` and `cohort` (one set of flags,
@@ -459,7 +518,7 @@ pub fn write_files(out: &Path, files: &[(String, Vec<u8>)]) -> anyhow::Result<()
 /// `dmqsm submit`.
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let req = args.job.request(args.remote_paths)?;
-    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let mut c = args.conn.connect().await?;
     let job_id = c
         .submit_job(req)
         .await
@@ -485,7 +544,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
 
 /// `dmqsm status`.
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let mut c = args.conn.connect().await?;
     let jobs = match &args.job_id {
         Some(id) => vec![
             c.get_job(v1::GetJobRequest { job_id: id.clone() })
@@ -533,7 +592,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 
 /// `dmqsm watch`.
 pub async fn watch(args: JobIdArgs) -> anyhow::Result<()> {
-    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let mut c = args.conn.connect().await?;
     let pb = progress_bar(&args.job_id);
     let fin = client::wait(&mut c, &args.job_id, |p| show_progress(&pb, p))
         .await
@@ -544,7 +603,7 @@ pub async fn watch(args: JobIdArgs) -> anyhow::Result<()> {
 
 /// `dmqsm cancel`.
 pub async fn cancel(args: JobIdArgs) -> anyhow::Result<()> {
-    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let mut c = args.conn.connect().await?;
     let s = c
         .cancel_job(v1::CancelJobRequest {
             job_id: args.job_id.clone(),
@@ -558,14 +617,14 @@ pub async fn cancel(args: JobIdArgs) -> anyhow::Result<()> {
 
 /// `dmqsm fetch`.
 pub async fn fetch(args: FetchArgs) -> anyhow::Result<()> {
-    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let mut c = args.conn.connect().await?;
     let files = client::fetch(&mut c, &args.job_id).await.map_err(ce)?;
     write_files(&args.out, &files)
 }
 
 /// `dmqsm workers`.
 pub async fn workers(args: WorkersArgs) -> anyhow::Result<()> {
-    let mut c = client::connect(&args.conn.coordinator).await.map_err(ce)?;
+    let mut c = args.conn.connect().await?;
     let ws = c
         .list_workers(v1::ListWorkersRequest {})
         .await

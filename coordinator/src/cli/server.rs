@@ -54,6 +54,10 @@ pub struct TuningArgs {
     /// Jobs sampling at once (others queue).
     #[arg(long, default_value_t = 8)]
     pub max_running_jobs: usize,
+    /// Fraction of batches (0–1) recomputed on a second worker of the same device class
+    /// and compared bitwise; a worker caught disagreeing with the majority is untrusted.
+    #[arg(long, default_value_t = 0.0)]
+    pub spot_check: f64,
 }
 
 impl TuningArgs {
@@ -90,6 +94,7 @@ impl TuningArgs {
             WireDtype::Bf16 => v1::Dtype::Bf16,
         };
         c.max_running_jobs = self.max_running_jobs;
+        c.spot_check_fraction = self.spot_check;
         c.validate().map_err(|e| Exit {
             code: 2,
             message: e.to_string(),
@@ -116,7 +121,101 @@ pub struct ServeArgs {
     #[arg(long = "worker")]
     pub workers: Vec<String>,
     #[command(flatten)]
+    pub security: SecurityArgs,
+    #[command(flatten)]
     pub tuning: TuningArgs,
+}
+
+/// Which worker addresses `RegisterWorker` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AcceptWorkerAddress {
+    /// The address must resolve to the host the registration came from.
+    SameHost,
+    /// Any http(s)://host:port (NAT, multi-homed nodes).
+    Any,
+}
+
+/// Authentication and TLS of `dmqsm serve` (see the README's "Security" section).
+#[derive(Debug, Clone, Args)]
+pub struct SecurityArgs {
+    /// Token table (`ROLE NAME TOKEN` per line; roles worker, user, admin). Without it
+    /// authentication is off and the coordinator listens on loopback only.
+    #[arg(long, env = "DMQSM_TOKENS_FILE")]
+    pub tokens: Option<PathBuf>,
+    /// TLS certificate (PEM) of the coordinator's server.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS key (PEM) of the coordinator's server.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS) from every caller.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// CA (PEM) that signed the certificates of https:// workers.
+    #[arg(long)]
+    pub worker_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) the coordinator presents to workers that require mTLS.
+    #[arg(long, requires = "worker_tls_key")]
+    pub worker_tls_cert: Option<PathBuf>,
+    /// Key of --worker-tls-cert.
+    #[arg(long, requires = "worker_tls_cert")]
+    pub worker_tls_key: Option<PathBuf>,
+    /// File with the token presented to statically listed workers (--worker).
+    #[arg(long)]
+    pub worker_token_file: Option<PathBuf>,
+    /// Which addresses registering workers may ask to be dialled at.
+    #[arg(long, value_enum, default_value = "same-host")]
+    pub accept_worker_address: AcceptWorkerAddress,
+}
+
+impl SecurityArgs {
+    /// The coordinator's security settings (usage error for unreadable or bad files).
+    pub fn config(&self) -> anyhow::Result<dmqsm_coordinator::config::SecurityConfig> {
+        use dmqsm_coordinator::config::{SecurityConfig, WorkerAddressPolicy};
+        use dmqsm_proto::auth::{Authenticator, TokenTable};
+        use dmqsm_proto::transport::{ClientTls, ServerTls};
+        let usage = |m: String| -> anyhow::Error {
+            Exit {
+                code: 2,
+                message: m,
+            }
+            .into()
+        };
+        let table = self
+            .tokens
+            .as_deref()
+            .map(TokenTable::load)
+            .transpose()
+            .map_err(|e| usage(e.to_string()))?;
+        let tls = ServerTls::from_parts(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )
+        .map_err(|e| usage(e.to_string()))?;
+        if let Some(t) = &tls {
+            t.load().map_err(|e| usage(e.to_string()))?;
+        }
+        let static_worker_token = match &self.worker_token_file {
+            Some(f) => dmqsm_proto::auth::read_token(Some(f)).map_err(|e| usage(e.to_string()))?,
+            None => None,
+        };
+        Ok(SecurityConfig {
+            auth: Authenticator::new(table),
+            tls,
+            worker_tls: ClientTls {
+                ca: self.worker_tls_ca.clone(),
+                cert: self.worker_tls_cert.clone(),
+                key: self.worker_tls_key.clone(),
+                domain: None,
+            },
+            static_worker_token,
+            worker_addresses: match self.accept_worker_address {
+                AcceptWorkerAddress::SameHost => WorkerAddressPolicy::SameHost,
+                AcceptWorkerAddress::Any => WorkerAddressPolicy::Any,
+            },
+        })
+    }
 }
 
 async fn shutdown_signal() {
@@ -143,9 +242,21 @@ async fn shutdown_signal() {
 
 /// `dmqsm serve`: runs until SIGINT / SIGTERM. Unfinished jobs resume on the next start.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args
+    let mut config = args
         .tuning
         .config(args.data_dir.clone(), args.data_root.clone())?;
+    config.security = args.security.config()?;
+    let authenticated = config.security.auth.enabled();
+    dmqsm_proto::auth::require_loopback_without_auth(args.listen, authenticated, "--tokens FILE")
+        .map_err(|e| Exit {
+        code: 2,
+        message: e.to_string(),
+    })?;
+    let scheme = if config.security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let coordinator = Coordinator::start(config, &args.workers)
         .await
         .with_context(|| format!("starting the coordinator in {}", args.data_dir.display()))?;
@@ -153,11 +264,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let bound = listener.local_addr()?;
+    if !authenticated {
+        tracing::warn!(
+            "authentication is off (no --tokens): listening on loopback {bound} only; every \
+             local caller may submit, see and cancel every job"
+        );
+    }
     // Machine-readable line for scripts and tests (port 0 picks a free port).
-    println!("dmqsm coordinator listening on http://{bound}");
-    tracing::info!(data_dir = %args.data_dir.display(), "coordinator listening on {bound}");
-    dmqsm_coordinator::serve(coordinator.clone(), listener, shutdown_signal()).await?;
-    coordinator.shutdown();
+    println!("dmqsm coordinator listening on {scheme}://{bound}");
+    tracing::info!(data_dir = %args.data_dir.display(), authenticated, "coordinator listening on {bound}");
+    let stopping = coordinator.clone();
+    let signal = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: closing streams, checkpointing running jobs");
+        stopping.begin_shutdown();
+    };
+    dmqsm_coordinator::serve(coordinator.clone(), listener, signal).await?;
+    coordinator.shutdown().await;
     tracing::info!("coordinator stopped; unfinished jobs resume on the next start");
     Ok(())
 }
@@ -314,9 +437,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     }
     .await;
+    coordinator.begin_shutdown();
     let _ = stop.send(());
     let _ = server.await;
-    coordinator.shutdown();
+    coordinator.shutdown().await;
     let _ = tokio::task::spawn_blocking(move || workers.shutdown()).await;
     result
 }

@@ -1,0 +1,213 @@
+//! TLS for dmqsm's gRPC links (tonic over rustls with ring), shared by both ends: the
+//! certificate files a server presents ([`ServerTls`]), the trust and optional client
+//! certificate a client dials with ([`ClientTls`]), and [`endpoint`], the one place a
+//! URL becomes a tonic [`Endpoint`].
+//!
+//! - `http://` URLs are plain TCP; `https://` URLs need a [`ClientTls`] with a CA (the
+//!   private CA of the cluster; public roots are not bundled).
+//! - mTLS: a server given a client CA ([`ServerTls::client_ca`]) accepts only clients
+//!   whose certificate that CA signed; the client then presents its own certificate and
+//!   key ([`ClientTls::cert`], [`ClientTls::key`]).
+//! - All files are PEM.
+
+use crate::auth::Bearer;
+use std::path::{Path, PathBuf};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
+
+/// A channel whose every request carries a bearer token (or none): what every dmqsm
+/// client speaks through.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// Errors of loading certificates or building an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A PEM file could not be read.
+    #[error("cannot read {what} {path}: {cause}")]
+    Read {
+        /// What the file is ("TLS certificate", "TLS key", "CA certificate").
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// The I/O error.
+        cause: String,
+    },
+    /// A setting is inconsistent (a key without a certificate, https without a CA).
+    #[error("{0}")]
+    Config(String),
+    /// The URL is not one tonic can dial.
+    #[error("bad address {url:?}: {cause}")]
+    Address {
+        /// The URL.
+        url: String,
+        /// Why.
+        cause: String,
+    },
+}
+
+fn read_pem(path: &Path, what: &'static str) -> Result<Vec<u8>, TransportError> {
+    std::fs::read(path).map_err(|e| TransportError::Read {
+        what,
+        path: path.display().to_string(),
+        cause: e.to_string(),
+    })
+}
+
+/// What a TLS server presents: its certificate chain and key, and optionally the CA its
+/// clients' certificates must chain to (mTLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// PEM certificate chain of the server.
+    pub cert: PathBuf,
+    /// PEM private key of the server.
+    pub key: PathBuf,
+    /// PEM CA certificate; when set, clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTls {
+    /// From optional flags: `None` when neither certificate nor key is given, an error
+    /// when only one of them is, or a client CA comes without them.
+    pub fn from_parts(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        client_ca: Option<&Path>,
+    ) -> Result<Option<Self>, TransportError> {
+        match (cert, key) {
+            (None, None) if client_ca.is_none() => Ok(None),
+            (Some(c), Some(k)) => Ok(Some(Self {
+                cert: c.to_path_buf(),
+                key: k.to_path_buf(),
+                client_ca: client_ca.map(Path::to_path_buf),
+            })),
+            _ => Err(TransportError::Config(
+                "TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The tonic server configuration (reads the files).
+    pub fn load(&self) -> Result<ServerTlsConfig, TransportError> {
+        let identity = Identity::from_pem(
+            read_pem(&self.cert, "TLS certificate")?,
+            read_pem(&self.key, "TLS key")?,
+        );
+        let mut c = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            c = c.client_ca_root(Certificate::from_pem(read_pem(ca, "CA certificate")?));
+        }
+        Ok(c)
+    }
+}
+
+/// How a client dials `https://` servers: the CA it trusts, optionally its own
+/// certificate for mTLS, and the name to verify when it differs from the URL's host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM CA certificate the server's certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate (mTLS).
+    pub cert: Option<PathBuf>,
+    /// PEM client key (mTLS).
+    pub key: Option<PathBuf>,
+    /// Server name to verify (default: the URL's host).
+    pub domain: Option<String>,
+}
+
+impl ClientTls {
+    /// True if nothing is configured (plain `http://` only).
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.cert.is_none() && self.key.is_none()
+    }
+
+    /// The tonic client configuration (reads the files).
+    pub fn load(&self) -> Result<ClientTlsConfig, TransportError> {
+        let mut c = ClientTlsConfig::new();
+        let ca = self.ca.as_ref().ok_or_else(|| {
+            TransportError::Config(
+                "an https:// address needs the CA certificate that signed the server's \
+                 (--tls-ca)"
+                    .into(),
+            )
+        })?;
+        c = c.ca_certificate(Certificate::from_pem(read_pem(ca, "CA certificate")?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                c = c.identity(Identity::from_pem(
+                    read_pem(cert, "TLS certificate")?,
+                    read_pem(key, "TLS key")?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(TransportError::Config(
+                    "a client certificate needs both its certificate and its key".into(),
+                ));
+            }
+        }
+        if let Some(d) = &self.domain {
+            c = c.domain_name(d.clone());
+        }
+        Ok(c)
+    }
+}
+
+/// A tonic endpoint for `url` (`http://host:port` or `https://host:port`), with TLS from
+/// `tls` for `https://`. Any other scheme (`unix:`, …) is refused before anything is
+/// dialled.
+pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, TransportError> {
+    let https = url.starts_with("https://");
+    if !https && !url.starts_with("http://") {
+        return Err(TransportError::Address {
+            url: url.to_string(),
+            cause: "only http://host:port and https://host:port addresses are dialled".into(),
+        });
+    }
+    let mut e = Endpoint::from_shared(url.to_string()).map_err(|e| TransportError::Address {
+        url: url.to_string(),
+        cause: e.to_string(),
+    })?;
+    if https {
+        e = e
+            .tls_config(tls.load()?)
+            .map_err(|e| TransportError::Address {
+                url: url.to_string(),
+                cause: format!("TLS: {e}"),
+            })?;
+    }
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_and_half_configs_are_refused() {
+        let none = ClientTls::default();
+        assert!(endpoint("http://127.0.0.1:1", &none).is_ok());
+        for bad in [
+            "unix:/tmp/x.sock",
+            "unix:///etc/passwd",
+            "ftp://h:1",
+            "127.0.0.1:1",
+        ] {
+            let e = endpoint(bad, &none).unwrap_err();
+            assert!(e.to_string().contains("only http://"), "{bad}: {e}");
+        }
+        let e = endpoint("https://127.0.0.1:1", &none).unwrap_err();
+        assert!(e.to_string().contains("--tls-ca"), "{e}");
+        assert!(ServerTls::from_parts(Some(Path::new("c")), None, None).is_err());
+        assert!(ServerTls::from_parts(None, None, Some(Path::new("ca"))).is_err());
+        assert_eq!(ServerTls::from_parts(None, None, None).unwrap(), None);
+        let missing = ServerTls {
+            cert: "/nonexistent/c.pem".into(),
+            key: "/nonexistent/k.pem".into(),
+            client_ca: None,
+        };
+        assert!(missing.load().unwrap_err().to_string().contains("c.pem"));
+    }
+}
