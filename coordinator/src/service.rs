@@ -637,7 +637,13 @@ async fn check_worker_address(
         .map(|it| it.map(|a| a.ip()).collect())
         .unwrap_or_default();
     let canon = |ip: std::net::IpAddr| ip.to_canonical();
-    if resolved.iter().any(|ip| canon(*ip) == canon(peer.ip())) {
+    let peer_ip = canon(peer.ip());
+    // Loopback is one host whatever the address (a host name mapped to 127.0.1.1 is
+    // reached from 127.0.0.1).
+    let same = |ip: &std::net::IpAddr| {
+        canon(*ip) == peer_ip || (canon(*ip).is_loopback() && peer_ip.is_loopback())
+    };
+    if resolved.iter().any(same) {
         Ok(())
     } else {
         Err(Status::permission_denied(format!(

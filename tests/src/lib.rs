@@ -69,15 +69,38 @@ impl TestWorker {
     /// Starts a worker with id `id` that registers itself with the coordinator at
     /// `coordinator` (when given) and sends heartbeats.
     pub async fn start_with(model: ServedModel, id: &str, coordinator: Option<&str>) -> Self {
+        Self::start_configured(model, id, coordinator, |_| {}).await
+    }
+
+    /// [`Self::start_with`], with the server configuration adjusted by `tune` (token,
+    /// TLS). The URL is `https://` when `tune` sets TLS.
+    pub async fn start_configured(
+        model: ServedModel,
+        id: &str,
+        coordinator: Option<&str>,
+        tune: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", std_listener.local_addr().unwrap());
-        let config = ServerConfig {
+        let mut config = ServerConfig {
             worker_id: Some(id.to_string()),
-            registration: coordinator
-                .map(|c| dmqsm_worker::registration::RegistrationConfig::new(c, url.clone())),
             ..Default::default()
         };
+        tune(&mut config);
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}", std_listener.local_addr().unwrap());
+        if let Some(c) = coordinator {
+            let mut reg = dmqsm_worker::registration::RegistrationConfig::new(c, url.clone());
+            if let Some(r) = &config.registration {
+                reg.tls = r.tls.clone();
+                reg.token = r.token.clone();
+            }
+            config.registration = Some(reg);
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -366,4 +389,288 @@ pub async fn wait_for_step(c: &mut Client, job_id: &str, step: u32) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("job {job_id} did not reach step {step}");
+}
+
+/// Builds the `dmqsm` and `dmqsm-worker` binaries (a no-op when they are fresh) and
+/// returns their paths.
+pub fn binaries() -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let out = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "-p",
+            "dmqsm-coordinator",
+            "-p",
+            "dmqsm-worker",
+            "--bins",
+            "--message-format=json",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running cargo build");
+    assert!(out.status.success(), "cargo build of the binaries failed");
+    let mut found = (None, None);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str())
+        else {
+            continue;
+        };
+        match name {
+            "dmqsm" => found.0 = Some(PathBuf::from(exe)),
+            "dmqsm-worker" => found.1 = Some(PathBuf::from(exe)),
+            _ => {}
+        }
+    }
+    (
+        found.0.expect("cargo built no dmqsm"),
+        found.1.expect("cargo built no dmqsm-worker"),
+    )
+}
+
+/// Tokens of the secured test cluster (each ≥ 16 characters, as the table requires).
+pub mod tokens {
+    /// `admin ops`.
+    pub const ADMIN: &str = "admin-0123456789abcdef";
+    /// `user alice`.
+    pub const ALICE: &str = "alice-0123456789abcdef";
+    /// `user bob`.
+    pub const BOB: &str = "bob-0123456789abcdef00";
+    /// `worker pool`: the honest workers.
+    pub const WORKER: &str = "worker-0123456789abcdef";
+    /// `worker rogue`: a second, valid worker identity.
+    pub const ROGUE: &str = "rogue-0123456789abcdef";
+
+    /// The coordinator's token table listing all of them.
+    pub fn table_text() -> String {
+        format!(
+            "# test tokens\nadmin ops {ADMIN}\nuser alice {ALICE}\nuser bob {BOB}\n\
+             worker pool {WORKER}\nworker rogue {ROGUE}\n"
+        )
+    }
+
+    /// The table, parsed.
+    pub fn table() -> dmqsm_proto::auth::TokenTable {
+        dmqsm_proto::auth::TokenTable::parse(&table_text(), "test tokens").expect("valid table")
+    }
+}
+
+/// A private CA and certificates for 127.0.0.1 / localhost, written as PEM files into a
+/// temp dir: one server certificate (coordinator and workers share it) and one client
+/// certificate (mTLS), both signed by the CA.
+pub struct TestPki {
+    /// Holds the files.
+    pub dir: tempfile::TempDir,
+    /// CA certificate.
+    pub ca: std::path::PathBuf,
+    /// Server certificate (SANs 127.0.0.1, localhost).
+    pub cert: std::path::PathBuf,
+    /// Its key.
+    pub key: std::path::PathBuf,
+    /// Client certificate (mTLS).
+    pub client_cert: std::path::PathBuf,
+    /// Its key.
+    pub client_key: std::path::PathBuf,
+    /// Token table file ([`tokens::table_text`]).
+    pub tokens: std::path::PathBuf,
+}
+
+impl TestPki {
+    /// Generates the CA and the certificates (rcgen, ECDSA P-256).
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "dmqsm test CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf = |cn: &str| {
+            let mut p =
+                CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                    .unwrap();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (cert, key) = leaf("dmqsm test server");
+        let (ccert, ckey) = leaf("dmqsm test client");
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        Self {
+            ca: write("ca.pem", &ca.pem()),
+            cert: write("server.pem", &cert),
+            key: write("server.key", &key),
+            client_cert: write("client.pem", &ccert),
+            client_key: write("client.key", &ckey),
+            tokens: write("tokens", &tokens::table_text()),
+            dir,
+        }
+    }
+
+    /// TLS of a server that requires client certificates from this CA (mTLS).
+    pub fn server_mtls(&self) -> dmqsm_proto::transport::ServerTls {
+        dmqsm_proto::transport::ServerTls {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: Some(self.ca.clone()),
+        }
+    }
+
+    /// TLS of a server without client certificates.
+    pub fn server_tls(&self) -> dmqsm_proto::transport::ServerTls {
+        dmqsm_proto::transport::ServerTls {
+            client_ca: None,
+            ..self.server_mtls()
+        }
+    }
+
+    /// A client trusting the CA and presenting the client certificate.
+    pub fn client_tls(&self) -> dmqsm_proto::transport::ClientTls {
+        dmqsm_proto::transport::ClientTls {
+            ca: Some(self.ca.clone()),
+            cert: Some(self.client_cert.clone()),
+            key: Some(self.client_key.clone()),
+            domain: None,
+        }
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A worker behind TLS with mTLS (only the coordinator's client certificate gets in)
+/// that requires `token` of every caller, registering with `coordinator` if given.
+pub async fn secure_worker(
+    pki: &TestPki,
+    model: ServedModel,
+    name: &str,
+    token: &str,
+    coordinator: Option<&str>,
+) -> TestWorker {
+    let (tls, client_tls, token) = (pki.server_mtls(), pki.client_tls(), token.to_string());
+    TestWorker::start_configured(model, name, coordinator, move |c| {
+        c.tls = Some(tls);
+        c.token = Some(token.clone());
+        let mut reg = dmqsm_worker::registration::RegistrationConfig::new("", "");
+        reg.tls = client_tls;
+        reg.token = Some(token);
+        c.registration = Some(reg);
+    })
+    .await
+}
+
+impl Cluster {
+    /// A coordinator with authentication ([`tokens::table`]) and TLS, dialling its
+    /// `workers` (started by [`secure_worker`] with [`tokens::WORKER`]) over mTLS.
+    pub async fn start_secure(
+        pki: &TestPki,
+        workers: Vec<ServedModel>,
+        tune: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Self {
+        init_logs();
+        let mut ws = Vec::new();
+        for (i, m) in workers.into_iter().enumerate() {
+            ws.push(secure_worker(pki, m, &format!("w{i}"), tokens::WORKER, None).await);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        config.security = dmqsm_coordinator::config::SecurityConfig {
+            auth: dmqsm_proto::auth::Authenticator::new(Some(tokens::table())),
+            tls: Some(pki.server_tls()),
+            worker_tls: pki.client_tls(),
+            static_worker_token: Some(tokens::WORKER.to_string()),
+            worker_addresses: Default::default(),
+        };
+        tune(&mut config);
+        let urls: Vec<String> = ws.iter().map(|w| w.url.clone()).collect();
+        let coordinator = Coordinator::start(config, &urls).await.unwrap();
+        let (addr, stop, _h) =
+            dmqsm_coordinator::spawn_server(coordinator.clone(), "127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+        Self {
+            coordinator,
+            url: format!("https://{addr}"),
+            workers: ws,
+            dir,
+            stop: Some(stop),
+        }
+    }
+
+    /// A client of this coordinator presenting `token` (and trusting `pki`'s CA for
+    /// `https://`).
+    pub async fn client_as(&self, pki: &TestPki, token: Option<&str>) -> Client {
+        client::connect_with(
+            &self.url,
+            &client::ClientOptions {
+                token: token.map(str::to_string),
+                tls: pki.client_tls(),
+            },
+        )
+        .await
+        .unwrap()
+    }
+}
+
+/// A worker's model that answers wrongly: ε × `scale` of the wrapped model (a rogue or
+/// broken worker with a valid token). It reports the wrapped model's spec, so it looks
+/// like an honest worker of the same class.
+pub struct ScaledModel {
+    /// The honest model.
+    pub inner: GaussianPriorModel,
+    /// Factor applied to every ε and Jᵀv.
+    pub scale: f32,
+}
+
+impl ScoreModel for ScaledModel {
+    fn spec(&self) -> &dmqsm_common::diffusion::model::ModelSpec {
+        self.inner.spec()
+    }
+
+    fn eps(
+        &self,
+        patches: ndarray::ArrayView4<'_, f32>,
+        t: &[f32],
+    ) -> dmqsm_common::Result<ndarray::Array4<f32>> {
+        Ok(self.inner.eps(patches, t)? * self.scale)
+    }
+
+    fn vjp(
+        &self,
+        patches: ndarray::ArrayView4<'_, f32>,
+        t: &[f32],
+        cotangent: ndarray::ArrayView4<'_, f32>,
+    ) -> dmqsm_common::Result<ndarray::Array4<f32>> {
+        Ok(self.inner.vjp(patches, t, cotangent)? * self.scale)
+    }
+}
+
+/// A served model that answers ε × `scale` but reports the same device, micro-batch and
+/// precision as [`served`] with zero latency.
+pub fn rogue(model: &GaussianPriorModel, scale: f32) -> ServedModel {
+    ServedModel::new(
+        Arc::new(ScaledModel {
+            inner: model.clone(),
+            scale,
+        }),
+        "cpu (analytic)",
+        1,
+        "f32",
+    )
 }

@@ -295,6 +295,11 @@ async fn registered_workers_heartbeat_stream_progress_and_are_lost_when_killed()
         .workers;
     assert_eq!(ws.len(), 2, "{ws:?}");
     assert!(ws.iter().all(|w| w.state == "ready"), "{ws:?}");
+    // The coordinator assigns the ids; the workers' own names are kept for display.
+    let mut ids: Vec<&str> = ws.iter().map(|w| w.worker_id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["w1", "w2"], "{ws:?}");
+    assert!(ws.iter().any(|w| w.name == "reg0") && ws.iter().any(|w| w.name == "reg1"));
 
     // WatchJob streams progress with step counts, throughput and per-worker load.
     let req = request(
@@ -327,12 +332,7 @@ async fn registered_workers_heartbeat_stream_progress_and_are_lost_when_killed()
     let mut state = String::new();
     for _ in 0..100 {
         let ws = cluster.coordinator.dispatcher().workers();
-        state = ws
-            .iter()
-            .find(|w| w.worker_id == "reg0")
-            .unwrap()
-            .state
-            .clone();
+        state = ws.iter().find(|w| w.name == "reg0").unwrap().state.clone();
         if state == "lost" {
             break;
         }

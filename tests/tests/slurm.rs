@@ -15,7 +15,8 @@
 //! they are fresh).
 
 use dmqsm_proto::v1;
-use std::path::{Path, PathBuf};
+use dmqsm_tests::binaries;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,46 +55,6 @@ fn slurm_unavailable() -> Option<String> {
         )),
         Err(e) => Some(format!("sinfo failed: {e}")),
     }
-}
-
-/// Builds the binaries and returns their paths (`dmqsm`, `dmqsm-worker`).
-fn binaries() -> (PathBuf, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cargo = option_env!("CARGO").unwrap_or("cargo");
-    let out = Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "-p",
-            "dmqsm-coordinator",
-            "-p",
-            "dmqsm-worker",
-            "--bins",
-            "--message-format=json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running cargo build");
-    assert!(out.status.success(), "cargo build of the binaries failed");
-    let mut found = (None, None);
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str())
-        else {
-            continue;
-        };
-        match name {
-            "dmqsm" => found.0 = Some(PathBuf::from(exe)),
-            "dmqsm-worker" => found.1 = Some(PathBuf::from(exe)),
-            _ => {}
-        }
-    }
-    (
-        found.0.expect("cargo built no dmqsm"),
-        found.1.expect("cargo built no dmqsm-worker"),
-    )
 }
 
 /// A loopback port `p` with `p + 1` free too (a small race with other processes is
