@@ -46,11 +46,40 @@ pub async fn connect(url: &str) -> Result<Client, ClientError> {
 
 /// Connects to a coordinator at `url` (`http://` or `https://`) with `options`.
 pub async fn connect_with(url: &str, options: &ClientOptions) -> Result<Client, ClientError> {
+    let bearer = Bearer::new(options.token.as_deref()).map_err(|e| ClientError::Connect {
+        url: url.to_string(),
+        cause: e.to_string(),
+    })?;
+    let channel = channel(url, options).await?;
+    let max = dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES;
+    Ok(CoordinatorClient::with_interceptor(channel, bearer)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max))
+}
+
+/// Asks the coordinator's standard gRPC health service (`grpc.health.v1`, no token
+/// needed) whether it serves. `Ok(true)` for SERVING.
+pub async fn health(url: &str, options: &ClientOptions) -> Result<bool, ClientError> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let mut c = tonic_health::pb::health_client::HealthClient::new(channel(url, options).await?);
+    let r = c
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(r.status == ServingStatus::Serving as i32)
+}
+
+/// An established channel to `url`, with TLS from `options` for `https://`.
+async fn channel(
+    url: &str,
+    options: &ClientOptions,
+) -> Result<tonic::transport::Channel, ClientError> {
     let fail = |cause: String| ClientError::Connect {
         url: url.to_string(),
         cause,
     };
-    let bearer = Bearer::new(options.token.as_deref()).map_err(|e| fail(e.to_string()))?;
     let endpoint = dmqsm_proto::transport::endpoint(url, &options.tls)
         .map_err(|e| fail(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
@@ -65,10 +94,7 @@ pub async fn connect_with(url: &str, options: &ClientOptions) -> Result<Client, 
         }
         fail(cause)
     })?;
-    let max = dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES;
-    Ok(CoordinatorClient::with_interceptor(channel, bearer)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max))
+    Ok(channel)
 }
 
 /// True for the states a job cannot leave.

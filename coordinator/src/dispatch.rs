@@ -212,6 +212,22 @@ pub struct WorkerRegistration<'a> {
     pub token: Option<&'a str>,
 }
 
+/// The id of the `n`-th registration: `w<n>`, followed by the worker's name when it has
+/// one (`w3-gpu-node-1`), so logs and reports stay readable. Only ASCII letters, digits,
+/// `-`, `_` and `.` of the name are kept, at most 48 of them.
+pub fn assigned_id(n: u64, name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(48)
+        .collect();
+    if clean.is_empty() {
+        format!("w{n}")
+    } else {
+        format!("w{n}-{clean}")
+    }
+}
+
 /// Why a registration or heartbeat was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistrationError {
@@ -385,7 +401,7 @@ impl Dispatcher {
             Some(w) if w.owner.as_deref() == Some(owner) => previous_id.to_string(),
             _ => {
                 st.next_worker += 1;
-                format!("w{}", st.next_worker)
+                assigned_id(st.next_worker, name)
             }
         };
         // A worker restarted on the same address replaces its old entry.

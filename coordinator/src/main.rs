@@ -36,6 +36,8 @@ enum Command {
     Fetch(cli::FetchArgs),
     /// List the workers the coordinator knows.
     Workers(cli::WorkersArgs),
+    /// Ask the coordinator's gRPC health service whether it serves (no token needed).
+    Health(cli::HealthArgs),
     /// Embedded mode: coordinator and N local workers in this process, one job.
     Run(Box<cli::server::RunArgs>),
     /// Reconstruct a BIDS dataset: one job per subject/session, results in
@@ -95,6 +97,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Cancel(a) => runtime()?.block_on(cli::cancel(a)),
         Command::Fetch(a) => runtime()?.block_on(cli::fetch(a)),
         Command::Workers(a) => runtime()?.block_on(cli::workers(a)),
+        Command::Health(a) => runtime()?.block_on(cli::health(a)),
         Command::Run(a) => runtime()?.block_on(cli::server::run(*a)),
         Command::Cohort(a) => runtime()?.block_on(cli::cohort::cohort(*a)),
         Command::Physics(c) => cli::physics::run(c),

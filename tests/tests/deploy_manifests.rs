@@ -99,6 +99,29 @@ fn kubernetes_manifests_agree_with_each_other_and_the_binaries() {
     assert!(dep.contains("--coordinator=$(DMQSM_COORDINATOR)"));
     assert!(dep.contains("--advertise=http://$(POD_IP):50061"));
     assert!(dep.contains("terminationGracePeriodSeconds: 120"));
+    // Tokens come from one Secret: the coordinator's table as a file, the workers' token
+    // as $DMQSM_TOKEN. Its placeholders are refused, so an unedited Secret fails closed.
+    let secret = read("deploy/k8s/tokens-secret.yaml");
+    assert!(secret.contains("kind: Secret") && secret.contains("name: dmqsm-tokens"));
+    assert!(sts.contains("--tokens=/etc/dmqsm/tokens/tokens"));
+    assert!(sts.contains("secretName: dmqsm-tokens") && sts.contains("key: tokens"));
+    assert!(dep.contains("name: DMQSM_TOKEN\n") && dep.contains("key: worker-token"));
+    let table: String = secret
+        .split("tokens: |\n")
+        .nth(1)
+        .expect("a tokens: | block")
+        .lines()
+        .take_while(|l| l.starts_with("    "))
+        .map(|l| format!("{}\n", l.trim()))
+        .collect();
+    assert!(table.lines().count() >= 2, "{table}");
+    let e = dmqsm_proto::auth::TokenTable::parse(&table, "secret").unwrap_err();
+    assert!(e.to_string().contains("fields"), "{e}");
+    let worker_token = secret
+        .lines()
+        .find_map(|l| l.strip_prefix("  worker-token: "))
+        .expect("worker-token");
+    assert!(dmqsm_proto::auth::Bearer::new(Some(worker_token)).is_err());
     // Every $(VAR) the containers use is defined by the ConfigMap or the pod env.
     for text in [&sts, &dep] {
         for part in text.split("$(").skip(1) {

@@ -161,7 +161,7 @@ async fn worker_identity_and_addresses_cannot_be_hijacked() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(id, "w1", "the coordinator assigns ids");
+    assert_eq!(id, "w1-gpu-a", "the coordinator assigns ids");
 
     // A second, valid worker identity tries to take the first worker over.
     let mut rogue = cluster.client_as(&pki, Some(tokens::ROGUE)).await;

@@ -210,7 +210,10 @@ fn slurm_job_with_two_worker_tasks_equals_the_embedded_run_and_cohort_scripts_ru
         serde_json::from_slice(&std::fs::read(d.join("slurm-out/report.json")).unwrap()).unwrap();
     let used = report["workers_used"].as_object().expect("workers_used");
     assert!(
-        !used.is_empty() && used.keys().all(|k| k.starts_with("slurm-")),
+        !used.is_empty()
+            && used
+                .keys()
+                .all(|k| k.starts_with('w') && k.contains("-slurm-")),
         "{used:?}"
     );
     // The rendezvous file names the coordinator.

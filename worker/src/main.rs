@@ -112,7 +112,8 @@ struct ServeArgs {
     /// Address the coordinator should dial (default http://<listen address>).
     #[arg(long)]
     advertise: Option<String>,
-    /// Worker id (default worker-<listen address>).
+    /// Display name of this worker (default worker-<listen address>); the coordinator
+    /// assigns the id, `w<N>-<name>`.
     #[arg(long)]
     worker_id: Option<String>,
     /// Stop when standard input closes (set by `dmqsm` for the workers it starts, so
@@ -453,8 +454,15 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut client =
-            dmqsm_worker::connect(&url, dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES).await?;
+        // A worker that requires a token (its own: $DMQSM_TOKEN / $DMQSM_TOKEN_FILE, as
+        // in its container) answers Info only with it.
+        let token = dmqsm_proto::auth::read_token(None)?;
+        let mut client = dmqsm_worker::connect(
+            &url,
+            dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            token.as_deref(),
+        )
+        .await?;
         let info = client
             .info(dmqsm_proto::v1::InfoRequest {})
             .await

@@ -380,9 +380,14 @@ pub async fn spawn_local_worker(model: ServedModel, config: ServerConfig) -> Res
     })
 }
 
-/// Connects a `Worker` client (no token, plain `http://`) with the given message limit
-/// and the default HTTP/2 windows (matching the server).
-pub async fn connect(url: &str, max_message_bytes: usize) -> Result<WorkerClient<AuthChannel>> {
+/// Connects a `Worker` client (plain `http://`, presenting `token` if given) with the
+/// given message limit and the default HTTP/2 windows (matching the server).
+pub async fn connect(
+    url: &str,
+    max_message_bytes: usize,
+    token: Option<&str>,
+) -> Result<WorkerClient<AuthChannel>> {
+    let bearer = Bearer::new(token).map_err(|e| WorkerError::Transport(e.to_string()))?;
     let h2 = Http2Config::default();
     let channel = dmqsm_proto::transport::endpoint(url, &ClientTls::default())
         .map_err(|e| WorkerError::Transport(format!("bad worker URL {url}: {e}")))?
@@ -393,7 +398,7 @@ pub async fn connect(url: &str, max_message_bytes: usize) -> Result<WorkerClient
         .connect()
         .await
         .map_err(|e| WorkerError::Transport(format!("connecting to {url}: {e}")))?;
-    Ok(WorkerClient::with_interceptor(channel, Bearer::default())
+    Ok(WorkerClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
 }

@@ -622,6 +622,35 @@ pub async fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     write_files(&args.out, &files)
 }
 
+/// `dmqsm health`.
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// `dmqsm health`: exit 0 if the coordinator's gRPC health service says SERVING, 6
+/// otherwise. Needs no token (for container and load-balancer health checks).
+pub async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    let options = client::ClientOptions {
+        token: None,
+        tls: args.conn.tls.client_tls(),
+    };
+    let serving = client::health(&args.conn.coordinator, &options)
+        .await
+        .map_err(ce)?;
+    if serving {
+        println!("SERVING");
+        Ok(())
+    } else {
+        Err(Exit {
+            code: 6,
+            message: format!("{} is not serving", args.conn.coordinator),
+        }
+        .into())
+    }
+}
+
 /// `dmqsm workers`.
 pub async fn workers(args: WorkersArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect().await?;

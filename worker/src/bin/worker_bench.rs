@@ -116,7 +116,7 @@ fn bench_model(
     };
     let served = ServedModel::new(model.clone(), "cpu", eval_batch, "f32");
     let worker = rt.block_on(spawn_local_worker(served, config))?;
-    let mut client = rt.block_on(connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES))?;
+    let mut client = rt.block_on(connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, None))?;
     let mut rows = Vec::new();
     for &b in &args.batches {
         let mut xv = vec![0f32; b * vox];
