@@ -50,7 +50,7 @@ async fn denoise_over_grpc_is_bitwise_equal_to_in_process() {
     let worker = spawn_local_worker(served, ServerConfig::default())
         .await
         .unwrap();
-    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES)
+    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, None)
         .await
         .unwrap();
 
@@ -125,7 +125,9 @@ async fn coalesced_requests_match_unbatched_evaluation() {
             let b = 1 + (r as usize % 3);
             let x = randn(b, P, 50 + r);
             let t = timesteps(b);
-            let mut c = connect(&url, DEFAULT_MAX_MESSAGE_BYTES).await.unwrap();
+            let mut c = connect(&url, DEFAULT_MAX_MESSAGE_BYTES, None)
+                .await
+                .unwrap();
             let got = c.denoise(denoise_req(&x, &t)).await.unwrap().into_inner();
             (x, t, array(&got.eps))
         }));
@@ -154,7 +156,7 @@ async fn bad_requests_are_rejected_and_the_worker_keeps_serving() {
     };
     let served = ServedModel::new(model.clone(), "cpu", 1, "f32");
     let worker = spawn_local_worker(served, config).await.unwrap();
-    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES)
+    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, None)
         .await
         .unwrap();
     let x = randn(1, P, 9);
@@ -304,7 +306,7 @@ async fn model_failures_answer_internal() {
     let worker = spawn_local_worker(served, ServerConfig::default())
         .await
         .unwrap();
-    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES)
+    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, None)
         .await
         .unwrap();
     let x = randn(2, P, 1);
@@ -405,7 +407,9 @@ async fn shutdown_drains_in_flight_requests() {
         .unwrap();
     let url = worker.url();
     let x = randn(2, P, 5);
-    let mut client = connect(&url, DEFAULT_MAX_MESSAGE_BYTES).await.unwrap();
+    let mut client = connect(&url, DEFAULT_MAX_MESSAGE_BYTES, None)
+        .await
+        .unwrap();
     let req = denoise_req(&x, &[7.0, 8.0]);
     let in_flight = tokio::spawn(async move { client.denoise(req).await });
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -415,7 +419,11 @@ async fn shutdown_drains_in_flight_requests() {
         array(&answer.eps),
         gauss.eps(x.view(), &[7.0, 8.0]).unwrap()
     );
-    assert!(connect(&url, DEFAULT_MAX_MESSAGE_BYTES).await.is_err());
+    assert!(
+        connect(&url, DEFAULT_MAX_MESSAGE_BYTES, None)
+            .await
+            .is_err()
+    );
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -589,4 +597,52 @@ async fn registers_with_coordinator_and_heartbeats() {
     );
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
+}
+
+/// A worker with a token answers only callers that present it (the coordinator dials
+/// back with the token the worker registered with); health stays open for probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_token_refuses_callers_without_it() {
+    let gauss = GaussianPriorModel::new(0.0, 0.5, P, 5.0, ScheduleConfig::default()).unwrap();
+    let sim = SimulatedModel::new(Arc::new(gauss), Duration::ZERO, Duration::ZERO);
+    let token = "worker-token-0123456789";
+    let config = ServerConfig {
+        token: Some(token.into()),
+        ..ServerConfig::default()
+    };
+    let worker = spawn_local_worker(ServedModel::simulated(sim), config)
+        .await
+        .unwrap();
+    for wrong in [None, Some("another-token-0123456789")] {
+        let mut c = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, wrong)
+            .await
+            .unwrap();
+        let e = c.info(InfoRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{wrong:?}: {e}");
+        let x = randn(1, P, 1);
+        let e = c.denoise(denoise_req(&x, &timesteps(1))).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    let mut c = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, Some(token))
+        .await
+        .unwrap();
+    assert!(c.info(InfoRequest {}).await.is_ok());
+    let channel = tonic::transport::Endpoint::from_shared(worker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    worker.shutdown().await.unwrap();
 }
