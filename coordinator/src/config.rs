@@ -49,6 +49,9 @@ pub struct CoordinatorConfig {
     pub max_message_bytes: usize,
     /// How many jobs run their sampler at once; more are queued.
     pub max_running_jobs: usize,
+    /// The Prometheus event counters of this coordinator (not a tunable: a handle, fresh
+    /// per [`CoordinatorConfig::new`], shared by its clones; see [`crate::metrics`]).
+    pub metrics: crate::metrics::CoordinatorMetrics,
 }
 
 impl CoordinatorConfig {
@@ -70,6 +73,7 @@ impl CoordinatorConfig {
             wire_dtype: Dtype::F32,
             max_message_bytes: dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES,
             max_running_jobs: 8,
+            metrics: crate::metrics::CoordinatorMetrics::default(),
         }
     }
 

@@ -266,6 +266,7 @@ async fn execute(
         rec.step = sampler.progress().step as u32;
         store.put_job(&rec)?;
         handle.progress.send_replace(meter.report(shared, &rec));
+        let mut step_started = Instant::now();
         while !sampler.is_finished() {
             sampler = run_round(shared, &mut rec, sampler, &mut meter, &mut cancel).await?;
             let step = sampler.progress().step as u32;
@@ -285,6 +286,8 @@ async fn execute(
                     rec.timings.coordinator_numerics_s += t.elapsed().as_secs_f64();
                 }
                 store.put_job(&rec)?;
+                shared.config.metrics.step_finished(step_started.elapsed());
+                step_started = Instant::now();
             }
             handle.progress.send_replace(meter.report(shared, &rec));
         }

@@ -4,7 +4,8 @@
 //! generated types this crate holds the one piece of wire logic both sides need: packing
 //! f32 tensors into little-endian bytes and back, in f32, bf16 or f16 ([`tensor`]), and
 //! the conversions between wire enums/messages and the domain types of `dmqsm-common`
-//! ([`convert`]).
+//! ([`convert`]). It also serves the Prometheus `/metrics` endpoint that the coordinator
+//! and the workers both expose ([`metrics_http`]; each defines its own metric families).
 
 /// Generated messages and services of package `dmqsm.v1`.
 pub mod v1 {
@@ -13,6 +14,7 @@ pub mod v1 {
 }
 
 pub mod convert;
+pub mod metrics_http;
 pub mod tensor;
 
 /// Encoded file descriptor set, for gRPC server reflection.

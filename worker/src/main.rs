@@ -119,6 +119,10 @@ struct ServeArgs {
     /// they end with it).
     #[arg(long)]
     exit_with_parent: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no authentication:
+    /// bind it where only monitoring reaches, e.g. 0.0.0.0:9401 in a pod). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -330,6 +334,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_mb.saturating_mul(1 << 20),
         threads: args.threads,
         registration,
+        metrics_listen: args.metrics_listen,
         ..ServerConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

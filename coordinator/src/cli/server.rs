@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// also register themselves with `dmqsm-worker serve --coordinator`.
     #[arg(long = "worker")]
     pub workers: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no authentication:
+    /// bind it where only monitoring reaches, e.g. 0.0.0.0:9400 in a pod). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }
@@ -156,7 +160,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Machine-readable line for scripts and tests (port 0 picks a free port).
     println!("dmqsm coordinator listening on http://{bound}");
     tracing::info!(data_dir = %args.data_dir.display(), "coordinator listening on {bound}");
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let m = dmqsm_coordinator::metrics_endpoint::spawn_metrics_server(addr, &coordinator)
+                .await?;
+            println!("dmqsm coordinator metrics on {}", m.url());
+            Some(m)
+        }
+        None => None,
+    };
     dmqsm_coordinator::serve(coordinator.clone(), listener, shutdown_signal()).await?;
+    if let Some(m) = metrics {
+        match tokio::time::timeout(Duration::from_secs(5), m.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("metrics endpoint: {e}"),
+            Err(_) => tracing::warn!("metrics endpoint did not stop within 5 s"),
+        }
+    }
     coordinator.shutdown();
     tracing::info!("coordinator stopped; unfinished jobs resume on the next start");
     Ok(())
