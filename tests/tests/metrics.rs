@@ -430,6 +430,7 @@ async fn a_real_prometheus_server_scrapes_the_coordinator_and_the_worker() {
             .await
             .unwrap();
         if ok {
+            eprintln!("Prometheus answered:\n{seen}");
             break;
         }
         assert!(

@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model over gRPC (Worker service, health, reflection) until SIGINT/SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print what libtorch sees: CUDA, devices, cuDNN, MKL/OpenMP, threads, version.
     Devices {
         /// Print JSON.
@@ -523,7 +523,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(*a),
         Command::Devices { json } => {
             let report = DeviceReport::collect();
             if json {
