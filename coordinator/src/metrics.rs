@@ -62,9 +62,19 @@ struct Families {
 }
 
 /// The coordinator's event metrics (see the module docs). Clones share the counters.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CoordinatorMetrics {
     families: Arc<Families>,
+}
+
+impl std::fmt::Debug for CoordinatorMetrics {
+    /// Terse (it sits in the configuration's `Debug`): the patch and retry counts.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorMetrics")
+            .field("patches", &self.families.patches.get())
+            .field("batch_retries", &self.families.batch_retries.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for CoordinatorMetrics {
