@@ -51,6 +51,9 @@ pub struct CoordinatorConfig {
     pub max_message_bytes: usize,
     /// How many jobs run their sampler at once; more are queued.
     pub max_running_jobs: usize,
+    /// The Prometheus event counters of this coordinator (not a tunable: a handle, fresh
+    /// per [`CoordinatorConfig::new`], shared by its clones; see [`crate::metrics`]).
+    pub metrics: crate::metrics::CoordinatorMetrics,
     /// Fraction of batches (0 … 1) recomputed on a second worker of the same device
     /// class and compared bitwise (see `dispatch`). Chosen deterministically per job and
     /// batch; 0 turns spot checks off.
@@ -112,6 +115,7 @@ impl CoordinatorConfig {
             spot_check_fraction: 0.0,
             shutdown_grace: Duration::from_secs(3),
             security: SecurityConfig::default(),
+            metrics: crate::metrics::CoordinatorMetrics::default(),
         }
     }
 

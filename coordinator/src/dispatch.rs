@@ -59,6 +59,29 @@ impl BatchRequest {
             BatchRequest::Vjp(r) => r.patches.as_ref(),
         }
     }
+
+    /// Tensor payload bytes the request carries (patches, plus cotangents for a VJP).
+    pub fn payload_bytes(&self) -> u64 {
+        let len = |t: Option<&v1::Tensor>| t.map_or(0, |t| t.data.len() as u64);
+        match self {
+            BatchRequest::Eps(r) => len(r.patches.as_ref()),
+            BatchRequest::Vjp(r) => len(r.patches.as_ref()) + len(r.cotangents.as_ref()),
+        }
+    }
+
+    /// Tensor payload bytes of an accepted answer to it: the answer's values in the element
+    /// type the request asked for (workers answer in it; unspecified means f32).
+    pub fn answer_bytes(&self, answer: &PatchResults) -> u64 {
+        let dtype = match self {
+            BatchRequest::Eps(r) => r.response_dtype,
+            BatchRequest::Vjp(r) => r.response_dtype,
+        };
+        let size = v1::Dtype::try_from(dtype)
+            .ok()
+            .and_then(dmqsm_proto::tensor::element_size)
+            .unwrap_or(4);
+        (answer.values().len() * size) as u64
+    }
 }
 
 /// One batch of patch evaluations of a job as it goes to a worker: the encoded request
@@ -535,6 +558,16 @@ impl Dispatcher {
             .collect()
     }
 
+    /// Batches queued and not yet sent to a worker, all jobs (for the metrics endpoint).
+    pub fn pending_batches(&self) -> usize {
+        self.inner
+            .lock()
+            .jobs
+            .values()
+            .map(|q| q.pending.len())
+            .sum()
+    }
+
     /// Opens (or updates) the queue of a job pinned to `model_hash`.
     pub fn open_job(&self, job_id: &str, priority: i32, model_hash: &str) {
         let mut st = self.inner.lock();
@@ -903,9 +936,28 @@ fn untrust(st: &mut State, worker_id: &str, why: &str) {
     st.untrusted.insert(worker_id.to_string());
 }
 
+/// Reports one finished attempt to the metrics: worker, wall time, bytes each way and,
+/// when answered, the patches evaluated.
+fn record_attempt(
+    config: &CoordinatorConfig,
+    a: &Assignment,
+    answer: Option<&PatchResults>,
+    elapsed: Duration,
+) {
+    let request = &a.pending.batch.request;
+    config.metrics.attempt_finished(
+        &a.worker_id,
+        elapsed,
+        request.payload_bytes(),
+        answer.map(|r| (r.indices().len(), request.answer_bytes(r))),
+    );
+}
+
 async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
+    let started = Instant::now();
     let result = call_worker(&mut a, inner.config.batch_timeout).await;
     let config = &inner.config;
+    record_attempt(config, &a, result.as_ref().ok(), started.elapsed());
     let mut st = inner.lock();
     let mut class = String::new();
     if let Some(w) = st.workers.get_mut(&a.worker_id)
@@ -928,6 +980,7 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                 {
                     tracing::warn!(worker = %a.worker_id, "{} failures in a row; benched for {:?}", w.consecutive_failures, config.quarantine);
                     w.health = WorkerHealth::Benched(Instant::now() + config.quarantine);
+                    config.metrics.worker_benched();
                 }
             }
         }
@@ -1038,6 +1091,7 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                     cause: f.cause,
                 }));
             } else {
+                config.metrics.batch_retried();
                 requeue(&mut st, pending);
             }
         }

@@ -14,6 +14,8 @@
 //! - [`problem`]: stored inputs → the sampler's problem.
 //! - [`workers`]: one worker as the coordinator sees it.
 //! - [`dispatch`]: batches → workers (bounded in-flight, fairness, retries, lost workers).
+//! - [`metrics`]: Prometheus event metrics (counters, step histogram) in the config.
+//! - [`metrics_endpoint`]: the `/metrics` endpoint: those plus scrape-time gauges.
 //! - [`runner`]: one job's life: rounds, steps, checkpoints, results.
 //! - [`results`]: result files (NIfTI, PNG, JSON report).
 //! - [`service`]: the job service and its gRPC face.
@@ -33,6 +35,8 @@ pub mod error;
 pub mod inputs;
 pub mod job;
 pub mod local_workers;
+pub mod metrics;
+pub mod metrics_endpoint;
 pub mod problem;
 pub mod remote_model;
 pub mod results;

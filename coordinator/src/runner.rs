@@ -332,6 +332,7 @@ async fn execute(
         store.put_job(&rec)?;
         handle.progress.send_replace(meter.report(shared, &rec));
         let stopping = shared.stopping.subscribe();
+        let mut step_started = Instant::now();
         while !sampler.is_finished() {
             sampler = run_round(shared, &mut rec, sampler, &mut meter, &mut cancel).await?;
             if let Some(w) = rec
@@ -365,6 +366,8 @@ async fn execute(
                     store.put_job(&rec)?;
                     return Err(Stop::Shutdown);
                 }
+                shared.config.metrics.step_finished(step_started.elapsed());
+                step_started = Instant::now();
             }
             handle.progress.send_replace(meter.report(shared, &rec));
         }

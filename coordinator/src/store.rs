@@ -127,6 +127,28 @@ impl JobStore {
         Ok(out)
     }
 
+    /// How many stored jobs are in each state, as `(state, count)` in first-seen order
+    /// (states without jobs are absent). Reads only the `state` field of each record, so
+    /// it is cheap enough for every metrics scrape; corrupt records are skipped.
+    pub fn count_by_state(&self) -> Result<Vec<(crate::job::JobState, u64)>> {
+        #[derive(serde::Deserialize)]
+        struct StateOnly {
+            state: crate::job::JobState,
+        }
+        let mut out: Vec<(crate::job::JobState, u64)> = Vec::new();
+        for kv in self.jobs.iter() {
+            let (_, v) = kv?;
+            let Ok(StateOnly { state }) = serde_json::from_slice::<StateOnly>(&v) else {
+                continue;
+            };
+            match out.iter_mut().find(|(s, _)| *s == state) {
+                Some((_, n)) => *n += 1,
+                None => out.push((state, 1)),
+            }
+        }
+        Ok(out)
+    }
+
     /// Stores an input file of a job (`measurement` or `mask`).
     pub fn put_input(&self, job_id: &str, name: &str, bytes: &[u8]) -> Result<()> {
         self.inputs.insert(key(job_id, name), bytes)?;

@@ -5,7 +5,8 @@
 //! f32 tensors into little-endian bytes and back, in f32, bf16 or f16 ([`tensor`]), and
 //! the conversions between wire enums/messages and the domain types of `dmqsm-common`
 //! ([`convert`]). Both ends also share how a link is secured: bearer-token
-//! authentication ([`auth`]) and TLS ([`transport`]).
+//! authentication ([`auth`]) and TLS ([`transport`]), and the Prometheus `/metrics`
+//! endpoint they both expose ([`metrics_http`]; each defines its own metric families).
 
 /// Generated messages and services of package `dmqsm.v1`.
 pub mod v1 {
@@ -15,6 +16,7 @@ pub mod v1 {
 
 pub mod auth;
 pub mod convert;
+pub mod metrics_http;
 pub mod tensor;
 pub mod transport;
 

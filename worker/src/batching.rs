@@ -13,6 +13,7 @@ use crate::device::configure_threads;
 use crate::error::{Result, WorkerError, catch_torch};
 use dmqsm_common::diffusion::model::ScoreModel;
 use ndarray::{Array4, Axis, s};
+use prometheus_client::metrics::histogram::Histogram;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -40,8 +41,9 @@ impl Default for BatchConfig {
     }
 }
 
-/// Counters of a [`BatchQueue`], shared with the heartbeat task.
-#[derive(Debug, Default)]
+/// Counters of a [`BatchQueue`], shared with the heartbeat task and the metrics endpoint
+/// (`crate::metrics`).
+#[derive(Debug)]
 pub struct QueueStats {
     /// Requests queued or running.
     pub in_flight: AtomicU64,
@@ -55,6 +57,49 @@ pub struct QueueStats {
     pub patches: AtomicU64,
     /// Requests answered with an error.
     pub failures: AtomicU64,
+    /// Nanoseconds the model thread spent in model calls (its busy time).
+    pub busy_ns: AtomicU64,
+    /// Seconds per model call (coalesced or not, failed ones included).
+    pub batch_seconds: Histogram,
+    /// Tensor payload bytes of the requests decoded (patches and cotangents), counted by
+    /// the gRPC service.
+    pub received_bytes: AtomicU64,
+    /// Tensor payload bytes of the answers sent (ε or Jᵀv), counted by the gRPC service.
+    pub sent_bytes: AtomicU64,
+}
+
+/// Upper bounds (seconds) of [`QueueStats::batch_seconds`]' buckets: 1 ms doubling to
+/// about 33 s (16 buckets, plus +Inf).
+pub fn batch_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16)
+}
+
+impl Default for QueueStats {
+    fn default() -> Self {
+        Self {
+            in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            coalesced_batches: AtomicU64::new(0),
+            patches: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            batch_seconds: Histogram::new(batch_buckets()),
+            received_bytes: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+impl QueueStats {
+    /// Records one model call that took `elapsed`.
+    fn model_call(&self, elapsed: Duration) {
+        self.busy_ns.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.batch_seconds.observe(elapsed.as_secs_f64());
+    }
 }
 
 /// The result of one request, `[B, P, P, P]`: predicted ε for ε requests, Jᵀv for VJP
@@ -273,7 +318,9 @@ fn answer(job: Job, result: Result<Evaluation>, stats: &QueueStats) {
 }
 
 fn run_single(model: &(dyn ScoreModel + Send + Sync), job: Job, stats: &QueueStats) {
+    let started = Instant::now();
     let result = evaluate(model, &job.patches, &job.t, job.cotangent.as_ref());
+    stats.model_call(started.elapsed());
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats
         .patches
@@ -304,11 +351,13 @@ fn run_group(model: &(dyn ScoreModel + Send + Sync), group: Vec<Job>, stats: &Qu
     } else {
         None
     };
+    let started = Instant::now();
     let result = match (patches, cot) {
         (Ok(p), None) => evaluate(model, &p, &t, None),
         (Ok(p), Some(Ok(c))) => evaluate(model, &p, &t, Some(&c)),
         (Err(e), _) | (_, Some(Err(e))) => Err(e),
     };
+    stats.model_call(started.elapsed());
     match result {
         Ok(out) => {
             stats.batches.fetch_add(1, Ordering::Relaxed);

@@ -17,6 +17,7 @@
 //! - [`service`]: the gRPC `Worker` service (validation, status codes).
 //! - [`server`]: [`serve`], [`spawn_local_worker`], client helpers, HTTP/2 settings.
 //! - [`registration`]: registering with a coordinator and heartbeats.
+//! - [`metrics`]: the Prometheus metrics (`dmqsm_worker_*`) over the queue's counters.
 //! - [`train`]: denoising score matching on patches of χ maps or synthetic phantoms.
 //!
 //! Units: patches are in model units (χ_model = χ_ppm × chi_scale), timesteps are indices
@@ -28,6 +29,7 @@ pub mod batching;
 pub mod card;
 pub mod device;
 pub mod error;
+pub mod metrics;
 pub mod registration;
 pub mod server;
 pub mod service;

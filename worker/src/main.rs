@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model over gRPC (Worker service, health, reflection) until SIGINT/SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print what libtorch sees: CUDA, devices, cuDNN, MKL/OpenMP, threads, version.
     Devices {
         /// Print JSON.
@@ -138,6 +138,10 @@ struct ServeArgs {
     /// CA (PEM) that signed an https:// coordinator's certificate.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no authentication:
+    /// bind it where only monitoring reaches, e.g. 0.0.0.0:9401 in a pod). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -363,6 +367,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         registration,
         token: token.clone(),
         tls: tls.clone(),
+        metrics_listen: args.metrics_listen,
         ..ServerConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -570,7 +575,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(*a),
         Command::Devices { json } => {
             let report = DeviceReport::collect();
             if json {

@@ -145,6 +145,9 @@ pub struct ServerConfig {
     /// TLS of the worker's server (plain TCP when `None`; with a client CA, only callers
     /// holding a certificate it signed, i.e. the coordinator, get through).
     pub tls: Option<ServerTls>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`crate::metrics`); `None`
+    /// (the default) serves none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -159,6 +162,7 @@ impl Default for ServerConfig {
             stats: Arc::new(QueueStats::default()),
             token: None,
             tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -226,6 +230,7 @@ pub async fn serve(
     )?);
     let stats = queue.stats();
     let info = worker_info(&model, &config, &worker_id);
+    let metrics = start_metrics(&config, &info, stats.clone()).await?;
     let spec = model.spec();
     let limits = RequestLimits {
         patch_size: spec.patch_size,
@@ -326,8 +331,38 @@ pub async fn serve(
     }
     let q = queue.clone();
     let _ = tokio::task::spawn_blocking(move || q.close_and_join()).await;
+    if let Some(m) = metrics
+        && !matches!(
+            tokio::time::timeout(Duration::from_secs(5), m.shutdown()).await,
+            Ok(Ok(()))
+        )
+    {
+        tracing::warn!("the metrics endpoint did not stop cleanly");
+    }
     tracing::info!("worker {worker_id} stopped");
     result
+}
+
+/// Starts the metrics endpoint when `config.metrics_listen` asks for one.
+async fn start_metrics(
+    config: &ServerConfig,
+    info: &WorkerInfo,
+    stats: Arc<QueueStats>,
+) -> Result<Option<dmqsm_proto::metrics_http::MetricsServer>> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let model = info.model.clone().unwrap_or_default();
+    let labels = crate::metrics::ModelLabels {
+        worker_id: info.worker_id.clone(),
+        model_id: model.model_id,
+        content_hash: model.content_hash,
+        device: info.device.clone(),
+    };
+    crate::metrics::spawn_metrics_server(addr, stats, Some(&labels))
+        .await
+        .map(Some)
+        .map_err(|e| WorkerError::Transport(e.to_string()))
 }
 
 /// A worker serving on a loopback port inside this process.

@@ -166,6 +166,18 @@ impl WorkerService {
         }
     }
 
+    /// Counts the tensor payload bytes of a request (the metrics' bytes received).
+    fn count_received(&self, tensors: &[Option<&Tensor>]) {
+        let n: usize = tensors.iter().flatten().map(|t| t.data.len()).sum();
+        (self.queue.stats().received_bytes).fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts the tensor payload bytes of an answer (the metrics' bytes sent).
+    fn count_sent(&self, tensor: Tensor) -> Option<Tensor> {
+        (self.queue.stats().sent_bytes).fetch_add(tensor.data.len() as u64, Ordering::Relaxed);
+        Some(tensor)
+    }
+
     fn check_draining(&self) -> Result<(), Status> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable(
@@ -188,6 +200,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<DenoiseResponse>, Status> {
         self.check_draining()?;
         let req = request.into_inner();
+        self.count_received(&[req.patches.as_ref()]);
         self.limits.check_hash(&req.model_hash)?;
         let dtype = response_dtype(req.response_dtype)?;
         let patches = self
@@ -197,7 +210,7 @@ impl Worker for WorkerService {
             .check_timesteps(&req.timesteps, patches.shape()[0])?;
         let eps = self.queue.eps(patches, req.timesteps).await?;
         Ok(Response::new(DenoiseResponse {
-            eps: Some(encode_patches(&eps, dtype)?),
+            eps: self.count_sent(encode_patches(&eps, dtype)?),
         }))
     }
 
@@ -207,6 +220,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<DenoiseVjpResponse>, Status> {
         self.check_draining()?;
         let req = request.into_inner();
+        self.count_received(&[req.patches.as_ref(), req.cotangents.as_ref()]);
         self.limits.check_hash(&req.model_hash)?;
         let dtype = response_dtype(req.response_dtype)?;
         let patches = self
@@ -219,7 +233,7 @@ impl Worker for WorkerService {
             .decode_patches(req.cotangents.as_ref(), "cotangents", Some(b))?;
         let vjp = self.queue.vjp(patches, req.timesteps, cot).await?;
         Ok(Response::new(DenoiseVjpResponse {
-            vjp: Some(encode_patches(&vjp, dtype)?),
+            vjp: self.count_sent(encode_patches(&vjp, dtype)?),
         }))
     }
 }

@@ -120,6 +120,10 @@ pub struct ServeArgs {
     /// also register themselves with `dmqsm-worker serve --coordinator`.
     #[arg(long = "worker")]
     pub workers: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no authentication:
+    /// bind it where only monitoring reaches, e.g. 0.0.0.0:9400 in a pod). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub security: SecurityArgs,
     #[command(flatten)]
@@ -273,6 +277,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Machine-readable line for scripts and tests (port 0 picks a free port).
     println!("dmqsm coordinator listening on {scheme}://{bound}");
     tracing::info!(data_dir = %args.data_dir.display(), authenticated, "coordinator listening on {bound}");
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let m = dmqsm_coordinator::metrics_endpoint::spawn_metrics_server(addr, &coordinator)
+                .await?;
+            println!("dmqsm coordinator metrics on {}", m.url());
+            Some(m)
+        }
+        None => None,
+    };
     let stopping = coordinator.clone();
     let signal = async move {
         shutdown_signal().await;
@@ -281,6 +294,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     dmqsm_coordinator::serve(coordinator.clone(), listener, signal).await?;
     coordinator.shutdown().await;
+    if let Some(m) = metrics {
+        match tokio::time::timeout(Duration::from_secs(5), m.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("metrics endpoint: {e}"),
+            Err(_) => tracing::warn!("metrics endpoint did not stop within 5 s"),
+        }
+    }
     tracing::info!("coordinator stopped; unfinished jobs resume on the next start");
     Ok(())
 }
