@@ -40,7 +40,7 @@ const JOB_STATES: [JobState; 5] = [
 ];
 
 /// Worker health names always listed (with 0 when no worker is in them).
-const WORKER_STATES: [&str; 4] = ["ready", "benched", "draining", "lost"];
+const WORKER_STATES: [&str; 5] = ["ready", "benched", "draining", "lost", "untrusted"];
 
 /// [`WORKER_STATES`], then any other state a worker reports, in first-seen order.
 fn worker_states(workers: &[dmqsm_proto::v1::WorkerStatus]) -> Vec<String> {
@@ -104,7 +104,7 @@ impl Collector for StateCollector {
         labelled_gauges(
             e,
             "workers",
-            "Known workers by health (ready; benched after consecutive failures; draining; lost: missed heartbeats or probes).",
+            "Known workers by health (ready; benched after consecutive failures; draining; lost: missed heartbeats or probes; untrusted: a malformed answer or a lost spot check).",
             "state",
             worker_states(&workers).into_iter().map(|s| {
                 let n = workers.iter().filter(|w| w.state == s).count() as u64;
@@ -221,7 +221,7 @@ mod tests {
                 0.0
             );
         }
-        for s in ["ready", "benched", "draining", "lost"] {
+        for s in WORKER_STATES {
             assert_eq!(
                 v(
                     &text,
