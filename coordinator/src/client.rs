@@ -173,8 +173,31 @@ pub async fn wait(
     }
 }
 
-/// Downloads every result file of a finished job, `(name, bytes)` in name order.
+/// Downloads every result file of a finished job, `(name, bytes)` in name order. Like
+/// [`wait`], retries for up to [`RECONNECT_FOR`] while the coordinator is unavailable
+/// (a `submit --wait --out` whose job ended just before a restart still gets its files).
 pub async fn fetch(
+    client: &mut Client,
+    job_id: &str,
+) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
+    let start = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match fetch_once(client, job_id).await {
+            Err(ClientError::Rpc(s)) if transient(&s) && start.elapsed() < RECONNECT_FOR => {
+                tracing::info!(
+                    "coordinator unavailable ({}); retrying the fetch",
+                    s.message()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn fetch_once(
     client: &mut Client,
     job_id: &str,
 ) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
