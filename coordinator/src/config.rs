@@ -49,6 +49,11 @@ pub struct CoordinatorConfig {
     pub max_message_bytes: usize,
     /// How many jobs run their sampler at once; more are queued.
     pub max_running_jobs: usize,
+    /// Memory budget in bytes: a job whose estimated peak
+    /// ([`crate::admission::MemoryEstimate`]) exceeds it is refused, and queued plus
+    /// running jobs together may hold at most this much. Default: 3/4 of the machine's
+    /// memory ([`crate::admission::default_budget_bytes`]); `--memory-budget-gb`.
+    pub memory_budget_bytes: u64,
 }
 
 impl CoordinatorConfig {
@@ -70,6 +75,7 @@ impl CoordinatorConfig {
             wire_dtype: Dtype::F32,
             max_message_bytes: dmqsm_proto::DEFAULT_MAX_MESSAGE_BYTES,
             max_running_jobs: 8,
+            memory_budget_bytes: crate::admission::default_budget_bytes(),
         }
     }
 
@@ -93,6 +99,9 @@ impl CoordinatorConfig {
         }
         if self.max_running_jobs == 0 {
             return bad("max_running_jobs must be ≥ 1");
+        }
+        if self.memory_budget_bytes == 0 {
+            return bad("memory_budget_bytes must be > 0 (--memory-budget-gb)");
         }
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes must be ≥ 1024");

@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     /// Problems built while validating a submission, taken by the job's runner (so the
     /// inputs are decoded once; a resumed job rebuilds from the stored inputs).
     pub prepared: Mutex<HashMap<String, Arc<dmqsm_common::tasks::Problem>>>,
+    /// The memory budget and what queued and running jobs hold of it.
+    pub admission: crate::admission::Admission,
 }
 
 impl Shared {
