@@ -271,3 +271,85 @@ async fn dishonest_parameters_are_refused_at_submission() {
         .into_inner();
     assert!(jobs.jobs.is_empty());
 }
+
+/// On start, stored unfinished jobs that cannot be admitted again are failed with their
+/// reason instead of being decoded (or crash-looping the coordinator): a stored bomb
+/// (over the budget), an input that no longer reads, and a job resumed
+/// `MAX_RESUMES_WITHOUT_PROGRESS` times in a row without progress. A sound job resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_jobs_that_cannot_resume_fail_with_their_reason() {
+    use dmqsm_coordinator::admission::MAX_RESUMES_WITHOUT_PROGRESS;
+    use dmqsm_coordinator::job::{JobRecord, JobState};
+    use dmqsm_coordinator::store::JobStore;
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let (field, mask) = inputs(v1::Task::Dipinv);
+    let s = settings(v1::Task::Dipinv, v1::Guidance::Approx, 4);
+    let spec = JobSpec::from_proto(&s, 2).unwrap();
+    let ids = {
+        let store = JobStore::open(dir.path()).unwrap();
+        let put = |state: JobState, meas: &[u8], f: &dyn Fn(&mut JobRecord)| {
+            let id = store.next_job_id().unwrap();
+            let mut r = JobRecord::new(id.clone(), "stored".into(), spec.clone(), m.spec().clone());
+            r.state = state;
+            f(&mut r);
+            store.put_input(&id, "measurement", meas).unwrap();
+            store.put_input(&id, "mask", &mask).unwrap();
+            store.put_job(&r).unwrap();
+            id
+        };
+        let bomb_id = {
+            let id = store.next_job_id().unwrap();
+            let mut r = JobRecord::new(id.clone(), "bomb".into(), spec.clone(), m.spec().clone());
+            r.state = JobState::Running;
+            store.put_input(&id, "measurement", &bomb()).unwrap();
+            store.put_job(&r).unwrap();
+            id
+        };
+        let garbage = put(
+            JobState::Queued,
+            b"not a NIfTI file, not even close, no",
+            &|_| {},
+        );
+        let looping = put(JobState::Running, &field, &|r| {
+            r.resumed_at = Some((0, 0));
+            r.resumes_without_progress = MAX_RESUMES_WITHOUT_PROGRESS;
+        });
+        let sound = put(JobState::Running, &field, &|_| {});
+        store.flush().unwrap();
+        [bomb_id, garbage, looping, sound]
+    };
+    let mut config = test_config(dir.path());
+    config.memory_budget_bytes = BUDGET;
+    let coordinator = dmqsm_coordinator::Coordinator::start(config, &[])
+        .await
+        .unwrap();
+    let get = |id: &str| coordinator.get(id).unwrap();
+    let expect_failed = |id: &str, needle: &str| {
+        let r = get(id);
+        assert_eq!(r.state, JobState::Failed, "{id}: {:?}", r.error);
+        let e = r.error.unwrap_or_default();
+        assert!(
+            e.contains("not resumed after a coordinator restart") && e.contains(needle),
+            "{id}: {e}"
+        );
+    };
+    expect_failed(&ids[0], "memory budget of 8.00 GB");
+    expect_failed(&ids[1], "measurement");
+    expect_failed(&ids[2], "resumed 3 times in a row at sample 0 step 0");
+    let sound = get(&ids[3]);
+    assert!(
+        sound
+            .history
+            .iter()
+            .any(|h| h.message.contains("admitted on restart")),
+        "{:?}",
+        sound.history
+    );
+    assert!(
+        !sound.error.unwrap_or_default().contains("not resumed"),
+        "the sound job was not resumed"
+    );
+    coordinator.shutdown();
+}
