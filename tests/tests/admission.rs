@@ -353,3 +353,86 @@ async fn stored_jobs_that_cannot_resume_fail_with_their_reason() {
     );
     coordinator.shutdown();
 }
+
+/// The estimate is an upper bound of what a real job costs: jobs run end to end through
+/// an in-process coordinator and worker (so the worker's copies of the patches count
+/// too), and the process's peak resident memory (VmHWM) grows by less than the job's
+/// estimated peak. Ignored because it measures the process's memory: run it alone,
+/// `cargo test -p dmqsm-tests --test admission -- --ignored --nocapture --test-threads 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measures process memory; run alone with --ignored --nocapture"]
+async fn the_estimate_bounds_a_real_jobs_peak() {
+    use dmqsm_common::geometry::B0Direction;
+    let m = model();
+    let cluster = Cluster::start(vec![served(&m, Duration::ZERO)], |_| {}).await;
+    let mut c = cluster.client().await;
+    // Largest first, so that memory freed by a smaller run cannot hide a larger one.
+    let cases = [
+        (
+            "dipinv-physics, prox, TV warm start (L-curve), 64³",
+            v1::Task::DipinvPhysics,
+            80,
+        ),
+        ("sr ×2, approx, from noise, 32³ → 64³", v1::Task::Sr, 32),
+    ];
+    for (name, task, n) in cases {
+        let chi = Volume::new(chi_phantom(n), [1.0; 3]);
+        let mask = Volume::new(ball(n), [1.0; 3]);
+        let meas = if task == v1::Task::Sr {
+            chi
+        } else {
+            let b0 = B0Direction::new([0.0, 0.0, 1.0]).unwrap();
+            let f = dmqsm_common::simulate::forward_field(&chi, b0).unwrap();
+            let data = &f.data * &mask.data;
+            f.like(data)
+        };
+        let (meas, mask) = (
+            write_nifti_bytes(&meas, true).unwrap(),
+            write_nifti_bytes(&mask, true).unwrap(),
+        );
+        let mut s = settings(
+            task,
+            if task == v1::Task::Sr {
+                v1::Guidance::Approx
+            } else {
+                v1::Guidance::Prox
+            },
+            2,
+        );
+        if task != v1::Task::Sr {
+            s.start_timestep = Some(20);
+        }
+        let spec = JobSpec::from_proto(&s, 2).unwrap();
+        let est = MemoryEstimate::from_inputs(&spec, m.spec(), &meas, Some(&mask)).unwrap();
+        let req = v1::SubmitJobRequest {
+            measurement: upload(meas),
+            mask: upload(mask),
+            settings: Some(s),
+            label: name.into(),
+        };
+        let before = vm_kb("VmRSS:");
+        let t = Instant::now();
+        let id = c.submit_job(req).await.unwrap().into_inner().job_id;
+        let st = dmqsm_coordinator::client::wait(&mut c, &id, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(st.state, v1::JobState::Succeeded as i32, "{}", st.error);
+        let grown = vm_kb("VmHWM:").saturating_sub(before) * 1024;
+        println!(
+            "{name}: peak grew by {:.3} GB in {:.1} s; estimate {} (decode {:.3}, prepare \
+             {:.3}, sample {:.3} GB)",
+            grown as f64 / 1e9,
+            t.elapsed().as_secs_f64(),
+            est.describe(),
+            est.decode as f64 / 1e9,
+            est.prepare as f64 / 1e9,
+            est.sample as f64 / 1e9
+        );
+        assert!(before > 0, "no /proc/self/status");
+        assert!(
+            grown <= est.peak(),
+            "{name}: grew {grown} > estimate {}",
+            est.peak()
+        );
+    }
+}
