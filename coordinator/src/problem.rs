@@ -45,6 +45,20 @@ pub const AFFINE_LINEAR_TOLERANCE: f64 = 1e-4;
 /// the 3×3 part by more than [`AFFINE_LINEAR_TOLERANCE`] × that column's length (its voxel
 /// size), so another voxel size, orientation or origin is an error naming both affines.
 pub fn check_mask_affine(measurement: &[[f64; 4]; 4], mask: &[[f64; 4]; 4]) -> Result<()> {
+    check_same_affine("measurement", measurement, "mask", mask)
+        .map_err(CoordinatorError::InvalidSubmission)
+}
+
+/// [`check_mask_affine`] for any two volumes that must share a grid: `other` (named
+/// `other_name`) against the reference `reference` (named `reference_name`), with the
+/// same tolerances; the error message names both and gives both affines.
+pub fn check_same_affine(
+    reference_name: &str,
+    reference: &[[f64; 4]; 4],
+    other_name: &str,
+    other: &[[f64; 4]; 4],
+) -> std::result::Result<(), String> {
+    let (measurement, mask) = (reference, other);
     let mut worst: Option<String> = None;
     for col in 0..4 {
         let norm = (0..3)
@@ -73,13 +87,13 @@ pub fn check_mask_affine(measurement: &[[f64; 4]; 4], mask: &[[f64; 4]; 4]) -> R
     }
     match worst {
         None => Ok(()),
-        Some(w) => Err(CoordinatorError::InvalidSubmission(format!(
-            "the mask's geometry differs from the measurement's (another voxel size, \
-             orientation or origin): {w}; measurement affine {}, mask affine {}; resample \
-             the mask onto the measurement's grid",
+        Some(w) => Err(format!(
+            "the {other_name}'s geometry differs from the {reference_name}'s (another voxel \
+             size, orientation or origin): {w}; {reference_name} affine {}, {other_name} \
+             affine {}; resample the {other_name} onto the {reference_name}'s grid",
             fmt_affine(measurement),
             fmt_affine(mask)
-        ))),
+        )),
     }
 }
 
