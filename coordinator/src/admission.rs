@@ -366,6 +366,11 @@ impl Drop for Reservation<'_> {
 impl Admission {
     /// An empty admission with a budget of `budget` bytes.
     pub fn new(budget: u64) -> Self {
+        tracing::info!(
+            budget_bytes = budget,
+            "memory budget {} ({BUDGET_FLAG})",
+            gb(budget)
+        );
         Self {
             budget,
             held: Mutex::new(BTreeMap::new()),
