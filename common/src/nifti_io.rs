@@ -5,8 +5,16 @@
 //! - integer (u8…u64, i8…i64) and real float (f32, f64) datatypes are accepted and
 //!   converted to f32 after applying `scl_slope`/`scl_inter` (a slope of 0 or a
 //!   non-finite slope means "no scaling", as in the NIfTI standard and nibabel);
-//! - the image must be 3D: 1D/2D images get unit trailing axes, 4D+ images are accepted
-//!   only when every axis beyond the third has length 1;
+//! - the image must be a 3-D volume: `dim[0]` ≥ 3 with at least 2 voxels along each of
+//!   the three spatial axes (a 1-D or 2-D image, or a 3-D file holding a single slice,
+//!   is refused); 4D+ images are accepted only when every axis beyond the third has
+//!   length 1;
+//! - the voxel data is decompressed with a hard cap at the size the header declares
+//!   (shape × bytes per voxel): bytes beyond it are never decompressed, and buffers grow
+//!   with the data that actually arrives, never to a size the header merely claims;
+//! - [`read_nifti_header_bytes`] / [`read_nifti_header`] parse only the header (for a
+//!   `.nii.gz`, only the first 348 decompressed bytes), so callers can size a volume
+//!   before decoding it;
 //! - geometry: the sform if `sform_code` > 0, else the qform if `qform_code` > 0, else a
 //!   diagonal of `pixdim` (NIfTI "method 1"); voxel sizes are the column norms of the
 //!   chosen affine and must be finite and positive;
@@ -37,6 +45,8 @@ const HEADER_LEN: usize = 348;
 const DATA_OFFSET: usize = 352;
 /// Refuse to allocate more than this for voxel data (16 GiB), whatever the header says.
 const MAX_DATA_BYTES: u64 = 16 << 30;
+/// The voxel buffer starts at most this large (64 MiB) and grows as data arrives.
+const INITIAL_DATA_CAPACITY: u64 = 64 << 20;
 
 fn nifti_err(name: &str, reason: impl Into<String>) -> Error {
     Error::Nifti {
@@ -97,6 +107,79 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8], name: &str) -> Result<usize> {
     Ok(got)
 }
 
+/// What the header of a NIfTI-1 file declares, read without touching the voxel data.
+///
+/// Produced by [`read_nifti_header`] / [`read_nifti_header_bytes`]; every check that the
+/// header alone allows (NIfTI-1, 3-D, known datatype, finite affine with positive voxel
+/// sizes, data size under the 16 GiB limit) has passed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeHeader {
+    /// `dim[0]`: the number of dimensions the header declares (3 or more; axes beyond the
+    /// third have length 1).
+    pub ndim: usize,
+    /// The 3-D shape (voxels along i, j, k).
+    pub shape: [usize; 3],
+    /// The `nifti` crate's name of the datatype (e.g. `Uint8`, `Float32`).
+    pub datatype: String,
+    /// Bytes per stored voxel of that datatype (1, 2, 4 or 8).
+    pub bytes_per_voxel: u64,
+    /// Voxel sizes in mm (column norms of [`Self::affine`]).
+    pub voxel_size: [f64; 3],
+    /// The voxel-to-scanner affine (mm): sform, else qform, else diagonal pixdim.
+    pub affine: [[f64; 4]; 4],
+    /// Byte offset of the voxel data in the (decompressed) file.
+    pub vox_offset: u64,
+}
+
+impl VolumeHeader {
+    /// Number of voxels (product of the shape).
+    pub fn voxels(&self) -> u64 {
+        self.shape.iter().map(|&n| n as u64).product()
+    }
+
+    /// Bytes of voxel data the header declares: voxels × bytes per voxel.
+    pub fn data_bytes(&self) -> u64 {
+        self.voxels() * self.bytes_per_voxel
+    }
+}
+
+/// Reads only the header of a `.nii` or `.nii.gz` file (for gzip, only enough of the
+/// stream is decompressed to hold the 348-byte header).
+pub fn read_nifti_header(path: impl AsRef<Path>) -> Result<VolumeHeader> {
+    let path = path.as_ref();
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut magic = [0u8; 2];
+    let name = path.display().to_string();
+    let got = read_full(&mut file, &mut magic, &name)?;
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    let reader = std::io::BufReader::new(file);
+    let mut reader: Box<dyn Read> = if is_gzip(&magic[..got]) {
+        Box::new(MultiGzDecoder::new(reader))
+    } else {
+        Box::new(reader)
+    };
+    let (_, info) = parse_header(reader.as_mut(), &name, is_gzip(&magic[..got]))?;
+    Ok(info)
+}
+
+/// Reads only the header of in-memory NIfTI-1 bytes (plain or gzip-compressed; for
+/// gzip, only enough is decompressed to hold the 348-byte header).
+pub fn read_nifti_header_bytes(bytes: &[u8]) -> Result<VolumeHeader> {
+    let gz = is_gzip(bytes);
+    let mut reader: Box<dyn Read + '_> = if gz {
+        Box::new(MultiGzDecoder::new(bytes))
+    } else {
+        Box::new(bytes)
+    };
+    let (_, info) = parse_header(reader.as_mut(), BYTES_NAME, gz)?;
+    Ok(info)
+}
+
 fn decode(bytes: &[u8], name: &str) -> Result<Volume> {
     let gz = is_gzip(bytes);
     let mut reader: Box<dyn Read + '_> = if gz {
@@ -105,9 +188,70 @@ fn decode(bytes: &[u8], name: &str) -> Result<Volume> {
         Box::new(bytes)
     };
     let ctx = if gz { " (after gunzip)" } else { "" };
+    let (mut header, info) = parse_header(reader.as_mut(), name, gz)?;
+    let shape = info.shape;
+    let nbytes = info.data_bytes();
+    let offset = info.vox_offset;
+    let skip = offset - HEADER_LEN as u64;
+    let skipped = std::io::copy(&mut reader.as_mut().take(skip), &mut std::io::sink())
+        .map_err(|e| nifti_err(name, format!("cannot read the data: {e}")))?;
+    if skipped < skip {
+        return Err(nifti_err(
+            name,
+            format!("truncated file{ctx}: ends before the voxel data offset {offset}"),
+        ));
+    }
+    // Hard cap: decompress at most the declared size, and let the buffer grow with the
+    // data that arrives (a header may claim far more than the file holds).
+    let mut raw = Vec::with_capacity(nbytes.min(INITIAL_DATA_CAPACITY) as usize);
+    reader
+        .as_mut()
+        .take(nbytes)
+        .read_to_end(&mut raw)
+        .map_err(|e| nifti_err(name, format!("cannot read the data: {e}")))?;
+    if (raw.len() as u64) < nbytes {
+        return Err(nifti_err(
+            name,
+            format!(
+                "truncated voxel data{ctx}: shape {shape:?} of {} needs {nbytes} bytes, \
+                 found {}",
+                info.datatype,
+                raw.len()
+            ),
+        ));
+    }
+    let affine = info.affine;
+    let voxel_size = info.voxel_size;
 
+    // Scaling: slope 0 or non-finite means none (NIfTI-1 standard, nibabel).
+    if !(header.scl_slope.is_finite() && header.scl_slope != 0.0) {
+        header.scl_slope = 1.0;
+        header.scl_inter = 0.0;
+    } else if !header.scl_inter.is_finite() {
+        header.scl_inter = 0.0;
+    }
+    let volume = nifti::InMemNiftiVolume::from_raw_data(&header, raw)
+        .map_err(|e| nifti_err(name, format!("cannot interpret the voxel data: {e}")))?;
+    let arr = volume
+        .into_ndarray::<f64>()
+        .map_err(|e| nifti_err(name, format!("cannot convert the voxel data: {e}")))?;
+    // Logical (C) order of the n-D array equals C order of `shape` (trailing unit axes).
+    let data: Vec<f32> = arr.iter().map(|&v| v as f32).collect();
+    let data = Array3::from_shape_vec(shape, data)
+        .map_err(|e| nifti_err(name, format!("voxel count does not match the shape: {e}")))?;
+    Ok(Volume::with_affine(data, voxel_size, affine))
+}
+
+/// Reads and checks the 348-byte header from `reader` (positioned at the start of the
+/// decompressed file); leaves it positioned right after the header.
+fn parse_header(
+    reader: &mut dyn Read,
+    name: &str,
+    gz: bool,
+) -> Result<(NiftiHeader, VolumeHeader)> {
+    let ctx = if gz { " (after gunzip)" } else { "" };
     let mut head = [0u8; HEADER_LEN];
-    let got = read_full(reader.as_mut(), &mut head, name)?;
+    let got = read_full(reader, &mut head, name)?;
     if got < HEADER_LEN {
         return Err(nifti_err(
             name,
@@ -128,7 +272,7 @@ fn decode(bytes: &[u8], name: &str) -> Result<Volume> {
             format!("not a NIfTI-1 file (header size field is {sizeof_hdr_le}, expected 348)"),
         ));
     }
-    let mut header = NiftiHeader::from_reader(&head[..])
+    let header = NiftiHeader::from_reader(&head[..])
         .map_err(|e| nifti_err(name, format!("not a NIfTI-1 file: {e}")))?;
     if &header.magic == b"ni1\0" {
         return Err(nifti_err(
@@ -166,30 +310,9 @@ fn decode(bytes: &[u8], name: &str) -> Result<Volume> {
         ));
     }
     let offset = header.vox_offset;
-    if !(offset.is_finite() && offset >= HEADER_LEN as f32) {
-        return Err(nifti_err(name, format!("invalid vox_offset {offset}")));
+    if !(offset.is_finite() && offset >= HEADER_LEN as f32 && offset < 1e9) {
+        return Err(nifti_err(name, format!("invalid vox_offset {offset}{ctx}")));
     }
-    let skip = offset as u64 - HEADER_LEN as u64;
-    let skipped = std::io::copy(&mut reader.as_mut().take(skip), &mut std::io::sink())
-        .map_err(|e| nifti_err(name, format!("cannot read the data: {e}")))?;
-    if skipped < skip {
-        return Err(nifti_err(
-            name,
-            format!("truncated file{ctx}: ends before the voxel data offset {offset}"),
-        ));
-    }
-    let mut raw = vec![0u8; nbytes as usize];
-    let got = read_full(reader.as_mut(), &mut raw, name)?;
-    if got < raw.len() {
-        return Err(nifti_err(
-            name,
-            format!(
-                "truncated voxel data{ctx}: shape {shape:?} of {datatype:?} needs {nbytes} bytes, \
-                 found {got}"
-            ),
-        ));
-    }
-
     let affine = header_affine(&header, name)?;
     let voxel_size = voxel_size_from_affine(&affine);
     if voxel_size.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
@@ -198,27 +321,20 @@ fn decode(bytes: &[u8], name: &str) -> Result<Volume> {
             format!("voxel size must be finite and positive, got {voxel_size:?} mm"),
         ));
     }
-
-    // Scaling: slope 0 or non-finite means none (NIfTI-1 standard, nibabel).
-    if !(header.scl_slope.is_finite() && header.scl_slope != 0.0) {
-        header.scl_slope = 1.0;
-        header.scl_inter = 0.0;
-    } else if !header.scl_inter.is_finite() {
-        header.scl_inter = 0.0;
-    }
-    let volume = nifti::InMemNiftiVolume::from_raw_data(&header, raw)
-        .map_err(|e| nifti_err(name, format!("cannot interpret the voxel data: {e}")))?;
-    let arr = volume
-        .into_ndarray::<f64>()
-        .map_err(|e| nifti_err(name, format!("cannot convert the voxel data: {e}")))?;
-    // Logical (C) order of the n-D array equals C order of `shape` (trailing unit axes).
-    let data: Vec<f32> = arr.iter().map(|&v| v as f32).collect();
-    let data = Array3::from_shape_vec(shape, data)
-        .map_err(|e| nifti_err(name, format!("voxel count does not match the shape: {e}")))?;
-    Ok(Volume::with_affine(data, voxel_size, affine))
+    let info = VolumeHeader {
+        ndim: header.dim[0] as usize,
+        shape,
+        datatype: format!("{datatype:?}"),
+        bytes_per_voxel,
+        voxel_size,
+        affine,
+        vox_offset: offset as u64,
+    };
+    Ok((header, info))
 }
 
-/// The 3D shape from `dim`, rejecting zero-length axes and non-trivial 4th+ axes.
+/// The 3D shape from `dim`, rejecting fewer than 3 dimensions, zero-length or unit
+/// spatial axes and non-trivial 4th+ axes.
 fn volume_shape(header: &NiftiHeader, name: &str) -> Result<[usize; 3]> {
     let ndim = header.dim[0] as usize;
     if !(1..=7).contains(&ndim) {
@@ -228,6 +344,15 @@ fn volume_shape(header: &NiftiHeader, name: &str) -> Result<[usize; 3]> {
         ));
     }
     let dims = &header.dim[1..=ndim];
+    if ndim < 3 {
+        return Err(nifti_err(
+            name,
+            format!(
+                "{ndim}-D image of shape {dims:?} (dim[0] = {ndim}); dmqsm reconstructs 3-D \
+                 volumes"
+            ),
+        ));
+    }
     if dims.contains(&0) {
         return Err(nifti_err(
             name,
@@ -243,9 +368,15 @@ fn volume_shape(header: &NiftiHeader, name: &str) -> Result<[usize; 3]> {
             ),
         ));
     }
-    let mut shape = [1usize; 3];
-    for (s, d) in shape.iter_mut().zip(dims.iter()) {
-        *s = *d as usize;
+    let shape = [dims[0] as usize, dims[1] as usize, dims[2] as usize];
+    if shape.contains(&1) {
+        return Err(nifti_err(
+            name,
+            format!(
+                "shape {shape:?} is a single slice or line, not a volume; dmqsm reconstructs \
+                 3-D volumes with at least 2 voxels along each axis"
+            ),
+        ));
     }
     Ok(shape)
 }
@@ -753,6 +884,90 @@ mod tests {
         std::fs::write(&p, &good[..100]).unwrap();
         let e = read_nifti(&p).unwrap_err().to_string();
         assert!(e.contains("broken.nii") && e.contains("truncated"), "{e}");
+    }
+
+    /// The header alone (plain, gzip, file) agrees with the full decode on shape, affine
+    /// and voxel size, and reports the datatype's size; a header on a truncated gzip
+    /// stream reads (only the header is decompressed), while the full decode fails.
+    #[test]
+    fn header_only_reads_agree_with_the_full_decode() {
+        let v = oblique_volume([5, 4, 3]);
+        let dir = tempfile::tempdir().unwrap();
+        for gz in [false, true] {
+            let bytes = write_nifti_bytes(&v, gz).unwrap();
+            let h = read_nifti_header_bytes(&bytes).unwrap();
+            let w = read_nifti_bytes(&bytes).unwrap();
+            assert_eq!(h.shape, w.shape());
+            assert_eq!(h.affine, w.affine);
+            assert_eq!(h.voxel_size, w.voxel_size);
+            assert_eq!((h.ndim, h.bytes_per_voxel, h.vox_offset), (3, 4, 352));
+            assert_eq!(h.datatype, "Float32");
+            assert_eq!(h.voxels(), 60);
+            assert_eq!(h.data_bytes(), 240);
+            let p = dir.path().join(if gz { "v.nii.gz" } else { "v.nii" });
+            std::fs::write(&p, &bytes).unwrap();
+            assert_eq!(read_nifti_header(&p).unwrap(), h);
+        }
+        let big = Volume::zeros([64, 64, 64], [1.0; 3]);
+        let gz = write_nifti_bytes(&big, true).unwrap();
+        let cut = &gz[..gz.len() / 4];
+        assert_eq!(read_nifti_header_bytes(cut).unwrap().shape, [64, 64, 64]);
+        assert!(read_nifti_bytes(cut).is_err());
+        assert!(matches!(
+            read_nifti_header(dir.path().join("missing.nii")),
+            Err(Error::Io { .. })
+        ));
+    }
+
+    /// A header claiming far more voxels than the file holds fails as truncated (the
+    /// buffer grows with the data, it is not allocated at the declared size); bytes after
+    /// the declared data are never decoded (the volume equals the one without them).
+    #[test]
+    fn decoding_is_capped_at_the_declared_size() {
+        let v = oblique_volume([4, 3, 2]);
+        let good = write_nifti_bytes(&v, false).unwrap();
+        let mut claims = good.clone();
+        for a in 0..3 {
+            set_i16(&mut claims, 42 + 2 * a, 1000);
+        }
+        let e = read_nifti_bytes(&claims).unwrap_err().to_string();
+        assert!(
+            e.contains("truncated voxel data") && e.contains("found 96"),
+            "{e}"
+        );
+        let mut trailing = good.clone();
+        trailing.extend_from_slice(&[0xff; 1000]);
+        for gz in [false, true] {
+            let bytes = if gz {
+                let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+                enc.write_all(&trailing).unwrap();
+                enc.finish().unwrap()
+            } else {
+                trailing.clone()
+            };
+            assert_eq!(read_nifti_bytes(&bytes).unwrap().data, v.data);
+        }
+    }
+
+    /// 1-D and 2-D images and 3-D files holding one slice are refused, naming why.
+    #[test]
+    fn images_that_are_not_volumes_are_refused() {
+        let v = oblique_volume([4, 3, 2]);
+        let good = write_nifti_bytes(&v, false).unwrap();
+        for (ndim, needle) in [(1i16, "1-D image"), (2, "2-D image")] {
+            let mut b = good.clone();
+            set_i16(&mut b, 40, ndim);
+            for r in [
+                read_nifti_bytes(&b).unwrap_err(),
+                read_nifti_header_bytes(&b).unwrap_err(),
+            ] {
+                let r = r.to_string();
+                assert!(r.contains(needle) && r.contains("3-D volumes"), "{r}");
+            }
+        }
+        let slice = write_nifti_bytes(&Volume::zeros([8, 8, 1], [1.0; 3]), true).unwrap();
+        let e = read_nifti_bytes(&slice).unwrap_err().to_string();
+        assert!(e.contains("single slice"), "{e}");
     }
 
     #[test]

@@ -66,15 +66,15 @@ fn request(m: &[u8], k: &[u8], settings: v1::JobSettings) -> v1::SubmitJobReques
 fn settings(steps: u32, overlap: u32, batch: u32) -> v1::JobSettings {
     v1::JobSettings {
         task: v1::Task::Dipinv as i32,
-        steps,
+        steps: Some(steps),
         eta: 0.0,
         guidance: v1::Guidance::Approx as i32,
         // A fixed DPS step: the default (0.5·1000/steps) diverges on this smooth phantom
         // at 20 steps, and the benches time the machinery, not the reconstruction.
-        xi: 1.0,
+        xi: Some(1.0),
         overlap: Some(overlap),
         seed: 1,
-        samples: 1,
+        samples: Some(1),
         batch_size: batch,
         ..Default::default()
     }
@@ -348,13 +348,13 @@ async fn gpu_scaling() -> AnyResult<()> {
                 let url = format!("http://{addr}");
                 let settings = v1::JobSettings {
                     task: v1::Task::DipinvPhysics as i32,
-                    steps: STEPS,
+                    steps: Some(STEPS),
                     eta: 0.0,
-                    xi: 1.0,
+                    xi: Some(1.0),
                     guidance: guidance as i32,
                     overlap: Some(8),
                     seed: 1,
-                    samples: 1,
+                    samples: Some(1),
                     batch_size: BATCH,
                     ..Default::default()
                 };

@@ -51,6 +51,11 @@ pub struct CoordinatorConfig {
     pub max_message_bytes: usize,
     /// How many jobs run their sampler at once; more are queued.
     pub max_running_jobs: usize,
+    /// Memory budget in bytes: a job whose estimated peak
+    /// ([`crate::admission::MemoryEstimate`]) exceeds it is refused, and queued plus
+    /// running jobs together may hold at most this much. Default: 3/4 of the machine's
+    /// memory ([`crate::admission::default_budget_bytes`]); `--memory-budget-gb`.
+    pub memory_budget_bytes: u64,
     /// The Prometheus event counters of this coordinator (not a tunable: a handle, fresh
     /// per [`CoordinatorConfig::new`], shared by its clones; see [`crate::metrics`]).
     pub metrics: crate::metrics::CoordinatorMetrics,
@@ -116,6 +121,7 @@ impl CoordinatorConfig {
             shutdown_grace: Duration::from_secs(3),
             security: SecurityConfig::default(),
             metrics: crate::metrics::CoordinatorMetrics::default(),
+            memory_budget_bytes: crate::admission::default_budget_bytes(),
         }
     }
 
@@ -142,6 +148,9 @@ impl CoordinatorConfig {
         }
         if !(0.0..=1.0).contains(&self.spot_check_fraction) {
             return bad("spot_check_fraction must be in [0, 1]");
+        }
+        if self.memory_budget_bytes == 0 {
+            return bad("memory_budget_bytes must be > 0 (--memory-budget-gb)");
         }
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes must be ≥ 1024");

@@ -42,20 +42,20 @@ impl From<&JobSpec> for v1::JobSettings {
         let s = spec;
         v1::JobSettings {
             task: v1::Task::from(s.task) as i32,
-            steps: s.steps,
+            steps: Some(s.steps),
             eta: s.eta,
-            xi: s.xi.unwrap_or(0.0),
+            xi: s.xi,
             // A spec is built by `from_proto`, which never yields `Guidance::None`.
             guidance: v1::Guidance::try_from(s.guidance).map_or(v1::Guidance::Unspecified, |g| g)
                 as i32,
             overlap: Some(s.overlap),
             seed: s.seed,
-            samples: s.samples,
+            samples: Some(s.samples),
             priority: s.priority,
             model_id: s.model_id.clone(),
             factor: s.factor.to_vec(),
             b0_dir: s.b0_dir.map(|d| d.to_vec()).unwrap_or_default(),
-            tkd_threshold: s.tkd_threshold,
+            tkd_threshold: Some(s.tkd_threshold),
             field_units: s.field_units.clone(),
             b0_tesla: s.b0_tesla,
             te_seconds: s.te_seconds,

@@ -46,6 +46,10 @@ pub enum CoordinatorError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The submission is valid but the coordinator cannot take it now: queued and running
+    /// jobs hold its memory budget (gRPC `RESOURCE_EXHAUSTED`; retry later).
+    #[error("coordinator busy: {0}")]
+    Busy(String),
 }
 
 impl From<sled::Error> for CoordinatorError {
@@ -65,6 +69,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::NoResult { .. } => tonic::Status::failed_precondition(msg),
             CoordinatorError::Worker { .. } => tonic::Status::unavailable(msg),
             CoordinatorError::Config(_) => tonic::Status::invalid_argument(msg),
+            CoordinatorError::Busy(_) => tonic::Status::resource_exhausted(msg),
             CoordinatorError::Store(_) | CoordinatorError::JobFailed { .. } => {
                 tonic::Status::internal(msg)
             }

@@ -18,6 +18,11 @@ pub fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Diffusion steps of a job whose settings leave `steps` unset.
+pub const DEFAULT_STEPS: u32 = 25;
+/// TKD threshold δ of a job whose settings leave `tkd_threshold` unset.
+pub const DEFAULT_TKD_THRESHOLD: f64 = 0.1;
+
 /// The resolved settings of a job: every default filled in at submission, so a job
 /// restarted under another coordinator configuration computes exactly the same thing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,8 +75,10 @@ pub struct JobSpec {
 
 impl JobSpec {
     /// Resolves proto settings, filling defaults and rejecting nonsense with a message
-    /// naming the field. `batch_size` (the coordinator's setting) applies when the
-    /// settings leave it 0.
+    /// naming the field and its valid range. Unset optional fields take their defaults;
+    /// an explicit 0 where 0 is meaningless (steps, samples, ξ, TKD threshold) is an
+    /// error. `batch_size` (the coordinator's setting) applies when the settings leave it
+    /// 0.
     pub fn from_proto(s: &v1::JobSettings, batch_size: usize) -> Result<Self> {
         let bad = |m: String| Err(CoordinatorError::InvalidSubmission(m));
         let invalid = |e: convert::ConvertError| CoordinatorError::InvalidSubmission(e.to_string());
@@ -80,19 +87,31 @@ impl JobSpec {
         let guidance = convert::guidance(s.guidance, "settings.guidance")
             .map_err(invalid)?
             .unwrap_or(Guidance::Approx);
-        let steps = if s.steps == 0 { 25 } else { s.steps };
-        if steps > 10_000 {
-            return bad(format!("settings.steps {steps} is above 10000"));
+        // Unset means the default; an explicit value out of range (0 included) is an
+        // error naming the field and the valid range, never a silent default.
+        let steps = s.steps.unwrap_or(DEFAULT_STEPS);
+        if !(1..=10_000).contains(&steps) {
+            return bad(format!(
+                "settings.steps {steps} is out of range: give 1 to 10000 diffusion steps \
+                 (unset means {DEFAULT_STEPS})"
+            ));
         }
         if !s.eta.is_finite() || !(0.0..=1.0).contains(&s.eta) {
             return bad(format!("settings.eta {} must be in [0, 1]", s.eta));
         }
-        if !s.xi.is_finite() || s.xi < 0.0 {
-            return bad(format!("settings.xi {} must be ≥ 0", s.xi));
+        if let Some(xi) = s.xi
+            && !(xi.is_finite() && xi > 0.0)
+        {
+            return bad(format!(
+                "settings.xi {xi} must be finite and > 0 (unset means the task's default)"
+            ));
         }
-        let samples = s.samples.max(1);
-        if samples > 1000 {
-            return bad(format!("settings.samples {samples} is above 1000"));
+        let samples = s.samples.unwrap_or(1);
+        if !(1..=1000).contains(&samples) {
+            return bad(format!(
+                "settings.samples {samples} is out of range: give 1 to 1000 posterior samples \
+                 (unset means 1)"
+            ));
         }
         let factor = match s.factor.as_slice() {
             // DM-QSM evaluates SR from 2 mm to 1 mm.
@@ -126,14 +145,11 @@ impl JobSpec {
                 ));
             }
         };
-        let tkd_threshold = if s.tkd_threshold == 0.0 {
-            0.1
-        } else {
-            s.tkd_threshold
-        };
+        let tkd_threshold = s.tkd_threshold.unwrap_or(DEFAULT_TKD_THRESHOLD);
         if !tkd_threshold.is_finite() || tkd_threshold <= 0.0 || tkd_threshold >= 1.0 {
             return bad(format!(
-                "settings.tkd_threshold {tkd_threshold} must be in (0, 1)"
+                "settings.tkd_threshold {tkd_threshold} is out of range: it must be in (0, 1) \
+                 (unset means {DEFAULT_TKD_THRESHOLD})"
             ));
         }
         let field_units = if s.field_units.is_empty() {
@@ -188,7 +204,7 @@ impl JobSpec {
             task,
             steps,
             eta: s.eta,
-            xi: if s.xi == 0.0 { None } else { Some(s.xi) },
+            xi: s.xi,
             guidance,
             overlap: s.overlap.unwrap_or(8),
             seed: s.seed,
@@ -311,6 +327,13 @@ pub struct JobRecord {
     pub timings: JobTimings,
     /// History, oldest first (bounded to the last [`HISTORY_LIMIT`] events).
     pub history: Vec<HistoryEvent>,
+    /// Coordinator starts that resumed this job in a row without it making progress
+    /// (see [`crate::admission::MAX_RESUMES_WITHOUT_PROGRESS`]).
+    #[serde(default)]
+    pub resumes_without_progress: u32,
+    /// `(sample, step)` of the job when it was last resumed.
+    #[serde(default)]
+    pub resumed_at: Option<(u32, u32)>,
 }
 
 fn local_owner() -> String {
@@ -342,6 +365,8 @@ impl JobRecord {
             resumed_from: Vec::new(),
             timings: JobTimings::default(),
             history: Vec::new(),
+            resumes_without_progress: 0,
+            resumed_at: None,
         };
         r.log("submitted");
         r
@@ -379,6 +404,90 @@ mod tests {
         assert_eq!(spec.guidance, Guidance::Approx);
         let back = JobSpec::from_proto(&v1::JobSettings::from(&spec), 4).unwrap();
         assert_eq!(back, spec);
+    }
+
+    /// An explicit 0 (or out-of-range value) is an error naming the field and its valid
+    /// range, never the default; the limits themselves are accepted.
+    #[test]
+    fn zero_and_out_of_range_are_errors_not_defaults() {
+        let base = || v1::JobSettings {
+            task: v1::Task::Dipinv as i32,
+            ..Default::default()
+        };
+        let cases: Vec<(v1::JobSettings, &str)> = vec![
+            (
+                v1::JobSettings {
+                    steps: Some(0),
+                    ..base()
+                },
+                "settings.steps 0 is out of range: give 1 to 10000",
+            ),
+            (
+                v1::JobSettings {
+                    steps: Some(10_001),
+                    ..base()
+                },
+                "settings.steps 10001",
+            ),
+            (
+                v1::JobSettings {
+                    samples: Some(0),
+                    ..base()
+                },
+                "settings.samples 0 is out of range: give 1 to 1000",
+            ),
+            (
+                v1::JobSettings {
+                    samples: Some(1001),
+                    ..base()
+                },
+                "settings.samples 1001",
+            ),
+            (
+                v1::JobSettings {
+                    tkd_threshold: Some(0.0),
+                    ..base()
+                },
+                "settings.tkd_threshold 0 is out of range: it must be in (0, 1)",
+            ),
+            (
+                v1::JobSettings {
+                    tkd_threshold: Some(1.0),
+                    ..base()
+                },
+                "settings.tkd_threshold 1",
+            ),
+            (
+                v1::JobSettings {
+                    xi: Some(0.0),
+                    ..base()
+                },
+                "settings.xi 0 must be finite and > 0",
+            ),
+            (
+                v1::JobSettings {
+                    xi: Some(f64::NAN),
+                    ..base()
+                },
+                "settings.xi NaN",
+            ),
+        ];
+        for (s, needle) in cases {
+            let e = JobSpec::from_proto(&s, 4).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} should mention {needle}");
+        }
+        let s = v1::JobSettings {
+            steps: Some(10_000),
+            samples: Some(1000),
+            tkd_threshold: Some(0.05),
+            xi: Some(0.5),
+            ..base()
+        };
+        let spec = JobSpec::from_proto(&s, 4).unwrap();
+        assert_eq!(
+            (spec.steps, spec.samples, spec.tkd_threshold, spec.xi),
+            (10_000, 1000, 0.05, Some(0.5))
+        );
     }
 
     #[test]

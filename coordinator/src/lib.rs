@@ -7,6 +7,7 @@
 //!
 //! One concept per module:
 //! - [`config`]: every tunable, with defaults.
+//! - [`admission`]: a job's peak memory from its headers; the memory budget.
 //! - [`job`]: job settings, records and history as stored.
 //! - [`convert`]: stored job types ↔ their wire messages.
 //! - [`store`]: the sled store (jobs, inputs, checkpoints, results).
@@ -26,6 +27,7 @@
 //!
 //! Nothing here links libtorch: models run in `dmqsm-worker` processes.
 
+pub mod admission;
 pub mod client;
 pub mod cohort;
 pub mod config;

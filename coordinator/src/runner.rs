@@ -139,6 +139,7 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job_id: String) {
         }
     };
     shared.dispatcher.close_job(&job_id);
+    shared.admission.release(&job_id);
     shared
         .prepared
         .lock()

@@ -50,6 +50,7 @@ impl Coordinator {
             dispatcher.add_static_worker(w).await?;
         }
         let shared = Arc::new(Shared {
+            admission: crate::admission::Admission::new(config.memory_budget_bytes),
             run_slots: Arc::new(Semaphore::new(config.max_running_jobs)),
             config,
             store,
@@ -60,7 +61,8 @@ impl Coordinator {
         });
         let c = Self { shared };
         for job in c.shared.store.list_jobs()? {
-            if !job.state.is_terminal() {
+            // A stored job that cannot be admitted again is failed with its reason.
+            if !job.state.is_terminal() && crate::admission::admit_resumed(&c.shared, &job) {
                 tracing::info!(job = %job.job_id, step = job.step, "resuming unfinished job");
                 c.launch(&job);
             }
@@ -140,6 +142,14 @@ impl Coordinator {
             .await
             .map_err(|e| CoordinatorError::Store(format!("input reader panicked: {e}")))??
         };
+        // Admission from the headers alone, before anything is decoded.
+        let estimate = crate::admission::MemoryEstimate::from_inputs(
+            &spec,
+            &model,
+            &measurement,
+            mask.as_deref(),
+        )?;
+        let reservation = self.shared.admission.reserve(&estimate)?;
         // Build the problem now so that bad inputs are refused at submission.
         let problem = {
             let (spec, model, m, k) = (
@@ -168,6 +178,7 @@ impl Coordinator {
         }
         store.put_job(&record)?;
         store.flush()?;
+        reservation.commit(&job_id);
         tracing::info!(job = %job_id, task = record.spec.task.name(), model = %record.model.content_hash, "job submitted");
         self.shared
             .prepared

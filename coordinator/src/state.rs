@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     /// Turns true when the coordinator shuts down: watch streams end and runners
     /// checkpoint at the next step boundary and stop.
     pub stopping: watch::Sender<bool>,
+    /// The memory budget and what queued and running jobs hold of it.
+    pub admission: crate::admission::Admission,
 }
 
 impl Shared {

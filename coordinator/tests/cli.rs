@@ -105,6 +105,53 @@ fn run_embedded_writes_results_and_exit_codes_follow_the_documentation() {
         String::from_utf8_lossy(&o.stderr)
     );
 
+    // 2 as well: zero or out-of-range values are usage errors naming the flag, never a
+    // silent default.
+    for (flag, value) in [
+        ("--steps", "0"),
+        ("--samples", "0"),
+        ("--tkd-threshold", "0"),
+        ("--xi", "0"),
+        ("--memory-budget-gb", "0"),
+        ("--steps", "10001"),
+    ] {
+        let o = dmqsm()
+            .arg("run")
+            .arg(&field)
+            .args(["--analytic", "0,0.5", "--analytic-patch", "16", flag, value])
+            .arg("--data-dir")
+            .arg(dir.path().join("data-flags"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+
+    // 3: an overlap the model's patch size (16) does not allow is refused at submission,
+    // naming the setting and the patch size.
+    let o = dmqsm()
+        .arg("run")
+        .arg(&field)
+        .args([
+            "--analytic",
+            "0,0.5",
+            "--analytic-patch",
+            "16",
+            "--overlap",
+            "16",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data-overlap"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("settings.overlap 16") && stderr.contains("patch size 16"),
+        "{stderr}"
+    );
+
     // 6: nobody listens there.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

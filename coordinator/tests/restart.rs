@@ -106,12 +106,12 @@ async fn kill_9_coordinator_mid_job_resumes_from_checkpoint_with_identical_outpu
     let (m, k) = inputs();
     let settings = v1::JobSettings {
         task: v1::Task::Dipinv as i32,
-        steps: 16,
+        steps: Some(16),
         eta: 0.5,
         guidance: v1::Guidance::Exact as i32,
         overlap: Some(8),
         seed: 11,
-        samples: 1,
+        samples: Some(1),
         ..Default::default()
     };
     let req = v1::SubmitJobRequest {

@@ -275,20 +275,20 @@ pub fn inputs(task: v1::Task) -> (Vec<u8>, Vec<u8>) {
 pub fn settings(task: v1::Task, guidance: v1::Guidance, steps: u32) -> v1::JobSettings {
     v1::JobSettings {
         task: task as i32,
-        steps,
+        steps: Some(steps),
         eta: 0.5,
         // DPS at the default ξ·1000/N (125–500 at 4 steps) drives these small inputs to
         // residuals 100–250× a zero map's, which jobs now refuse as divergence; ξ = 1 keeps
-        // the runs bounded (prox keeps its default weight, 0 = default).
+        // the runs bounded (prox keeps its default weight: unset).
         xi: if guidance == v1::Guidance::Prox {
-            0.0
+            None
         } else {
-            1.0
+            Some(1.0)
         },
         guidance: guidance as i32,
         overlap: Some(8),
         seed: 7,
-        samples: 1,
+        samples: Some(1),
         ..Default::default()
     }
 }

@@ -285,7 +285,7 @@ async fn cohort_runs_every_subject_reports_the_broken_one_and_a_rerun_skips_fini
     let only = cohort::discover(&root, &sel, InputKind::LocalField).unwrap();
     assert_eq!(only.len(), 1);
     let mut opts4 = opts.clone();
-    opts4.settings.steps = 4;
+    opts4.settings.steps = Some(4);
     let report = cohort::run_cohort(&mut c, &root, &only, &opts4, |_| {})
         .await
         .unwrap();

@@ -91,7 +91,7 @@ async fn posterior_samples_give_the_reference_mean_and_std_and_results_stay_fetc
     let m = model();
     let cluster = Cluster::start(vec![served(&m, Duration::ZERO); 2], |_| {}).await;
     let mut s = settings(v1::Task::Dipinv, v1::Guidance::Approx, STEPS);
-    s.samples = 3;
+    s.samples = Some(3);
     s.eta = 1.0;
     let req = request(s, "posterior");
     let mut c = cluster.client().await;

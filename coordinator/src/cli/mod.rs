@@ -32,7 +32,8 @@ Exit codes:
   5  job cancelled
   6  coordinator unreachable (watch and submit --wait reconnect for 60 s first)
   7  job not found, or no result to fetch
-  8  not authorised (no or unknown token, or the token's role may not do this)";
+  8  not authorised (no or unknown token, or the token's role may not do this)
+  9  coordinator busy: queued and running jobs hold its memory budget (retry later)";
 
 /// An error with its documented exit code.
 #[derive(Debug)]
@@ -55,6 +56,8 @@ impl std::error::Error for Exit {}
 pub const EXIT_JOB_FAILED: u8 = 4;
 /// Exit code for job cancelled.
 pub const EXIT_JOB_CANCELLED: u8 = 5;
+/// Exit code for a coordinator whose memory budget is held by other jobs.
+pub const EXIT_BUSY: u8 = 9;
 
 /// Maps a client error to its exit code.
 pub fn exit_from_client(e: ClientError) -> Exit {
@@ -65,6 +68,7 @@ pub fn exit_from_client(e: ClientError) -> Exit {
             tonic::Code::NotFound | tonic::Code::FailedPrecondition => 7,
             tonic::Code::Unavailable => 6,
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => 8,
+            tonic::Code::ResourceExhausted => EXIT_BUSY,
             _ => 1,
         },
         ClientError::Protocol(_) => 1,
@@ -155,8 +159,9 @@ pub struct SettingsArgs {
     /// Task. The default, `dipinv-physics`, uses the dipole model in the data term.
     #[arg(long, value_enum, default_value = "dipinv-physics")]
     pub task: Task,
-    /// Diffusion (DDIM) steps.
-    #[arg(long, default_value_t = DEFAULT_STEPS)]
+    /// Diffusion (DDIM) steps (1–10000).
+    #[arg(long, default_value_t = DEFAULT_STEPS,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub steps: u32,
     /// DDIM η (0 deterministic, 1 ancestral).
     #[arg(long, default_value_t = 1.0)]
@@ -172,8 +177,8 @@ pub struct SettingsArgs {
     pub tv_alpha: Option<f64>,
     /// ξ: the DPS step size, or the prox data weight (default: DM-QSM's 0.5 dipole
     /// inversion / 2 SR scaled by 1000/steps for DPS; 2–16 by task for prox (8 for the physics tasks); see
-    /// `dmqsm_common::diffusion::sampler::default_xi`).
-    #[arg(long)]
+    /// `dmqsm_common::diffusion::sampler::default_xi`); finite and > 0.
+    #[arg(long, value_parser = parse_positive)]
     pub xi: Option<f64>,
     /// Guidance mode.
     #[arg(long, value_enum, default_value = "prox")]
@@ -184,8 +189,9 @@ pub struct SettingsArgs {
     /// Noise seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Posterior samples (> 1 adds a std map).
-    #[arg(long, default_value_t = 1)]
+    /// Posterior samples (1–1000; > 1 adds a std map).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub samples: u32,
     /// Priority (higher runs first).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
@@ -196,8 +202,8 @@ pub struct SettingsArgs {
     /// SR factor: one value or three comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub factor: Vec<u32>,
-    /// TKD threshold of the dipinv / sr-dipinv input.
-    #[arg(long, default_value_t = 0.1)]
+    /// TKD threshold of the dipinv / sr-dipinv input, in (0, 1).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_open_unit)]
     pub tkd_threshold: f64,
     /// SR downsampling model: kspace or block.
     #[arg(long, default_value = "kspace")]
@@ -236,6 +242,22 @@ impl StartTimestep {
     }
 }
 
+/// A number strictly between 0 and 1 (clap value parser).
+fn parse_open_unit(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 1.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number strictly between 0 and 1")),
+    }
+}
+
+/// A finite number above 0 (clap value parser).
+fn parse_positive(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a finite number above 0")),
+    }
+}
+
 fn parse_start(s: &str) -> std::result::Result<StartTimestep, String> {
     match s.trim() {
         "auto" => Ok(StartTimestep::Auto),
@@ -256,19 +278,19 @@ impl SettingsArgs {
             start_timestep: self.start_timestep.resolve(self.steps),
             tv_alpha: self.tv_alpha,
             task: v1::Task::from(self.task) as i32,
-            steps: self.steps,
+            steps: Some(self.steps),
             eta: self.eta,
-            xi: self.xi.unwrap_or(0.0),
+            xi: self.xi,
             // The command line never offers `none` (`value(skip)`).
             guidance: v1::Guidance::try_from(self.guidance).map_or(v1::Guidance::Unspecified, |g| g)
                 as i32,
             overlap: Some(self.overlap),
             seed: self.seed,
-            samples: self.samples,
+            samples: Some(self.samples),
             priority: self.priority,
             model_id: self.model_id.clone(),
             factor: self.factor.clone(),
-            tkd_threshold: self.tkd_threshold,
+            tkd_threshold: Some(self.tkd_threshold),
             downsample: self.downsample.clone(),
             batch_size: self.batch_size,
             ..Default::default()

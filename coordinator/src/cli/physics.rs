@@ -518,7 +518,8 @@ pub fn sidecar_path(nifti: &Path) -> PathBuf {
     nifti.with_file_name(format!("{stem}.json"))
 }
 
-/// Errors unless two volumes share their matrix size.
+/// Errors unless two volumes share their matrix size and (within
+/// `dmqsm_coordinator::problem`'s tolerances) their affine.
 pub fn same_grid(a: &Volume, b: &Volume, an: &str, bn: &str) -> Result<()> {
     if a.shape() != b.shape() {
         bail!(
@@ -527,6 +528,8 @@ pub fn same_grid(a: &Volume, b: &Volume, an: &str, bn: &str) -> Result<()> {
             b.shape()
         );
     }
+    dmqsm_coordinator::problem::check_same_affine(bn, &b.affine, an, &a.affine)
+        .map_err(anyhow::Error::msg)?;
     Ok(())
 }
 
@@ -563,6 +566,27 @@ fn parse_f64x2(s: &str) -> std::result::Result<[f64; 2], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `dmqsm invert` & co. refuse a mask on another grid (origin, voxel size), naming
+    /// both volumes and both affines; the same grid passes.
+    #[test]
+    fn same_grid_compares_affines() {
+        let field = Volume::zeros([4, 4, 4], [1.0; 3]);
+        same_grid(&field.clone(), &field, "mask", "field").unwrap();
+        let mut shifted = field.clone();
+        shifted.affine[0][3] = 3.0;
+        let e = same_grid(&shifted, &field, "mask", "field")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mask's geometry differs from the field's")
+                && e.contains("field affine [[1.0000, 0.0000, 0.0000, 0.0000]")
+                && e.contains("mask affine [[1.0000, 0.0000, 0.0000, 3.0000]"),
+            "{e}"
+        );
+        let coarse = Volume::zeros([4, 4, 4], [1.0, 1.0, 2.0]);
+        assert!(same_grid(&coarse, &field, "mask", "field").is_err());
+    }
 
     #[test]
     fn sidecar_names() {

@@ -58,6 +58,11 @@ pub struct TuningArgs {
     /// and compared bitwise; a worker caught disagreeing with the majority is untrusted.
     #[arg(long, default_value_t = 0.0)]
     pub spot_check: f64,
+    /// Memory budget in GB (10⁹ bytes): a job whose estimated peak memory exceeds it is
+    /// refused before its inputs are decoded, and queued plus running jobs together hold
+    /// at most this much (default: 3/4 of the machine's memory or cgroup limit).
+    #[arg(long)]
+    pub memory_budget_gb: Option<f64>,
 }
 
 impl TuningArgs {
@@ -95,6 +100,18 @@ impl TuningArgs {
         };
         c.max_running_jobs = self.max_running_jobs;
         c.spot_check_fraction = self.spot_check;
+        if let Some(gb) = self.memory_budget_gb {
+            if !(gb.is_finite() && gb > 0.0 && gb < 1e9) {
+                return Err(Exit {
+                    code: 2,
+                    message: format!(
+                        "--memory-budget-gb {gb} must be a positive number of gigabytes"
+                    ),
+                }
+                .into());
+            }
+            c.memory_budget_bytes = ((gb * 1e9) as u64).max(1);
+        }
         c.validate().map_err(|e| Exit {
             code: 2,
             message: e.to_string(),

@@ -164,11 +164,14 @@ pub fn settings_json(s: &v1::JobSettings) -> Value {
         Ok(Some(g)) => g.name().to_string(),
         _ => format!("unknown({})", s.guidance),
     };
+    // Unset optional numbers are written as the 0 the wire used to carry for "unset",
+    // so the fingerprints of cohorts run before they became optional stay valid.
     let mut v = json!({
-        "task": task, "steps": s.steps, "eta": s.eta, "xi": s.xi, "guidance": guidance,
-        "overlap": s.overlap.unwrap_or(8), "seed": s.seed, "samples": s.samples,
+        "task": task, "steps": s.steps.unwrap_or(0), "eta": s.eta,
+        "xi": s.xi.unwrap_or(0.0), "guidance": guidance,
+        "overlap": s.overlap.unwrap_or(8), "seed": s.seed, "samples": s.samples.unwrap_or(0),
         "model_id": s.model_id, "factor": s.factor, "b0_dir": s.b0_dir,
-        "tkd_threshold": s.tkd_threshold, "field_units": s.field_units,
+        "tkd_threshold": s.tkd_threshold.unwrap_or(0.0), "field_units": s.field_units,
         "b0_tesla": s.b0_tesla, "te_seconds": s.te_seconds, "downsample": s.downsample,
         "batch_size": s.batch_size,
     });
@@ -225,7 +228,8 @@ fn prepare(entry: &Entry, acq: &Acquisition, opts: &CohortOptions) -> Result<Pre
     if let Some(m) = &mask {
         h.extend_from_slice(sha256_hex(m).as_bytes());
     }
-    let steps = s.steps as u64 * s.samples.max(1) as u64;
+    let steps =
+        s.steps.unwrap_or(crate::job::DEFAULT_STEPS) as u64 * s.samples.unwrap_or(1).max(1) as u64;
     Ok(Prepared {
         fingerprint: sha256_hex(&h),
         settings: s.clone(),
