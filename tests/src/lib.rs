@@ -181,7 +181,22 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path());
         tune(&mut config);
-        let urls: Vec<String> = ws.iter().map(|w| w.url.clone()).collect();
+        Self::serve(config, ws, dir).await
+    }
+
+    /// Starts a coordinator with `config` listing `workers` and serves it on a loopback
+    /// port (`https://` when the configuration has TLS).
+    async fn serve(
+        config: CoordinatorConfig,
+        workers: Vec<TestWorker>,
+        dir: tempfile::TempDir,
+    ) -> Self {
+        let scheme = if config.security.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let urls: Vec<String> = workers.iter().map(|w| w.url.clone()).collect();
         let coordinator = Coordinator::start(config, &urls).await.unwrap();
         let (addr, stop, _h) =
             dmqsm_coordinator::spawn_server(coordinator.clone(), "127.0.0.1:0".parse().unwrap())
@@ -189,8 +204,8 @@ impl Cluster {
                 .unwrap();
         Self {
             coordinator,
-            url: format!("http://{addr}"),
-            workers: ws,
+            url: format!("{scheme}://{addr}"),
+            workers,
             dir,
             stop: Some(stop),
         }
@@ -598,19 +613,7 @@ impl Cluster {
             worker_addresses: Default::default(),
         };
         tune(&mut config);
-        let urls: Vec<String> = ws.iter().map(|w| w.url.clone()).collect();
-        let coordinator = Coordinator::start(config, &urls).await.unwrap();
-        let (addr, stop, _h) =
-            dmqsm_coordinator::spawn_server(coordinator.clone(), "127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap();
-        Self {
-            coordinator,
-            url: format!("https://{addr}"),
-            workers: ws,
-            dir,
-            stop: Some(stop),
-        }
+        Self::serve(config, ws, dir).await
     }
 
     /// A client of this coordinator presenting `token` (and trusting `pki`'s CA for

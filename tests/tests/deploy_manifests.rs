@@ -211,7 +211,21 @@ fn dockerfiles_are_multi_stage_non_root_with_healthchecks_and_the_pinned_torch()
         assert!(
             st[3]
                 .1
-                .contains("\"status\", \"--coordinator\", \"http://127.0.0.1:50051\"")
+                .contains("\"health\", \"--coordinator\", \"http://127.0.0.1:50051\"")
+        );
+        // Tokens come from mounted secrets; without them the servers refuse to listen
+        // beyond loopback.
+        assert!(
+            st[3]
+                .1
+                .contains("ENV DMQSM_TOKENS_FILE=/run/secrets/dmqsm-tokens"),
+            "{file}"
+        );
+        assert!(
+            st[5]
+                .1
+                .contains("ENV DMQSM_TOKEN_FILE=/run/secrets/dmqsm-worker-token"),
+            "{file}"
         );
         assert!(
             st[5]
