@@ -1195,6 +1195,8 @@ mod tests {
         hash: String,
         latency: Duration,
         fail: Arc<AtomicBool>,
+        /// Answers NaN instead of ε (a broken or rogue worker).
+        nan: bool,
         active: Arc<AtomicUsize>,
         max_active: Arc<AtomicUsize>,
         calls: Arc<AtomicUsize>,
@@ -1233,7 +1235,10 @@ mod tests {
             let t = r.patches.unwrap_or_default();
             let (v, shape) = dmqsm_proto::tensor::decode(&t)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let half: Vec<f32> = v.iter().map(|x| x / 2.0).collect();
+            let half: Vec<f32> = v
+                .iter()
+                .map(|x| if self.nan { f32::NAN } else { x / 2.0 })
+                .collect();
             Ok(Response::new(v1::DenoiseResponse {
                 eps: Some(dmqsm_proto::tensor::encode(&half, &shape, v1::Dtype::F32)),
             }))
@@ -1364,6 +1369,67 @@ mod tests {
         assert!(retried > 0);
         assert!(good.calls.load(Ordering::SeqCst) >= 1);
         d.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_non_finite_answer_untrusts_its_worker_and_the_batch_goes_elsewhere() {
+        let rogue = Fake {
+            hash: "h1".into(),
+            nan: true,
+            ..Default::default()
+        };
+        let good = Fake {
+            hash: "h1".into(),
+            ..Default::default()
+        };
+        let d = Dispatcher::new(config());
+        let (rogue_url, _h1) = start(rogue.clone()).await;
+        let (good_url, _h2) = start(good.clone()).await;
+        let rogue_id = d.add_static_worker(&rogue_url).await.unwrap();
+        d.add_static_worker(&good_url).await.unwrap();
+        d.open_job("j", 0, "h1");
+        let rxs: Vec<_> = (0..8).map(|i| d.submit(batch("j", i))).collect();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let o = rx.await.unwrap().unwrap();
+            assert_eq!(first_value(&o), i as f32 / 2.0);
+            assert_ne!(o.worker_id, rogue_id);
+        }
+        assert!(rogue.calls.load(Ordering::SeqCst) >= 1);
+        assert!(d.is_untrusted(&rogue_id));
+        let ws = d.workers();
+        let state = |id: &str| {
+            ws.iter()
+                .find(|w| w.worker_id == id)
+                .map(|w| w.state.clone())
+        };
+        assert_eq!(state(&rogue_id).as_deref(), Some("untrusted"));
+        // Untrusted stays untrusted: probes that it answers do not bring it back.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let ws = d.workers();
+        assert_eq!(
+            ws.iter()
+                .find(|w| w.worker_id == rogue_id)
+                .map(|w| w.state.as_str()),
+            Some("untrusted")
+        );
+        d.shutdown();
+    }
+
+    #[test]
+    fn spot_checks_choose_batches_deterministically_at_the_asked_rate() {
+        let picked = (0..10_000)
+            .filter(|i| spot_checked("job-000001", &format!("batch {i}"), 0.25))
+            .count();
+        // Binomial(10⁴, 0.25): σ ≈ 43; 5σ either side.
+        assert!((2285..=2715).contains(&picked), "{picked}");
+        assert!(!spot_checked("j", "b", 0.0));
+        assert!((0..100).all(|i| spot_checked("j", &i.to_string(), 1.0)));
+        assert_eq!(
+            spot_checked("job-7", "sample 0 step 3/25 eps batch 2/12", 0.5),
+            spot_checked("job-7", "sample 0 step 3/25 eps batch 2/12", 0.5)
+        );
+        assert_eq!(assigned_id(3, "gpu node/1 ☃"), "w3-gpunode1");
+        assert_eq!(assigned_id(4, ""), "w4");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

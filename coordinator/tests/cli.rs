@@ -1,6 +1,7 @@
 //! The `dmqsm` binary's client/server commands and their documented exit codes: embedded
 //! `run` end to end (analytic model, 2 local workers), a rejected input (3), a bad
-//! argument (2) and an unreachable coordinator (6).
+//! argument (2) and an unreachable coordinator (6); servers without tokens stay on
+//! loopback.
 
 use dmqsm_common::Volume;
 use ndarray::Array3;
@@ -169,4 +170,90 @@ fn run_embedded_writes_results_and_exit_codes_follow_the_documentation() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("cannot reach the coordinator"), "{stderr}");
+}
+
+/// The worker binary beside `dmqsm` (cargo builds every workspace binary into the same
+/// folder before integration tests run `scripts/test.sh`'s `cargo build --bins`).
+fn dmqsm_worker() -> Command {
+    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_dmqsm"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    Command::new(dir.join("dmqsm-worker"))
+}
+
+/// Without a token table neither server listens beyond loopback, and bad token files are
+/// usage errors that name the problem; a token table lets `serve` bind a wildcard.
+#[test]
+fn servers_refuse_to_listen_beyond_loopback_without_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dmqsm()
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("store"))
+        .env_remove("DMQSM_TOKENS_FILE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("without authentication") && stderr.contains("--tokens"),
+        "{stderr}"
+    );
+    let worker = dmqsm_worker()
+        .args(["serve", "--synthetic", "--listen", "0.0.0.0:0"])
+        .env_remove("DMQSM_TOKEN")
+        .env_remove("DMQSM_TOKEN_FILE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&worker.stderr);
+    assert!(!worker.status.success(), "{stderr}");
+    assert!(stderr.contains("without authentication"), "{stderr}");
+
+    // A malformed table and a short token are named.
+    let table = dir.path().join("tokens");
+    std::fs::write(&table, "admin ops short\n").unwrap();
+    let o = dmqsm()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("store"))
+        .arg("--tokens")
+        .arg(&table)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("line 1") && stderr.contains("at least 16"),
+        "{stderr}"
+    );
+    let o = dmqsm()
+        .args(["status", "--coordinator", "http://127.0.0.1:9"])
+        .env("DMQSM_TOKEN_FILE", dir.path().join("missing.token"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("missing.token"), "{stderr}");
+
+    // With a table, a wildcard listen address is accepted (the server starts; we stop it).
+    std::fs::write(&table, "admin ops 0123456789abcdef0123\n").unwrap();
+    let mut child = dmqsm()
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("store2"))
+        .arg("--tokens")
+        .arg(&table)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(
+        line.starts_with("dmqsm coordinator listening on http://0.0.0.0:"),
+        "{line}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
