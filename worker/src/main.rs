@@ -383,7 +383,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             token.is_some(),
             "--token-file FILE or $DMQSM_TOKEN",
         )?;
-        if token.is_none() {
+        // A worker that `dmqsm` started for itself (embedded mode) is loopback-only by
+        // design; say it quietly there.
+        if token.is_none() && args.exit_with_parent {
+            tracing::debug!("authentication is off: listening on loopback {bound} only");
+        } else if token.is_none() {
             tracing::warn!(
                 "no token (--token-file, $DMQSM_TOKEN_FILE, $DMQSM_TOKEN): authentication is off, \
                  listening on loopback {bound} only"
