@@ -127,7 +127,7 @@ impl MemoryEstimate {
         mask: Option<&VolumeHeader>,
         uploads: u64,
     ) -> Result<Self> {
-        check_overlap(spec, model)?;
+        crate::problem::check_overlap(spec, model)?;
         let in_shape = measurement.shape;
         let factors = if spec.task.is_super_resolution() {
             spec.factor
@@ -264,27 +264,6 @@ fn voxels(shape: [usize; 3]) -> u64 {
 /// Bytes as decimal gigabytes with two decimals (`"1.50 GB"`).
 pub fn gb(bytes: u64) -> String {
     format!("{:.2} GB", bytes as f64 / 1e9)
-}
-
-/// Refuses an overlap that is not below the model's patch size (the stride P − S must be
-/// at least 1), naming the setting and the patch size.
-pub fn check_overlap(spec: &JobSpec, model: &ModelSpec) -> Result<()> {
-    if model.patch_size == 0 {
-        return Err(CoordinatorError::InvalidSubmission(format!(
-            "model {} declares patch size 0",
-            model.model_id
-        )));
-    }
-    if spec.overlap as usize >= model.patch_size {
-        return Err(CoordinatorError::InvalidSubmission(format!(
-            "settings.overlap {} must be below the model's patch size {} (valid: 0..={}; \
-             the patch stride is patch size − overlap)",
-            spec.overlap,
-            model.patch_size,
-            model.patch_size - 1
-        )));
-    }
-    Ok(())
 }
 
 /// The default budget: [`DEFAULT_BUDGET_FRACTION`] of the machine's memory, the smaller
@@ -474,17 +453,20 @@ pub const MAX_RESUMES_WITHOUT_PROGRESS: u32 = 3;
 /// [`MAX_RESUMES_WITHOUT_PROGRESS`] times in a row without progress. Otherwise the job is
 /// recorded failed with the reason, and false is returned, so a job that cannot load or
 /// crashes the coordinator is not retried forever.
-pub(crate) fn admit_resumed(shared: &crate::state::Shared, job: &crate::job::JobRecord) -> bool {
+pub(crate) fn admit_resumed(
+    store: &crate::store::JobStore,
+    admission: &Admission,
+    job: &crate::job::JobRecord,
+) -> bool {
     let mut rec = job.clone();
-    let verdict = resume_verdict(shared, &mut rec);
-    let store = &shared.store;
+    let verdict = resume_verdict(store, admission, &mut rec);
     match verdict {
         Ok(bytes) => {
             let recorded = store.put_job(&rec).and_then(|_| store.flush());
             if let Err(e) = recorded {
                 tracing::error!(job = %rec.job_id, "cannot record the resume: {e}");
             }
-            shared.admission.hold(&rec.job_id, bytes);
+            admission.hold(&rec.job_id, bytes);
             true
         }
         Err(reason) => {
@@ -508,7 +490,8 @@ pub(crate) fn admit_resumed(shared: &crate::state::Shared, job: &crate::job::Job
 
 /// The bytes a resumed job holds, or why it must not resume. Updates the resume counter.
 fn resume_verdict(
-    shared: &crate::state::Shared,
+    store: &crate::store::JobStore,
+    admission: &Admission,
     rec: &mut crate::job::JobRecord,
 ) -> std::result::Result<u64, String> {
     // Only a job that was running can have taken the coordinator down with it; a queued
@@ -529,7 +512,6 @@ fn resume_verdict(
             MAX_RESUMES_WITHOUT_PROGRESS, rec.sample, rec.step
         ));
     }
-    let store = &shared.store;
     let measurement = store
         .get_input(&rec.job_id, "measurement")
         .map_err(|e| format!("cannot read its stored measurement: {e}"))?
@@ -540,10 +522,7 @@ fn resume_verdict(
     let estimate =
         MemoryEstimate::from_inputs(&rec.spec, &rec.model, &measurement, mask.as_deref())
             .map_err(|e| e.to_string())?;
-    shared
-        .admission
-        .check_fits(&estimate)
-        .map_err(|e| e.to_string())?;
+    admission.check_fits(&estimate).map_err(|e| e.to_string())?;
     rec.log(format!(
         "admitted on restart (resume {} at sample {} step {}): estimated peak {}",
         rec.resumes_without_progress,

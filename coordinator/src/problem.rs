@@ -140,10 +140,31 @@ pub fn build_problem(
             .map_err(|e| bad("field units", e))?;
         m.data.mapv_inplace(|v| (v as f64 * f) as f32);
     }
-    crate::admission::check_overlap(spec, model)?;
+    check_overlap(spec, model)?;
     let options = task_options(spec)?;
     prepare(&options, &m, k.as_ref())
         .map_err(|e| CoordinatorError::InvalidSubmission(format!("{}: {e}", spec.task.name())))
+}
+
+/// Refuses an overlap that is not below the model's patch size (the stride P − S must be
+/// at least 1), naming the setting and the patch size.
+pub fn check_overlap(spec: &JobSpec, model: &ModelSpec) -> Result<()> {
+    if model.patch_size == 0 {
+        return Err(CoordinatorError::InvalidSubmission(format!(
+            "model {} declares patch size 0",
+            model.model_id
+        )));
+    }
+    if spec.overlap as usize >= model.patch_size {
+        return Err(CoordinatorError::InvalidSubmission(format!(
+            "settings.overlap {} must be below the model's patch size {} (valid: 0..={}; \
+             the patch stride is patch size − overlap)",
+            spec.overlap,
+            model.patch_size,
+            model.patch_size - 1
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -62,7 +62,9 @@ impl Coordinator {
         let c = Self { shared };
         for job in c.shared.store.list_jobs()? {
             // A stored job that cannot be admitted again is failed with its reason.
-            if !job.state.is_terminal() && crate::admission::admit_resumed(&c.shared, &job) {
+            if !job.state.is_terminal()
+                && crate::admission::admit_resumed(&c.shared.store, &c.shared.admission, &job)
+            {
                 tracing::info!(job = %job.job_id, step = job.step, "resuming unfinished job");
                 c.launch(&job);
             }
