@@ -250,7 +250,10 @@ fn decode(bytes: &[u8], name: &str) -> Result<Volume> {
     if arr.dim() != (shape[0], shape[1], shape[2]) {
         return Err(nifti_err(
             name,
-            format!("voxel data has shape {:?}, the header says {shape:?}", arr.shape()),
+            format!(
+                "voxel data has shape {:?}, the header says {shape:?}",
+                arr.shape()
+            ),
         ));
     }
     let data = arr.mapv(|v| v as f32).as_standard_layout().into_owned();
