@@ -7,6 +7,16 @@ use dmqsm_worker::train::optim::AdamWConfig;
 use dmqsm_worker::train::{DataSource, TrainConfig, TrainOptions, train};
 use dmqsm_worker::{DeviceSpec, EvalOptions, TorchModel, UNetConfig};
 use std::path::Path;
+use std::sync::Mutex;
+
+/// libtorch's random generator is process-wide: model initialisation seeds it
+/// (`tch::manual_seed`) and then draws from it. Tests that train run one at a time, so a
+/// parallel test cannot reseed it between another's seeding and drawing.
+static TORCH_RNG: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn tiny_config(iterations: u64) -> TrainConfig {
     TrainConfig {
@@ -57,6 +67,7 @@ fn mean(v: &[f32]) -> f32 {
 /// comparison is between window means), and every output file is written and loadable.
 #[test]
 fn training_lowers_the_loss_and_writes_a_servable_model() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let report = train(&tiny_config(40), &options(dir.path())).unwrap();
     assert_eq!(report.iterations, 40);
@@ -108,6 +119,7 @@ fn training_lowers_the_loss_and_writes_a_servable_model() {
 /// with a changed configuration is refused.
 #[test]
 fn resume_continues_exactly_from_the_checkpoint() {
+    let _serial = serial();
     let mut config = tiny_config(6);
     config.checkpoint_every = 3;
     let straight = tempfile::tempdir().unwrap();
@@ -142,6 +154,7 @@ fn resume_continues_exactly_from_the_checkpoint() {
 /// losses.
 #[test]
 fn nifti_source_matches_phantom_source() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut config = tiny_config(3);
     config.data = DataSource::Phantoms {
