@@ -32,7 +32,6 @@ use crate::volume::{Volume, voxel_size_from_affine};
 use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
-use ndarray::Array3;
 use nifti::{IntoNdArray, NiftiHeader, NiftiType};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -677,6 +676,7 @@ fn encode(volume: &Volume, gz: bool, name: &str) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::Array3;
     use nifti::{InMemNiftiObject, NiftiObject};
 
     /// An oblique, anisotropic, translated affine (rotation about a tilted axis).
