@@ -270,6 +270,12 @@ pub fn inputs(task: v1::Task) -> (Vec<u8>, Vec<u8>) {
         v1::Task::Sr | v1::Task::SrDipinv | v1::Task::SrDipinvPhysics
     );
     let (n, vox) = if sr { (N / 2, 2.0) } else { (N, 1.0) };
+    inputs_sized(task, n, vox)
+}
+
+/// [`inputs`] on an n³ grid of `vox` mm voxels: the low-resolution χ itself for `sr`,
+/// else the masked local field of [`chi_phantom`] along z.
+pub fn inputs_sized(task: v1::Task, n: usize, vox: f64) -> (Vec<u8>, Vec<u8>) {
     let chi = Volume::new(chi_phantom(n), [vox; 3]);
     let mask = Volume::new(ball(n), [vox; 3]);
     let measurement = if task == v1::Task::Sr {

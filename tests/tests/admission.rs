@@ -362,7 +362,6 @@ async fn stored_jobs_that_cannot_resume_fail_with_their_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measures process memory; run alone with --ignored --nocapture"]
 async fn the_estimate_bounds_a_real_jobs_peak() {
-    use dmqsm_common::geometry::B0Direction;
     let m = model();
     let cluster = Cluster::start(vec![served(&m, Duration::ZERO)], |_| {}).await;
     let mut c = cluster.client().await;
@@ -376,20 +375,7 @@ async fn the_estimate_bounds_a_real_jobs_peak() {
         ("sr ×2, approx, from noise, 32³ → 64³", v1::Task::Sr, 32),
     ];
     for (name, task, n) in cases {
-        let chi = Volume::new(chi_phantom(n), [1.0; 3]);
-        let mask = Volume::new(ball(n), [1.0; 3]);
-        let meas = if task == v1::Task::Sr {
-            chi
-        } else {
-            let b0 = B0Direction::new([0.0, 0.0, 1.0]).unwrap();
-            let f = dmqsm_common::simulate::forward_field(&chi, b0).unwrap();
-            let data = &f.data * &mask.data;
-            f.like(data)
-        };
-        let (meas, mask) = (
-            write_nifti_bytes(&meas, true).unwrap(),
-            write_nifti_bytes(&mask, true).unwrap(),
-        );
+        let (meas, mask) = inputs_sized(task, n, 1.0);
         let mut s = settings(
             task,
             if task == v1::Task::Sr {
