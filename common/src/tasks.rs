@@ -12,11 +12,12 @@
 //! brain mask and [`TaskOptions`]. Fields are taken in ppm (convert Hz/rad with
 //! [`crate::units`] first).
 
+use crate::diffusion::consistency::TvConsistency;
 use crate::error::{Error, Result};
 use crate::fft::Padding;
 use crate::geometry::B0Direction;
 use crate::inversion::tkd::{DEFAULT_TKD_THRESHOLD, TkdOptions, tkd_with};
-use crate::inversion::tv::{TvParams, tv, tv_lcurve_default};
+use crate::inversion::tv::{LCurve, LCurvePoint, TvParams, tv, tv_lcurve_default};
 use crate::operators::{
     BlockDownsample, Compose, DipoleConvolution, Identity, KSpaceDownsample, LinearOperator, Mask,
 };
@@ -156,6 +157,7 @@ pub struct Problem {
     output: OutputGrid,
     output_mask: Array3<bool>,
     initial: Option<Array3<f32>>,
+    tv_consistency: Option<Arc<TvConsistency>>,
     fingerprint: u64,
 }
 
@@ -253,8 +255,39 @@ impl Problem {
             output,
             output_mask,
             initial: None,
+            tv_consistency: None,
             fingerprint,
         })
+    }
+
+    /// Attaches the TV regulariser of the proximal data-consistency step
+    /// ([`crate::diffusion::consistency::tv_proximal_consistency`]; only the
+    /// `dipinv-physics` task, whose forward model is M_y ∘ D on one grid, can take it).
+    /// Its α becomes part of the fingerprint. Errors on another task or a regulariser
+    /// prepared for another grid.
+    pub fn with_tv_consistency(mut self, tv: Arc<TvConsistency>) -> Result<Self> {
+        if self.task != Task::DipinvPhysics {
+            return Err(Error::Parameter(format!(
+                "TV data consistency needs the dipinv-physics task, not {}",
+                self.task
+            )));
+        }
+        if tv.shape() != self.output.shape {
+            return Err(Error::Shape(format!(
+                "TV data consistency prepared for {:?}, output grid {:?}",
+                tv.shape(),
+                self.output.shape
+            )));
+        }
+        self.fingerprint =
+            mix64(self.fingerprint ^ 0x7476 ^ tv.alpha().to_bits()).wrapping_add(GAMMA);
+        self.tv_consistency = Some(tv);
+        Ok(self)
+    }
+
+    /// The TV regulariser of the proximal step, if one was attached.
+    pub fn tv_consistency(&self) -> Option<&TvConsistency> {
+        self.tv_consistency.as_deref()
     }
 
     /// Attaches the estimate a warm-started sampler begins from (χ in ppm on the output
@@ -437,6 +470,27 @@ pub struct TaskOptions {
     /// The estimate a warm start begins from (none by default).
     #[serde(default)]
     pub initial_estimate: InitialEstimate,
+    /// The TV term of the proximal data consistency (`dipinv-physics` only; none by
+    /// default).
+    #[serde(default)]
+    pub consistency_tv: ConsistencyTv,
+}
+
+/// The TV term of the physics dipole task's proximal data-consistency step
+/// ([`crate::diffusion::consistency::tv_proximal_consistency`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum ConsistencyTv {
+    /// The plain proximal step (CG on the data term).
+    #[default]
+    None,
+    /// TV with α = `factor` × the reference α: the warm start's TV α when one is given
+    /// ([`InitialEstimate::Tv`]), else the L-curve corner's
+    /// ([`crate::inversion::tv_lcurve_default`]).
+    Relative {
+        /// Multiplier of the reference α (finite, > 0).
+        factor: f64,
+    },
 }
 
 fn default_padding() -> Padding {
@@ -455,6 +509,7 @@ impl TaskOptions {
             b0_dir: None,
             dipole_padding: default_padding(),
             initial_estimate: InitialEstimate::None,
+            consistency_tv: ConsistencyTv::None,
         }
     }
 }
@@ -655,15 +710,50 @@ pub fn prepare(
             )
         }
     };
-    let problem = Problem::new(task, y, lr_mask.clone(), operator, output, out_mask)?;
+    let mut problem = Problem::new(task, y, lr_mask.clone(), operator, output, out_mask)?;
+    let weight = lr_mask
+        .as_ref()
+        .map(|m| m.mapv(|b| if b { 1.0f32 } else { 0.0 }));
+    let w = weight.as_ref().map(|w| w.view());
+    // The L-curve, computed at most once: the warm start and the TV consistency share it.
+    let mut lcurve = None;
+    let corner = |lcurve: &mut Option<LCurve>| -> Result<LCurvePoint> {
+        let curve = match lcurve.take() {
+            Some(c) => c,
+            None => tv_lcurve_default(measurement, w, b0)?,
+        };
+        let best = curve.best().clone();
+        *lcurve = Some(curve);
+        Ok(best)
+    };
+    if let ConsistencyTv::Relative { factor } = options.consistency_tv {
+        if task != Task::DipinvPhysics {
+            return Err(Error::Parameter(format!(
+                "TV data consistency applies to dipinv-physics only, not {task}"
+            )));
+        }
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(Error::Parameter(format!(
+                "the TV consistency factor must be finite and positive, got {factor}"
+            )));
+        }
+        let reference = match options.initial_estimate {
+            InitialEstimate::Tv { alpha: Some(a) } => a,
+            _ => corner(&mut lcurve)?.report.alpha,
+        };
+        let tv = TvConsistency::new(
+            measurement,
+            lr_mask.as_ref(),
+            b0,
+            options.dipole_padding,
+            factor * reference,
+        )?;
+        problem = problem.with_tv_consistency(Arc::new(tv))?;
+    }
     let estimate = match options.initial_estimate {
         InitialEstimate::None => return Ok(problem),
         InitialEstimate::Tkd if task.measures_field() => tkd(measurement)?,
         InitialEstimate::Tv { alpha } if task.measures_field() => {
-            let weight = lr_mask
-                .as_ref()
-                .map(|m| m.mapv(|b| if b { 1.0f32 } else { 0.0 }));
-            let w = weight.as_ref().map(|w| w.view());
             let chi = match alpha {
                 Some(alpha) => {
                     let params = TvParams {
@@ -672,7 +762,7 @@ pub fn prepare(
                     };
                     tv(measurement, w, b0, &params)?.0
                 }
-                None => tv_lcurve_default(measurement, w, b0)?.best().chi.clone(),
+                None => corner(&mut lcurve)?.chi,
             };
             chi.data
         }
@@ -964,5 +1054,55 @@ mod tests {
             }
         }
         assert!(rec.residual_ppm.unwrap().is_finite());
+    }
+
+    /// `ConsistencyTv::Relative` attaches the TV step with α = factor × the reference:
+    /// the warm start's given α, else the L-curve corner's (the same curve the warm start
+    /// uses); it changes the fingerprint, is refused for other tasks and bad factors, and
+    /// a prox run with it ends finite and masked.
+    #[test]
+    fn tv_consistency_takes_its_alpha_from_the_warm_start() {
+        let shape = [16, 14, 12];
+        let field = Volume::new(standard_normal(shape, 4).mapv(|v| 0.01 * v), [1.0; 3]);
+        let mask = Volume::new(ball_mask(shape), field.voxel_size);
+        let mut o = TaskOptions::new(Task::DipinvPhysics);
+        o.initial_estimate = InitialEstimate::Tv { alpha: Some(1e-3) };
+        let plain = prepare(&o, &field, Some(&mask)).unwrap();
+        assert!(plain.tv_consistency().is_none());
+        o.consistency_tv = ConsistencyTv::Relative { factor: 0.5 };
+        let p = prepare(&o, &field, Some(&mask)).unwrap();
+        assert_eq!(p.tv_consistency().map(|t| t.alpha()), Some(5e-4));
+        assert_ne!(p.fingerprint(), plain.fingerprint());
+        o.initial_estimate = InitialEstimate::Tv { alpha: None };
+        let p = prepare(&o, &field, Some(&mask)).unwrap();
+        let w = mask.data.view();
+        let corner = tv_lcurve_default(&field, Some(w), B0Direction::AXIAL)
+            .unwrap()
+            .best()
+            .report
+            .alpha;
+        assert_eq!(p.tv_consistency().map(|t| t.alpha()), Some(0.5 * corner));
+        let model = GaussianPriorModel::new(0.0, 1.0, 8, 10.0, ScheduleConfig::default()).unwrap();
+        let st = SamplerSettings {
+            steps: 4,
+            guidance: Guidance::Prox,
+            xi: Some(8.0),
+            spacing: GridSpacing::Overlap(2),
+            start_timestep: Some(50),
+            ..SamplerSettings::default()
+        };
+        let rec = crate::driver::sample(&model, Arc::new(p), &st, 16).unwrap();
+        assert!(rec.chi.data.iter().all(|v| v.is_finite()));
+        for (&v, &m) in rec.chi.data.iter().zip(mask.data.iter()) {
+            if m < 0.5 {
+                assert_eq!(v, 0.0);
+            }
+        }
+        o.consistency_tv = ConsistencyTv::Relative { factor: 0.0 };
+        assert!(prepare(&o, &field, Some(&mask)).is_err());
+        let mut sr = TaskOptions::new(Task::Sr);
+        sr.consistency_tv = ConsistencyTv::Relative { factor: 0.5 };
+        let err = prepare(&sr, &field, Some(&mask)).unwrap_err().to_string();
+        assert!(err.contains("dipinv-physics"), "{err}");
     }
 }

@@ -20,12 +20,13 @@
 //!   data (bytes per voxel of the file's datatype), its f64 conversion (8) and the f32
 //!   volume (4): N_in · (b + 12) per input, plus 4 · N_in for the measurement held;
 //! - **prepare**: the decoded inputs (4 · N_in each), the problem (below), and for a warm
-//!   start the TV solver: [`TV_BYTES_PER_FFT_VOXEL`] · G plus the L-curve's solutions
+//!   start or the TV data consistency the TV solver: [`TV_BYTES_PER_FFT_VOXEL`] · G plus the L-curve's solutions
 //!   (10 · 4 · N_in without a fixed α, 4 · N_in with one); TKD inputs add 16 · G;
 //! - **sample**: the problem, the sampler (state 4 · N_pad, y in model units 4 · N_in, the
 //!   step's accumulators and intermediates [`STEP_BYTES_PER_PADDED_VOXEL`] · N_pad), one
 //!   round's patches three times (the batches sent, the answers received, the answers
-//!   decoded: 12 · R), prox guidance's conjugate gradients (24 · N_out + 8 · G), exact
+//!   decoded: 12 · R), prox guidance's conjugate gradients (24 · N_out + 8 · G) or its TV
+//!   step ((TV + [`TV_ANCHOR_BYTES_PER_FFT_VOXEL`]) · G + 12 · N_out), exact
 //!   guidance's pending step and cotangents (16 · N_pad + 8 · R), and the samples: every
 //!   finished one kept (4 · N_out each, twice when stored for a multi-sample job) and the
 //!   result files (mean, std, NIfTI encodings: 24 · N_out).
@@ -56,6 +57,9 @@ pub const BUDGET_FLAG: &str = "--memory-budget-gb";
 /// z₁ ×3, s₁ ×3, z₂, s₂, χ, Dχ, the next χ, ∇χ ×3, the shrink factor, z₂ − s₂) and
 /// 20 bytes of half-spectrum arrays (D, 1/den, the right-hand side, one FFT, D·rhs).
 pub const TV_BYTES_PER_FFT_VOXEL: u64 = 18 * 4 + 20;
+/// Extra bytes per FFT voxel of an anchored TV run (the sampler's TV data consistency):
+/// the padded anchor (4) and β·F(χₐ) on the half spectrum (4).
+pub const TV_ANCHOR_BYTES_PER_FFT_VOXEL: u64 = 8;
 /// Bytes per padded voxel of one diffusion step besides the state: the f64 overlap sum
 /// (8), its normalisation, ε̂, x̂₀, the next state and the guidance gradient (5 × 4).
 pub const STEP_BYTES_PER_PADDED_VOXEL: u64 = 8 + 5 * 4;
@@ -175,7 +179,7 @@ impl MemoryEstimate {
             Task::Dipinv | Task::SrDipinv => mul(fft, 16),
             _ => 0,
         };
-        let tv = if warm {
+        let tv = if warm || spec.prox_tv.is_some() {
             let kept = if spec.tv_alpha.is_some() { 1 } else { 10 };
             mul(fft, TV_BYTES_PER_FFT_VOXEL).saturating_add(mul(n_in, 4 * kept))
         } else {
@@ -185,6 +189,12 @@ impl MemoryEstimate {
             .saturating_add(problem)
             .saturating_add(tkd.max(tv));
         let guidance = match spec.guidance {
+            // The TV step: the solver kept in the problem and one anchored run, plus the
+            // anchor and the result on the output grid; else the CG vectors.
+            Guidance::Prox if spec.prox_tv.is_some() => {
+                mul(fft, TV_BYTES_PER_FFT_VOXEL + TV_ANCHOR_BYTES_PER_FFT_VOXEL)
+                    .saturating_add(mul(n_out, 12))
+            }
             Guidance::Prox => mul(n_out, 24).saturating_add(mul(fft, 8)),
             Guidance::Exact => mul(n_pad, 16).saturating_add(mul(round, 8)),
             Guidance::Approx => mul(n_out, 8).saturating_add(mul(fft, 8)),

@@ -63,6 +63,7 @@ impl From<&JobSpec> for v1::JobSettings {
             batch_size: s.batch_size,
             start_timestep: s.start_timestep,
             tv_alpha: s.tv_alpha,
+            prox_tv: Some(s.prox_tv.unwrap_or(0.0)),
         }
     }
 }

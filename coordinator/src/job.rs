@@ -71,6 +71,10 @@ pub struct JobSpec {
     /// TV α of the warm-start estimate (`None`: the L-curve corner).
     #[serde(default)]
     pub tv_alpha: Option<f64>,
+    /// TV data-consistency factor, resolved (`None`: the plain CG proximal step; jobs
+    /// stored before the TV step existed read as `None`, so they resume unchanged).
+    #[serde(default)]
+    pub prox_tv: Option<f64>,
 }
 
 impl JobSpec {
@@ -189,6 +193,21 @@ impl JobSpec {
         {
             return bad(format!("settings.tv_alpha {a} must be finite and positive"));
         }
+        let prox_tv = match s.prox_tv {
+            Some(f) if !(f.is_finite() && f >= 0.0) => {
+                return bad(format!(
+                    "settings.prox_tv {f} must be finite and non-negative (0 turns the TV step off)"
+                ));
+            }
+            Some(f) if f > 0.0 && !(task == Task::DipinvPhysics && guidance == Guidance::Prox) => {
+                return bad(format!(
+                    "settings.prox_tv {f}: the TV data-consistency step needs task dipinv-physics and prox guidance, not {task} with {} guidance",
+                    guidance.name()
+                ));
+            }
+            Some(f) if f > 0.0 => Some(f),
+            _ => None,
+        };
         let downsample = if s.downsample.is_empty() {
             "kspace".to_string()
         } else {
@@ -225,6 +244,7 @@ impl JobSpec {
             },
             start_timestep: s.start_timestep,
             tv_alpha: s.tv_alpha,
+            prox_tv,
         })
     }
 }

@@ -5,7 +5,7 @@ use crate::job::JobSpec;
 use dmqsm_common::diffusion::model::ModelSpec;
 use dmqsm_common::nifti_io::read_nifti_bytes;
 use dmqsm_common::tasks::{
-    Downsampling, InitialEstimate, Problem, Resolution, TaskOptions, prepare,
+    ConsistencyTv, Downsampling, InitialEstimate, Problem, Resolution, TaskOptions, prepare,
 };
 use dmqsm_common::units::{FieldScale, FieldUnit};
 use dmqsm_proto::v1;
@@ -29,6 +29,9 @@ pub fn task_options(spec: &JobSpec) -> Result<TaskOptions> {
         o.initial_estimate = InitialEstimate::Tv {
             alpha: spec.tv_alpha,
         };
+    }
+    if let Some(factor) = spec.prox_tv {
+        o.consistency_tv = ConsistencyTv::Relative { factor };
     }
     Ok(o)
 }

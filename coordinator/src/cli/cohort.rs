@@ -137,6 +137,9 @@ impl CohortArgs {
         if let Some(alpha) = self.job.tv_alpha {
             a.extend(["--tv-alpha".into(), alpha.to_string()]);
         }
+        if let Some(f) = self.job.prox_tv {
+            a.extend(["--prox-tv".into(), f.to_string()]);
+        }
         if !self.job.model_id.is_empty() {
             a.extend(["--model-id".into(), self.job.model_id.clone()]);
         }

@@ -175,6 +175,11 @@ pub struct SettingsArgs {
     /// TV weight α of the warm-start estimate (default: the L-curve corner).
     #[arg(long)]
     pub tv_alpha: Option<f64>,
+    /// TV data consistency (dipinv-physics with prox guidance): each proximal step also
+    /// minimises α‖∇χ‖₁ with α = FACTOR × the warm start's TV α (0.1 measured best on
+    /// validation phantoms 500–502); unset or 0: off (the plain CG proximal step).
+    #[arg(long, value_name = "FACTOR", value_parser = parse_non_negative)]
+    pub prox_tv: Option<f64>,
     /// ξ: the DPS step size, or the prox data weight (default: DM-QSM's 0.5 dipole
     /// inversion / 2 SR scaled by 1000/steps for DPS; 2–16 by task for prox (8 for the physics tasks); see
     /// `dmqsm_common::diffusion::sampler::default_xi`); finite and > 0.
@@ -250,6 +255,14 @@ fn parse_open_unit(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// A finite number ≥ 0 (clap value parser).
+fn parse_non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a finite number ≥ 0")),
+    }
+}
+
 /// A finite number above 0 (clap value parser).
 fn parse_positive(s: &str) -> std::result::Result<f64, String> {
     match s.trim().parse::<f64>() {
@@ -277,6 +290,7 @@ impl SettingsArgs {
         v1::JobSettings {
             start_timestep: self.start_timestep.resolve(self.steps),
             tv_alpha: self.tv_alpha,
+            prox_tv: self.prox_tv,
             task: v1::Task::from(self.task) as i32,
             steps: Some(self.steps),
             eta: self.eta,

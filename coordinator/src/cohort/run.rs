@@ -183,6 +183,9 @@ pub fn settings_json(s: &v1::JobSettings) -> Value {
     if let Some(a) = s.tv_alpha {
         v["tv_alpha"] = json!(a);
     }
+    if let Some(f) = s.prox_tv {
+        v["prox_tv"] = json!(f);
+    }
     v
 }
 

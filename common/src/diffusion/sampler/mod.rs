@@ -782,16 +782,36 @@ impl Sampler {
     /// x̃_0: the proximal data-consistency solution on the output grid with weight ξ,
     /// put back into the padded x̂_0 (padding unchanged); records the residual.
     fn data_consistency(&mut self, x0_hat: Array3<f32>) -> Result<Array3<f32>> {
+        use crate::diffusion::consistency::{
+            PROX_CG_ITERATIONS, proximal_consistency, tv_proximal_consistency,
+        };
         let x0 = self.grid.crop(x0_hat.view())?;
-        let (x, norm) = crate::diffusion::consistency::proximal_consistency(
-            self.problem.operator(),
-            &self.y_model,
-            self.problem.measurement_mask(),
-            Some(self.problem.output_mask()),
-            &x0,
-            self.xi,
-            crate::diffusion::consistency::PROX_CG_ITERATIONS,
-        )?;
+        let p = self.problem.as_ref();
+        let (x, norm) = match p.tv_consistency() {
+            Some(tv) if self.xi > 0.0 => {
+                let (x, norm, report) = tv_proximal_consistency(
+                    tv,
+                    p.operator(),
+                    &self.y_model,
+                    p.measurement_mask(),
+                    Some(p.output_mask()),
+                    &x0,
+                    self.xi,
+                    self.spec.chi_scale,
+                )?;
+                tracing::debug!(step = self.step, ?report, "TV data consistency");
+                (x, norm)
+            }
+            _ => proximal_consistency(
+                p.operator(),
+                &self.y_model,
+                p.measurement_mask(),
+                Some(p.output_mask()),
+                &x0,
+                self.xi,
+                PROX_CG_ITERATIONS,
+            )?,
+        };
         self.check_residual(norm)?;
         self.residual_ppm = Some(norm / self.spec.chi_scale);
         let mut out = x0_hat;

@@ -7,6 +7,7 @@
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
+use dmqsm_common::diffusion::consistency::TvConsistency;
 use dmqsm_common::geometry::B0Direction;
 use dmqsm_common::inversion::l2::l2;
 use dmqsm_common::inversion::tkd::tkd;
@@ -291,10 +292,12 @@ impl Subject {
     /// for warm starts. For the dipole cases that is the L-curve TV of [`Subject::baselines`],
     /// bitwise what `tasks::prepare` computes for `InitialEstimate::Tv { alpha: None }`;
     /// without it, the SR cases take the zero-fill of their measurement.
+    /// `tv_alpha` attaches the TV data consistency with that α (`dipinv-physics` only).
     pub(super) fn problem(
         &self,
         case: Case,
         initial: Option<&Volume>,
+        tv_alpha: Option<f64>,
     ) -> anyhow::Result<Arc<tasks::Problem>> {
         let (y, m) = self.measurement(case);
         let mut options = TaskOptions::new(case.task());
@@ -306,6 +309,17 @@ impl Subject {
             .with_context(|| format!("preparing {} for phantom {}", case.name(), self.seed))?;
         if let Some(init) = initial {
             p = p.with_initial_estimate(init.data.clone())?;
+        }
+        if let Some(alpha) = tv_alpha {
+            let mask = m.data.mapv(|v| v > 0.5);
+            let tv = TvConsistency::new(
+                y,
+                Some(&mask),
+                B0Direction::AXIAL,
+                options.dipole_padding,
+                alpha,
+            )?;
+            p = p.with_tv_consistency(Arc::new(tv))?;
         }
         Ok(Arc::new(p))
     }

@@ -77,6 +77,7 @@ use dmqsm_common::geometry::B0Direction;
 use dmqsm_common::inversion::tv::{TvParams, tv};
 use dmqsm_common::metrics::seams::{boundary_planes, seam_ratio};
 use dmqsm_common::patch::{GridSpacing, PatchGrid};
+use dmqsm_common::tasks::Task;
 use dmqsm_common::volume::Volume;
 use model::{Bench, Config, load_model};
 use report::{baseline_row, dm_row};
@@ -181,6 +182,11 @@ pub struct QualityArgs {
     /// corner (the TV (L-curve α) baseline itself).
     #[arg(long)]
     pub warm_start_alpha: Option<f64>,
+    /// TV data consistency of the `dipinv-physics` cases' prox runs: α = FACTOR × the
+    /// warm start's TV α (the L-curve corner unless --warm-start-alpha); `none` runs the
+    /// plain CG proximal step.
+    #[arg(long, value_name = "FACTOR|none")]
+    pub consistency_tv: Option<String>,
     /// Posterior samples per DM-QSM run: the row scores their mean (MMSE), and with 2 or
     /// more the calibration table scores the std map.
     #[arg(long, default_value_t = 1)]
@@ -277,7 +283,18 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                     ..baseline_row(seed, case, &b.name, m, b.seconds)
                 });
             }
-            let problem = subj.problem(case, warm.as_ref())?;
+            let tv_alpha = match settings.consistency_tv {
+                Some(factor) if case.task() == Task::DipinvPhysics => {
+                    let reference = settings.warm_start_alpha.or_else(|| {
+                        base.iter()
+                            .find(|b| b.name == cases::TV_LCURVE)
+                            .and_then(|b| b.alpha)
+                    });
+                    reference.map(|a| factor * a)
+                }
+                _ => None,
+            };
+            let problem = subj.problem(case, warm.as_ref(), tv_alpha)?;
             let default_xi = |g: Guidance, steps: usize| {
                 settings
                     .xi
@@ -337,7 +354,7 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
         if settings.ablation
             && let (Some(&case), Some(&g)) = (settings.cases.first(), guidance.first())
         {
-            let problem = subj.problem(case, None)?;
+            let problem = subj.problem(case, None, None)?;
             let grid0 = PatchGrid::new(settings.shape, patch, GridSpacing::Overlap(0))?;
             let planes = boundary_planes(&grid0);
             let truth_ratio = seam_ratio(&subj.chi.data, &subj.mask_bool, &planes)?;

@@ -44,6 +44,8 @@ pub struct QualitySettings {
     pub warm_start_alpha: Option<f64>,
     /// ξ of the main runs (`None`: the sampler's default).
     pub xi: Option<f64>,
+    /// TV data-consistency factor of the `dipinv-physics` prox runs (`None`: plain CG).
+    pub consistency_tv: Option<f64>,
 }
 
 fn parse_factors(raw: &[String], default: &[f64]) -> anyhow::Result<Vec<f64>> {
@@ -190,6 +192,14 @@ pub fn resolve(args: &QualityArgs) -> anyhow::Result<QualitySettings> {
             Some(x) if !(x.is_finite() && x > 0.0) => bail!("--xi {x} must be finite and positive"),
             x => x,
         },
+        consistency_tv: match args.consistency_tv.as_deref().map(str::trim) {
+            None => None,
+            Some(v) if v.eq_ignore_ascii_case("none") => None,
+            Some(v) => match v.parse::<f64>() {
+                Ok(f) if f.is_finite() && f > 0.0 => Some(f),
+                _ => bail!("--consistency-tv {v}: expected a positive factor or none"),
+            },
+        },
         warm_start_alpha: match args.warm_start_alpha {
             Some(a) if !(a.is_finite() && a > 0.0) => {
                 bail!("--warm-start-alpha {a} must be finite and positive")
@@ -255,6 +265,7 @@ mod tests {
             start_timesteps: vec![],
             samples: 1,
             warm_start_alpha: None,
+            consistency_tv: None,
             xi: None,
             max_batch: 8,
             threads: None,
