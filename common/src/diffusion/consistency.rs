@@ -482,7 +482,7 @@ mod tests {
             params: TvParams {
                 alpha,
                 max_iterations: 4000,
-                tolerance: 1e-7,
+                tolerance: 1e-6,
                 padding: Padding::None,
                 ..TvParams::default()
             },
