@@ -743,7 +743,7 @@ pub fn prepare(
         };
         let tv = TvConsistency::new(
             measurement,
-            lr_mask.as_ref(),
+            w,
             b0,
             options.dipole_padding,
             factor * reference,

@@ -40,7 +40,7 @@ use crate::geometry::B0Direction;
 use crate::inversion::tv::{TvAnchor, TvParams, TvReport, TvSolver};
 use crate::operators::LinearOperator;
 use crate::volume::Volume;
-use ndarray::{Array3, Zip};
+use ndarray::{Array3, ArrayView3, Zip};
 use rayon::prelude::*;
 
 /// CG iterations of the proximal step per diffusion step (DDS uses 5).
@@ -73,22 +73,86 @@ fn masked(v: Array3<f32>, mask: &Array3<bool>) -> Array3<f32> {
     v
 }
 
-/// The proximal data-consistency step (see the module docs).
-///
-/// - `operator`: A from the χ grid (x̂_0's shape) to the measurement grid;
-/// - `y`: the measurement on A's output grid, already multiplied by `mask` (model units);
-/// - `mask`: M_y, where y is trusted;
-/// - `source`: M_s, where χ may explain the data (`None`: everywhere);
-/// - `x0`: the denoised estimate x̂_0 (model units);
-/// - `weight`: w ≥ 0; `iterations`: CG iterations (stops early once the residual is 0).
+/// The data term ‖M_y(y − A M_s x)‖ of a proximal step, in model units: the forward model
+/// A from the χ grid to the measurement grid, the measurement `y` (already multiplied by
+/// `mask`), M_y = `mask` (where y is trusted) and M_s = `source` (where χ may explain the
+/// data; `None`: everywhere).
+#[derive(Clone, Copy)]
+pub struct DataTerm<'a> {
+    /// A (χ grid → measurement grid).
+    pub operator: &'a dyn LinearOperator,
+    /// y on A's output grid, multiplied by `mask` (model units).
+    pub y: &'a Array3<f32>,
+    /// M_y, where y is trusted.
+    pub mask: &'a Array3<bool>,
+    /// M_s, where χ may explain the data (`None`: everywhere).
+    pub source: Option<&'a Array3<bool>>,
+}
+
+impl DataTerm<'_> {
+    /// Errors unless y and M_y, and M_s and an estimate of shape `x_shape`, agree.
+    fn check(&self, x_shape: &[usize]) -> Result<()> {
+        if self.y.shape() != self.mask.shape() {
+            return Err(Error::Shape(format!(
+                "measurement {:?} and its mask {:?} differ in shape",
+                self.y.shape(),
+                self.mask.shape()
+            )));
+        }
+        if let Some(src) = self.source
+            && src.shape() != x_shape
+        {
+            return Err(Error::Shape(format!(
+                "source mask {:?} and estimate {:?} differ in shape",
+                src.shape(),
+                x_shape
+            )));
+        }
+        Ok(())
+    }
+
+    /// A M_s v.
+    fn forward(&self, v: &Array3<f32>) -> Result<Array3<f32>> {
+        match self.source {
+            Some(src) => self.operator.apply(&masked(v.to_owned(), src)),
+            None => self.operator.apply(v),
+        }
+    }
+
+    /// M_s Aᵀ r.
+    fn backward(&self, r: &Array3<f32>) -> Result<Array3<f32>> {
+        let v = self.operator.adjoint(r)?;
+        Ok(match self.source {
+            Some(src) => masked(v, src),
+            None => v,
+        })
+    }
+
+    /// M_y (y − A M_s x); errors if A returns another shape than y's.
+    fn residual(&self, x: &Array3<f32>) -> Result<Array3<f32>> {
+        let ax = self.forward(x)?;
+        if ax.shape() != self.y.shape() {
+            return Err(Error::Shape(format!(
+                "forward model returned shape {:?}, measurement is {:?}",
+                ax.shape(),
+                self.y.shape()
+            )));
+        }
+        Ok(masked(
+            Zip::from(self.y).and(&ax).par_map_collect(|&y, &a| y - a),
+            self.mask,
+        ))
+    }
+}
+
+/// The proximal data-consistency step (see the module docs): `data` the data term,
+/// `x0` the denoised estimate x̂_0 (model units), `weight` w ≥ 0 and `iterations` CG
+/// iterations (stops early once the residual is 0).
 ///
 /// Returns x̃_0 and ‖M_y(y − A x̃_0)‖ (model units). Errors on mismatched shapes or a
 /// non-finite result.
 pub fn proximal_consistency(
-    operator: &dyn LinearOperator,
-    y: &Array3<f32>,
-    mask: &Array3<bool>,
-    source: Option<&Array3<bool>>,
+    data: &DataTerm<'_>,
     x0: &Array3<f32>,
     weight: f64,
     iterations: usize,
@@ -98,61 +162,20 @@ pub fn proximal_consistency(
             "data-consistency weight {weight} must be finite and non-negative"
         )));
     }
-    if y.shape() != mask.shape() {
-        return Err(Error::Shape(format!(
-            "measurement {:?} and its mask {:?} differ in shape",
-            y.shape(),
-            mask.shape()
-        )));
-    }
-    if let Some(src) = source
-        && src.shape() != x0.shape()
-    {
-        return Err(Error::Shape(format!(
-            "source mask {:?} and estimate {:?} differ in shape",
-            src.shape(),
-            x0.shape()
-        )));
-    }
+    data.check(x0.shape())?;
     let w = weight as f32;
-    // A_s = A M_s and its adjoint M_s Aᵀ.
-    let restrict = |v: Array3<f32>| match source {
-        Some(src) => masked(v, src),
-        None => v,
-    };
-    let forward = |v: &Array3<f32>| -> Result<Array3<f32>> {
-        match source {
-            Some(src) => operator.apply(&masked(v.to_owned(), src)),
-            None => operator.apply(v),
-        }
-    };
-    let backward = |r: &Array3<f32>| -> Result<Array3<f32>> { Ok(restrict(operator.adjoint(r)?)) };
     // H v = v + w A_sᵀM A_s v.
     let normal = |v: &Array3<f32>| -> Result<Array3<f32>> {
-        let mut h = backward(&masked(forward(v)?, mask))?;
+        let mut h = data.backward(&masked(data.forward(v)?, data.mask))?;
         Zip::from(&mut h)
             .and(v)
             .par_for_each(|h, &v| *h = v + w * *h);
         Ok(h)
     };
     let mut x = x0.to_owned();
-    // r = b − H x0 = w A_sᵀM (y − A_s x0).
-    let data_residual = |x: &Array3<f32>| -> Result<Array3<f32>> {
-        let ax = forward(x)?;
-        if ax.shape() != y.shape() {
-            return Err(Error::Shape(format!(
-                "forward model returned shape {:?}, measurement is {:?}",
-                ax.shape(),
-                y.shape()
-            )));
-        }
-        Ok(masked(
-            Zip::from(y).and(&ax).par_map_collect(|&y, &a| y - a),
-            mask,
-        ))
-    };
     if weight > 0.0 && iterations > 0 {
-        let mut r = backward(&data_residual(&x)?)?;
+        // r = b − H x0 = w A_sᵀM (y − A_s x0).
+        let mut r = data.backward(&data.residual(&x)?)?;
         r.par_mapv_inplace(|v| v * w);
         let mut p = r.clone();
         let mut rr = dot(&r, &r)?;
@@ -180,7 +203,7 @@ pub fn proximal_consistency(
             rr = rr_next;
         }
     }
-    let res = data_residual(&x)?;
+    let res = data.residual(&x)?;
     let norm = dot(&res, &res)?.sqrt();
     if !norm.is_finite() || x.iter().any(|v| !v.is_finite()) {
         return Err(Error::NonFinite(
@@ -212,12 +235,12 @@ impl std::fmt::Debug for TvConsistency {
 }
 
 impl TvConsistency {
-    /// Prepares the TV step for `field` (ppm) with brain mask `mask` (field shape; `None`:
-    /// everywhere), B0 `b0`, FFT `padding` and weight `alpha` (finite, > 0). Errors on
-    /// invalid input, as [`TvSolver::new`].
+    /// Prepares the TV step for `field` (ppm) with data weight `weight` (the brain mask as
+    /// 0/1, field shape; `None`: everywhere), B0 `b0`, FFT `padding` and TV weight `alpha`
+    /// (finite, > 0). Errors on invalid input, as [`TvSolver::new`].
     pub fn new(
         field: &Volume,
-        mask: Option<&Array3<bool>>,
+        weight: Option<ArrayView3<'_, f32>>,
         b0: B0Direction,
         padding: Padding,
         alpha: f64,
@@ -233,8 +256,7 @@ impl TvConsistency {
                 "the TV weight of the data-consistency step must be finite and positive, got {alpha}"
             )));
         }
-        let weight = mask.map(|m| m.mapv(|b| if b { 1.0f32 } else { 0.0 }));
-        let solver = TvSolver::new(field, weight.as_ref().map(|w| w.view()), b0, padding)?;
+        let solver = TvSolver::new(field, weight, b0, padding)?;
         Ok(Self { solver, params })
     }
 
@@ -250,17 +272,13 @@ impl TvConsistency {
 }
 
 /// The TV-regularised proximal step (see the module docs): `tv` the prepared regulariser,
-/// `operator`, `y`, `mask`, `source` as in [`proximal_consistency`] (A must be M_y ∘ D of
-/// `tv`'s field), `x0` the denoised estimate (model units), `weight` w > 0 and `scale`
-/// the model's χ scale s (model units per ppm). Returns x̃_0, ‖M_y(y − A x̃_0)‖ (model
-/// units) and the TV run's report.
-#[allow(clippy::too_many_arguments)]
+/// `data` the data term (A must be M_y ∘ D of `tv`'s field), `x0` the denoised estimate
+/// (model units), `weight` w > 0 and `scale` the model's χ scale s (model units per
+/// ppm). Returns x̃_0, ‖M_y(y − A M_s x̃_0)‖ (model units, as the plain step reports
+/// it) and the TV run's report.
 pub fn tv_proximal_consistency(
     tv: &TvConsistency,
-    operator: &dyn LinearOperator,
-    y: &Array3<f32>,
-    mask: &Array3<bool>,
-    source: Option<&Array3<bool>>,
+    data: &DataTerm<'_>,
     x0: &Array3<f32>,
     weight: f64,
     scale: f64,
@@ -275,15 +293,14 @@ pub fn tv_proximal_consistency(
             "model χ scale {scale} must be finite and positive"
         )));
     }
-    if x0.shape() != tv.shape() || y.shape() != mask.shape() {
+    if x0.shape() != tv.shape() {
         return Err(Error::Shape(format!(
-            "TV data consistency: estimate {:?}, field {:?}, measurement {:?}, mask {:?}",
+            "TV data consistency: estimate {:?}, field {:?}",
             x0.shape(),
-            tv.shape(),
-            y.shape(),
-            mask.shape()
+            tv.shape()
         )));
     }
+    data.check(x0.shape())?;
     let inv = (1.0 / scale) as f32;
     let anchor = x0.mapv(|v| v * inv);
     let (chi, report) = tv.solver.solve(
@@ -295,14 +312,7 @@ pub fn tv_proximal_consistency(
     )?;
     let s = scale as f32;
     let mut x = chi.mapv(|v| v * s);
-    if let Some(src) = source {
-        if src.shape() != x0.shape() {
-            return Err(Error::Shape(format!(
-                "source mask {:?} and estimate {:?} differ in shape",
-                src.shape(),
-                x0.shape()
-            )));
-        }
+    if let Some(src) = data.source {
         Zip::from(&mut x)
             .and(x0)
             .and(src)
@@ -312,19 +322,7 @@ pub fn tv_proximal_consistency(
                 }
             });
     }
-    // The residual of A M_s x̃_0, as the plain step reports it.
-    let ax = match source {
-        Some(src) => operator.apply(&masked(x.clone(), src))?,
-        None => operator.apply(&x)?,
-    };
-    if ax.shape() != y.shape() {
-        return Err(Error::Shape(format!(
-            "forward model returned shape {:?}, measurement is {:?}",
-            ax.shape(),
-            y.shape()
-        )));
-    }
-    let res = masked(Zip::from(y).and(&ax).par_map_collect(|&y, &a| y - a), mask);
+    let res = data.residual(&x)?;
     let norm = dot(&res, &res)?.sqrt();
     if !norm.is_finite() || x.iter().any(|v| !v.is_finite()) {
         return Err(Error::NonFinite(
@@ -341,6 +339,20 @@ mod tests {
     use crate::geometry::B0Direction;
     use crate::operators::{DipoleConvolution, Identity};
     use ndarray::Array3;
+
+    fn term<'a>(
+        op: &'a dyn LinearOperator,
+        y: &'a Array3<f32>,
+        mask: &'a Array3<bool>,
+        source: Option<&'a Array3<bool>>,
+    ) -> DataTerm<'a> {
+        DataTerm {
+            operator: op,
+            y,
+            mask,
+            source,
+        }
+    }
 
     fn field(shape: [usize; 3], seed: u64) -> Array3<f32> {
         // Small deterministic pseudo-random values (LCG), no extra dependency.
@@ -370,7 +382,7 @@ mod tests {
             (2.0, Some(&source)),
             (100.0, Some(&source)),
         ] {
-            let (x, _) = proximal_consistency(&op, &y, &mask, src, &x0, w, 2).unwrap();
+            let (x, _) = proximal_consistency(&term(&op, &y, &mask, src), &x0, w, 2).unwrap();
             for ((idx, &v), &m) in x.indexed_iter().zip(mask.iter()) {
                 let free = src.is_none_or(|s| s[idx]);
                 let want = if m && free {
@@ -425,12 +437,12 @@ mod tests {
             };
             let mut last = objective(&x0);
             for k in 1..=5 {
-                let (x, _) = proximal_consistency(&op, &y, &mask, src, &x0, w, k).unwrap();
+                let (x, _) = proximal_consistency(&term(&op, &y, &mask, src), &x0, w, k).unwrap();
                 let f = objective(&x);
                 assert!(f < last, "iteration {k}: objective {f} not below {last}");
                 last = f;
             }
-            let (x, norm) = proximal_consistency(&op, &y, &mask, src, &x0, w, 60).unwrap();
+            let (x, norm) = proximal_consistency(&term(&op, &y, &mask, src), &x0, w, 60).unwrap();
             let rel = gradient_norm(&x) / gradient_norm(&x0);
             assert!(rel < 1e-3, "relative gradient {rel}");
             let r = masked(&y - &forward(&x), &mask);
@@ -488,7 +500,7 @@ mod tests {
             },
         };
         let (x, norm, report) =
-            tv_proximal_consistency(&tight, &op, &y, &mask, None, &x0, w, scale).unwrap();
+            tv_proximal_consistency(&tight, &term(&op, &y, &mask, None), &x0, w, scale).unwrap();
         assert!(report.converged, "{report:?}");
         let objective = |x: &Array3<f32>| {
             let r = masked(&y - &op.apply(x).unwrap(), &mask);
@@ -515,7 +527,8 @@ mod tests {
         // The source mask keeps x̂_0 outside it and the residual is that of A M_s x̃.
         let source = Array3::from_shape_fn(shape, |(_, _, k)| (1..11).contains(&k));
         let (xs, norm_s, _) =
-            tv_proximal_consistency(&tight, &op, &y, &mask, Some(&source), &x0, w, scale).unwrap();
+            tv_proximal_consistency(&tight, &term(&op, &y, &mask, Some(&source)), &x0, w, scale)
+                .unwrap();
         for ((idx, &v), &inside) in xs.indexed_iter().zip(source.iter()) {
             if !inside {
                 assert_eq!(v.to_bits(), x0[idx].to_bits(), "{idx:?} changed");
@@ -524,11 +537,15 @@ mod tests {
         let r = masked(&y - &op.apply(&masked(xs.clone(), &source)).unwrap(), &mask);
         assert!((dot(&r, &r).unwrap().sqrt() - norm_s).abs() < 1e-9 * (1.0 + norm_s));
         // Bad weights and shapes are errors.
-        let bad = |w: f64, s: f64| tv_proximal_consistency(&tight, &op, &y, &mask, None, &x0, w, s);
+        let bad = |w: f64, s: f64| {
+            tv_proximal_consistency(&tight, &term(&op, &y, &mask, None), &x0, w, s)
+        };
         assert!(bad(0.0, scale).is_err() && bad(f64::NAN, scale).is_err());
         assert!(bad(w, 0.0).is_err());
         let small = Array3::<f32>::zeros([3, 3, 3]);
-        assert!(tv_proximal_consistency(&tight, &op, &y, &mask, None, &small, w, scale).is_err());
+        assert!(
+            tv_proximal_consistency(&tight, &term(&op, &y, &mask, None), &small, w, scale).is_err()
+        );
         assert!(TvConsistency::new(&Volume::new(phi, vox), None, b0, Padding::None, 0.0).is_err());
     }
 
@@ -540,10 +557,10 @@ mod tests {
         let x0 = field(shape, 5);
         let mask = Array3::from_elem(shape, true);
         let y = field(shape, 6);
-        assert!(proximal_consistency(&op, &y, &mask, None, &x0, f64::NAN, 5).is_err());
-        assert!(proximal_consistency(&op, &y, &mask, None, &x0, -1.0, 5).is_err());
+        assert!(proximal_consistency(&term(&op, &y, &mask, None), &x0, f64::NAN, 5).is_err());
+        assert!(proximal_consistency(&term(&op, &y, &mask, None), &x0, -1.0, 5).is_err());
         let small = Array3::from_elem([3, 4, 4], true);
-        assert!(proximal_consistency(&op, &y, &small, None, &x0, 1.0, 5).is_err());
-        assert!(proximal_consistency(&op, &y, &mask, Some(&small), &x0, 1.0, 5).is_err());
+        assert!(proximal_consistency(&term(&op, &y, &small, None), &x0, 1.0, 5).is_err());
+        assert!(proximal_consistency(&term(&op, &y, &mask, Some(&small)), &x0, 1.0, 5).is_err());
     }
 }

@@ -783,34 +783,24 @@ impl Sampler {
     /// put back into the padded x̂_0 (padding unchanged); records the residual.
     fn data_consistency(&mut self, x0_hat: Array3<f32>) -> Result<Array3<f32>> {
         use crate::diffusion::consistency::{
-            PROX_CG_ITERATIONS, proximal_consistency, tv_proximal_consistency,
+            DataTerm, PROX_CG_ITERATIONS, proximal_consistency, tv_proximal_consistency,
         };
         let x0 = self.grid.crop(x0_hat.view())?;
         let p = self.problem.as_ref();
+        let data = DataTerm {
+            operator: p.operator(),
+            y: &self.y_model,
+            mask: p.measurement_mask(),
+            source: Some(p.output_mask()),
+        };
         let (x, norm) = match p.tv_consistency() {
             Some(tv) if self.xi > 0.0 => {
-                let (x, norm, report) = tv_proximal_consistency(
-                    tv,
-                    p.operator(),
-                    &self.y_model,
-                    p.measurement_mask(),
-                    Some(p.output_mask()),
-                    &x0,
-                    self.xi,
-                    self.spec.chi_scale,
-                )?;
+                let (x, norm, report) =
+                    tv_proximal_consistency(tv, &data, &x0, self.xi, self.spec.chi_scale)?;
                 tracing::debug!(step = self.step, ?report, "TV data consistency");
                 (x, norm)
             }
-            _ => proximal_consistency(
-                p.operator(),
-                &self.y_model,
-                p.measurement_mask(),
-                Some(p.output_mask()),
-                &x0,
-                self.xi,
-                PROX_CG_ITERATIONS,
-            )?,
+            _ => proximal_consistency(&data, &x0, self.xi, PROX_CG_ITERATIONS)?,
         };
         self.check_residual(norm)?;
         self.residual_ppm = Some(norm / self.spec.chi_scale);

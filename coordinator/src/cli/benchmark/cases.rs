@@ -311,10 +311,9 @@ impl Subject {
             p = p.with_initial_estimate(init.data.clone())?;
         }
         if let Some(alpha) = tv_alpha {
-            let mask = m.data.mapv(|v| v > 0.5);
             let tv = TvConsistency::new(
                 y,
-                Some(&mask),
+                Some(m.data.view()),
                 B0Direction::AXIAL,
                 options.dipole_padding,
                 alpha,
