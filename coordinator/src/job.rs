@@ -4,7 +4,7 @@
 use crate::error::{CoordinatorError, Result};
 use dmqsm_common::diffusion::model::ModelSpec;
 use dmqsm_common::diffusion::sampler::Guidance;
-use dmqsm_common::tasks::Task;
+use dmqsm_common::tasks::{ConsistencyTv, Task};
 use dmqsm_proto::{convert, v1};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -71,8 +71,10 @@ pub struct JobSpec {
     /// TV α of the warm-start estimate (`None`: the L-curve corner).
     #[serde(default)]
     pub tv_alpha: Option<f64>,
-    /// TV data-consistency factor, resolved (`None`: the plain CG proximal step; jobs
-    /// stored before the TV step existed read as `None`, so they resume unchanged).
+    /// TV data-consistency factor, resolved (`None`: the plain CG proximal step; unset in
+    /// the proto takes [`ConsistencyTv::default_for`] the task and guidance, an explicit 0
+    /// is off; jobs stored before the TV step existed read as `None`, so they resume
+    /// unchanged).
     #[serde(default)]
     pub prox_tv: Option<f64>,
 }
@@ -206,7 +208,9 @@ impl JobSpec {
                 ));
             }
             Some(f) if f > 0.0 => Some(f),
-            _ => None,
+            Some(_) => None,
+            // Unset: the measured default of the task and guidance.
+            None => ConsistencyTv::default_for(task, guidance).factor(),
         };
         let downsample = if s.downsample.is_empty() {
             "kspace".to_string()
@@ -426,6 +430,34 @@ mod tests {
         assert_eq!(back, spec);
     }
 
+    /// Unset `prox_tv` takes the TV step's default only where it applies
+    /// (`dipinv-physics` with prox guidance); an explicit 0 is off; both survive the
+    /// round trip through the proto, so a resumed job keeps its data-consistency step.
+    #[test]
+    fn prox_tv_defaults_to_the_tv_step_for_physics_prox_only() {
+        let with = |task: v1::Task, guidance: v1::Guidance, prox_tv: Option<f64>| {
+            let s = v1::JobSettings {
+                task: task as i32,
+                guidance: guidance as i32,
+                prox_tv,
+                ..Default::default()
+            };
+            let spec = JobSpec::from_proto(&s, 4).unwrap();
+            let back = JobSpec::from_proto(&v1::JobSettings::from(&spec), 4).unwrap();
+            assert_eq!(back, spec);
+            spec.prox_tv
+        };
+        let (physics, prox) = (v1::Task::DipinvPhysics, v1::Guidance::Prox);
+        assert_eq!(
+            with(physics, prox, None),
+            Some(ConsistencyTv::DEFAULT_FACTOR)
+        );
+        assert_eq!(with(physics, prox, Some(0.0)), None);
+        assert_eq!(with(physics, prox, Some(0.3)), Some(0.3));
+        assert_eq!(with(physics, v1::Guidance::Approx, None), None);
+        assert_eq!(with(v1::Task::Dipinv, prox, None), None);
+        assert_eq!(with(v1::Task::SrDipinvPhysics, prox, None), None);
+    }
     /// An explicit 0 (or out-of-range value) is an error naming the field and its valid
     /// range, never the default; the limits themselves are accepted.
     #[test]

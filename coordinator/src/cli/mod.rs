@@ -176,12 +176,14 @@ pub struct SettingsArgs {
     #[arg(long)]
     pub tv_alpha: Option<f64>,
     /// TV data consistency (dipinv-physics with prox guidance): each proximal step also
-    /// minimises α‖∇χ‖₁ with α = FACTOR × the warm start's TV α (0.1 measured best on
-    /// validation phantoms 500–502); unset or 0: off (the plain CG proximal step).
+    /// minimises α‖∇χ‖₁ with α = FACTOR × the warm start's TV α; unset: 0.1 for
+    /// dipinv-physics with prox (measured best on validation phantoms 500–502), off
+    /// otherwise; 0: off (the plain CG proximal step).
     #[arg(long, value_name = "FACTOR", value_parser = parse_non_negative)]
     pub prox_tv: Option<f64>,
     /// ξ: the DPS step size, or the prox data weight (default: DM-QSM's 0.5 dipole
-    /// inversion / 2 SR scaled by 1000/steps for DPS; 2–16 by task for prox (8 for the physics tasks); see
+    /// inversion / 2 SR scaled by 1000/steps for DPS; 2–16 by task for prox (8 for the
+    /// physics tasks, 24 with the TV step); see
     /// `dmqsm_common::diffusion::sampler::default_xi`); finite and > 0.
     #[arg(long, value_parser = parse_positive)]
     pub xi: Option<f64>,

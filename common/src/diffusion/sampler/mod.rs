@@ -55,7 +55,7 @@ mod step;
 pub use batch::{PatchBatch, PatchResults, PatchWork};
 pub use checkpoint::Checkpoint;
 pub use guidance::Guidance;
-pub use rules::{DIVERGENCE_FACTOR, DIVERGENCE_MIN_ALPHA_BAR, default_xi};
+pub use rules::{DIVERGENCE_FACTOR, DIVERGENCE_MIN_ALPHA_BAR, PROX_TV_XI, default_xi};
 pub use step::{ddim_update, denoise, dps_gradient, sum_squares};
 
 use crate::diffusion::model::ModelSpec;
@@ -355,9 +355,14 @@ impl Sampler {
             None => SamplingSchedule::new(&noise, settings.steps, settings.eta)?,
             Some(t0) => SamplingSchedule::from_timestep(&noise, settings.steps, settings.eta, t0)?,
         };
-        let xi = settings
-            .xi
-            .unwrap_or_else(|| default_xi(problem.task(), settings.guidance, settings.steps));
+        let xi = settings.xi.unwrap_or_else(|| {
+            default_xi(
+                problem.task(),
+                settings.guidance,
+                settings.steps,
+                problem.tv_consistency().is_some(),
+            )
+        });
         if !(xi.is_finite() && xi >= 0.0) {
             return Err(Error::Parameter(format!(
                 "DPS step size xi {xi} must be finite and non-negative"

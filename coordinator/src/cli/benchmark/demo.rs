@@ -8,7 +8,7 @@ use dmqsm_common::diffusion::sampler::{Guidance, SamplerSettings, default_xi};
 use dmqsm_common::driver;
 use dmqsm_common::metrics::{self, Metrics};
 use dmqsm_common::patch::GridSpacing;
-use dmqsm_common::tasks::{self, InitialEstimate, Task, TaskOptions};
+use dmqsm_common::tasks::{self, ConsistencyTv, InitialEstimate, Task, TaskOptions};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -52,6 +52,7 @@ pub(super) fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
         tasks::prepare(
             &TaskOptions {
                 initial_estimate: InitialEstimate::Tv { alpha: None },
+                consistency_tv: ConsistencyTv::default_for(Task::DipinvPhysics, Guidance::Prox),
                 ..TaskOptions::new(Task::DipinvPhysics)
             },
             &field,
@@ -71,7 +72,12 @@ pub(super) fn demo_rows(bench: &mut Bench<'_>) -> anyhow::Result<Vec<Row>> {
         seed: 0,
         start_timestep: Some(DEMO_START_TIMESTEP as usize),
     };
-    let xi = default_xi(Task::DipinvPhysics, settings.guidance, settings.steps);
+    let xi = default_xi(
+        Task::DipinvPhysics,
+        settings.guidance,
+        settings.steps,
+        problem.tv_consistency().is_some(),
+    );
     bench.runs_done += 1;
     let t = Instant::now();
     let rec = driver::sample(bench.model, problem, &settings, bench.max_batch)

@@ -183,8 +183,9 @@ pub struct QualityArgs {
     #[arg(long)]
     pub warm_start_alpha: Option<f64>,
     /// TV data consistency of the `dipinv-physics` cases' prox runs: α = FACTOR × the
-    /// warm start's TV α (the L-curve corner unless --warm-start-alpha); `none` runs the
-    /// plain CG proximal step.
+    /// warm start's TV α (the L-curve corner unless --warm-start-alpha); default 0.1, as
+    /// `dmqsm run` (`ConsistencyTv::DEFAULT_FACTOR`); `none` runs the plain CG proximal
+    /// step.
     #[arg(long, value_name = "FACTOR|none")]
     pub consistency_tv: Option<String>,
     /// Posterior samples per DM-QSM run: the row scores their mean (MMSE), and with 2 or
@@ -296,9 +297,9 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
             };
             let problem = subj.problem(case, warm.as_ref(), tv_alpha)?;
             let default_xi = |g: Guidance, steps: usize| {
-                settings
-                    .xi
-                    .unwrap_or_else(|| default_xi(case.task(), g, steps))
+                settings.xi.unwrap_or_else(|| {
+                    default_xi(case.task(), g, steps, problem.tv_consistency().is_some())
+                })
             };
             let mut best: Option<(Volume, f64, String)> = None;
             for &steps in &settings.steps {
@@ -363,7 +364,7 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
                 let c = Config {
                     steps: min_steps,
                     guidance: g,
-                    xi: default_xi(case.task(), g, min_steps),
+                    xi: default_xi(case.task(), g, min_steps, false),
                     overlap,
                     start: None,
                 };

@@ -306,8 +306,9 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
          1e-5…1e-2 either chosen against the truth by NRMSE (TV's best case, which a user \
          cannot have) or at the L-curve corner, k-space zero-fill, trilinear. A warm start \
          t₀ begins DM-QSM at training timestep t₀ from the L-curve TV (dipole cases) or the \
-         zero-fill (SR). Metrics in the brain mask, means over phantoms; NRMSE, dNRMSE \
-         (detrended) and HFEN in %, time in s (TV: per α).\n",
+         zero-fill (SR). Prox data consistency of the dipinv-physics cases: {}. Metrics in \
+         the brain mask, means over phantoms; NRMSE, dNRMSE (detrended) and HFEN in %, time \
+         in s (TV: per α).\n",
         model.spec().model_id,
         model.spec().patch_size,
         seeds.join(", "),
@@ -319,7 +320,12 @@ fn markdown(s: &QualitySettings, model: &dyn ScoreModel, rows: &[Row]) -> String
         s.clamp_ppm
             .map(|[lo, hi]| format!("[{lo}, {hi}] ppm"))
             .unwrap_or_else(|| "off".into()),
-        s.seed
+        s.seed,
+        match (s.consistency_tv, s.warm_start_alpha) {
+            (Some(f), None) => format!("the TV step, α = {f} × the L-curve corner's"),
+            (Some(f), Some(a)) => format!("the TV step, α = {f} × {a:e}"),
+            (None, _) => "the plain CG step".to_string(),
+        }
     );
     let header = "| case | method | ξ | NRMSE | dNRMSE | HFEN | XSIM | CC | time |\n|---|---|---|---|---|---|---|---|---|";
     let _ = writeln!(md, "{header}");

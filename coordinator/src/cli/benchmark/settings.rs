@@ -5,6 +5,7 @@ use super::QualityArgs;
 use super::cases::{Case, FIRST_HELD_OUT_SEED};
 use anyhow::{Context, bail};
 use dmqsm_common::diffusion::sampler::Guidance;
+use dmqsm_common::tasks::ConsistencyTv;
 use serde::Serialize;
 
 /// Resolved settings of a quality benchmark (after `--quick` and the defaults).
@@ -193,7 +194,7 @@ pub fn resolve(args: &QualityArgs) -> anyhow::Result<QualitySettings> {
             x => x,
         },
         consistency_tv: match args.consistency_tv.as_deref().map(str::trim) {
-            None => None,
+            None => Some(ConsistencyTv::DEFAULT_FACTOR),
             Some(v) if v.eq_ignore_ascii_case("none") => None,
             Some(v) => match v.parse::<f64>() {
                 Ok(f) if f.is_finite() && f > 0.0 => Some(f),

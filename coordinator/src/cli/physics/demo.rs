@@ -131,11 +131,13 @@ pub struct DemoArgs {
 fn demo_xi(a: &DemoArgs) -> Result<f64> {
     use clap::ValueEnum;
     use dmqsm_common::diffusion::sampler::{Guidance, default_xi};
-    use dmqsm_common::tasks::Task;
+    use dmqsm_common::tasks::{ConsistencyTv, Task};
     let task = Task::from_str(&a.task, false).map_err(|e| anyhow::anyhow!("--task: {e}"))?;
     let guidance =
         Guidance::from_str(&a.guidance, false).map_err(|e| anyhow::anyhow!("--guidance: {e}"))?;
-    Ok(a.xi.unwrap_or_else(|| default_xi(task, guidance, a.steps as usize)))
+    // `dmqsm run` takes its default TV step, so the demo's ξ is that step's default.
+    let tv_step = ConsistencyTv::default_for(task, guidance) != ConsistencyTv::None;
+    Ok(a.xi.unwrap_or_else(|| default_xi(task, guidance, a.steps as usize, tv_step)))
 }
 
 /// Runs DM-QSM dipole inversion of `field` through the embedded coordinator and local
