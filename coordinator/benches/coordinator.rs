@@ -11,7 +11,8 @@
 //!   in-process reference driver with the same model (the default ~0.6 M-parameter 3D
 //!   U-Net, 48³ patches, CPU). Also checks the two outputs are bitwise equal.
 //! - `scaling`: the realistic case first: 160×192×160 volumes, 48³ patches, overlap 8
-//!   (80 patches a round), `dipinv-physics` in each guidance mode (approx, prox, exact),
+//!   (80 patches a round), `dipinv-physics` in each guidance mode (approx, prox with the
+//!   plain CG step, exact) and `dipinv` with approx (A = I: the patch path without FFTs),
 //!   1 and 4 concurrent jobs, on 1, 2, 4 and 8 workers that are separate `dmqsm-worker`
 //!   processes modelling a GPU: 1 ms per batch + 1 ms per patch spent sleeping (no CPU),
 //!   analytic ε. It prints the efficiency T₁/(n·Tₙ), the non-model share of a step
@@ -297,16 +298,20 @@ async fn gpu_scaling() -> AnyResult<()> {
     let p3 = 48f64.powi(3);
     println!(
         "scaling (realistic): {shape:?} volume, 48³ patches, overlap 8 ({patches} patches, \
-         {batches} batches of {BATCH} a round), dipinv-physics, {STEPS} steps from noise, \
+         {batches} batches of {BATCH} a round), {STEPS} steps from noise, \
          workers = dmqsm-worker processes modelling a GPU ({} ms per batch + {} ms per patch, \
          sleeping), analytic ε, f32 on the wire, 2 batches in flight per worker",
         per_batch.as_millis(),
         per_patch.as_millis()
     );
-    for guidance in [
-        v1::Guidance::Approx,
-        v1::Guidance::Prox,
-        v1::Guidance::Exact,
+    // dipinv-physics in each guidance mode (its data term costs FFTs every step), then
+    // dipinv with approx (the API's default task and guidance: A = I on the TKD estimate,
+    // so a step is the patch path alone, without FFTs).
+    for (task, guidance) in [
+        (v1::Task::DipinvPhysics, v1::Guidance::Approx),
+        (v1::Task::DipinvPhysics, v1::Guidance::Prox),
+        (v1::Task::DipinvPhysics, v1::Guidance::Exact),
+        (v1::Task::Dipinv, v1::Guidance::Approx),
     ] {
         let rounds_per_step = if guidance == v1::Guidance::Exact {
             2
@@ -349,7 +354,7 @@ async fn gpu_scaling() -> AnyResult<()> {
                         .await?;
                 let url = format!("http://{addr}");
                 let settings = v1::JobSettings {
-                    task: v1::Task::DipinvPhysics as i32,
+                    task: task as i32,
                     steps: Some(STEPS),
                     eta: 0.0,
                     xi: Some(1.0),
@@ -358,6 +363,10 @@ async fn gpu_scaling() -> AnyResult<()> {
                     seed: 1,
                     samples: Some(1),
                     batch_size: BATCH,
+                    // The plain CG proximal step, as in the figures before the TV step
+                    // became `dmqsm run`'s default; the TV step (an L-curve at set-up and
+                    // up to 100 ADMM iterations a step) is coordinator work on top.
+                    prox_tv: Some(0.0),
                     ..Default::default()
                 };
                 let cpu0 = process_cpu_s();
@@ -390,10 +399,14 @@ async fn gpu_scaling() -> AnyResult<()> {
                     * (per_batch + per_patch * BATCH).as_secs_f64()
                     / n as f64;
                 println!(
-                    "  {:<6} {jobs} job(s) {n} worker(s): {wall:6.2} s, efficiency {:.3}, \
+                    "  {:<14} {:<6} {jobs} job(s) {n} worker(s): {wall:6.2} s, efficiency {:.3}, \
                      non-model share {:.0} % ({:.0} % inside the rounds, which take {:.2} s of \
                      it), coordinator numerics {:.2} s ({:.2} ms/patch), process CPU \
                      {:.2} ms/patch, {:.0} KiB on the wire per patch",
+                    task.as_str_name()
+                        .trim_start_matches("TASK_")
+                        .to_lowercase()
+                        .replace('_', "-"),
                     guidance
                         .as_str_name()
                         .trim_start_matches("GUIDANCE_")

@@ -4,7 +4,8 @@
 //!
 //! Each round the sampler's deterministic batch plan (`plan_batches(batch_size)`, with the
 //! batch size fixed in the job) becomes one [`WireBatch`] per group of patch indices;
-//! all batches of the round are queued at once, so several workers share them. Answers
+//! each batch is queued as soon as it is encoded, so several workers share the round and
+//! the first start while the rest is still being encoded. Answers
 //! are handed back to the sampler in plan order once all have arrived, and the sampler
 //! sums per-patch results in patch-index order, so the step is bitwise the same whatever
 //! worker answered which batch, in which order, after how many retries.
@@ -467,13 +468,17 @@ async fn run_round(
         }
     );
     let t0 = Instant::now();
-    // 1. Encode the batches.
-    let (sampler, plan, requests) = {
-        let (job, label) = (job_id.clone(), label.clone());
-        blocking("batch encoder", move || {
+    // 1. Encode the batches one by one off the reactor and queue each as soon as it is
+    //    encoded, so the workers start on the first batch while the rest are encoded.
+    //    The plan is the sampler's deterministic one; only the time a batch is queued
+    //    changes, never its content or where its answer goes.
+    let sampler = Arc::new(sampler);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<WireBatch>(ENCODE_AHEAD);
+    let encoder = {
+        let (sampler, job, label) = (sampler.clone(), job_id.clone(), label.clone());
+        tokio::task::spawn_blocking(move || -> Result<Vec<Vec<usize>>> {
             let plan = sampler.plan_batches(batch_size)?;
             let n = plan.len();
-            let mut out = Vec::with_capacity(n);
             for (b, indices) in plan.iter().enumerate() {
                 let wb = sampler.batch(indices)?;
                 let shape = wb.x.shape().to_vec();
@@ -493,24 +498,33 @@ async fn run_round(
                         response_dtype: dtype as i32,
                     }),
                 };
-                out.push(WireBatch {
+                let batch = WireBatch {
                     job_id: job.clone(),
                     label: format!("{label} batch {}/{n}", b + 1),
                     request,
                     round: round.id,
                     indices: indices.clone(),
-                });
+                };
+                // A closed channel means the round was abandoned (cancel): stop encoding.
+                if tx.blocking_send(batch).is_err() {
+                    break;
+                }
             }
-            Ok((sampler, plan, out))
+            Ok(plan)
         })
-        .await?
     };
+    let mut receivers = Vec::new();
+    while let Some(batch) = rx.recv().await {
+        receivers.push(shared.dispatcher.submit(batch));
+    }
+    let plan = encoder
+        .await
+        .map_err(|e| CoordinatorError::Store(format!("batch encoder panicked: {e}")))??;
+    // The encoder has returned and dropped its handle, so this is the only one left.
+    let sampler = Arc::try_unwrap(sampler)
+        .map_err(|_| Stop::Failed("the batch encoder kept the sampler".into()))?;
     let t_encoded = Instant::now();
-    // 2. Queue them all and wait for every answer (or a cancel / failure).
-    let receivers: Vec<_> = requests
-        .into_iter()
-        .map(|b| shared.dispatcher.submit(b))
-        .collect();
+    // 2. Wait for every answer (or a cancel / failure).
     let all = futures::future::join_all(receivers.into_iter().map(|rx| async move {
         match rx.await {
             Ok(r) => r,
@@ -572,6 +586,10 @@ async fn run_round(
     meter.patches_done += patches as u64;
     Ok(sampler)
 }
+
+/// Encoded batches the round's encoder may hold before the async side queues them (it
+/// queues each at once, so this only bounds the hand-over channel, not the round).
+const ENCODE_AHEAD: usize = 16;
 
 fn encode(a: &Array4<f32>, shape: &[usize], dtype: v1::Dtype) -> v1::Tensor {
     match a.as_slice() {
