@@ -313,6 +313,21 @@ async fn gpu_scaling() -> AnyResult<()> {
         (v1::Task::DipinvPhysics, v1::Guidance::Exact),
         (v1::Task::Dipinv, v1::Guidance::Approx),
     ] {
+        // `DMQSM_SCALING_ONLY=dipinv-approx` (say) runs one row group, for profiling.
+        let name = format!(
+            "{}-{}",
+            task.as_str_name()
+                .trim_start_matches("TASK_")
+                .to_lowercase()
+                .replace('_', "-"),
+            guidance
+                .as_str_name()
+                .trim_start_matches("GUIDANCE_")
+                .to_lowercase()
+        );
+        if std::env::var("DMQSM_SCALING_ONLY").is_ok_and(|only| only != name) {
+            continue;
+        }
         let rounds_per_step = if guidance == v1::Guidance::Exact {
             2
         } else {

@@ -4,8 +4,7 @@
 //!
 //! Each round the sampler's deterministic batch plan (`plan_batches(batch_size)`, with the
 //! batch size fixed in the job) becomes one [`WireBatch`] per group of patch indices;
-//! each batch is queued as soon as it is encoded, so several workers share the round and
-//! the first start while the rest is still being encoded. Answers
+//! all batches of the round are queued at once, so several workers share them. Answers
 //! are handed back to the sampler in plan order once all have arrived, and the sampler
 //! sums per-patch results in patch-index order, so the step is bitwise the same whatever
 //! worker answered which batch, in which order, after how many retries.
@@ -468,22 +467,18 @@ async fn run_round(
         }
     );
     let t0 = Instant::now();
-    // 1. Encode the batches one by one off the reactor and queue each as soon as it is
-    //    encoded, so the workers start on the first batch while the rest are encoded.
-    //    The plan is the sampler's deterministic one; only the time a batch is queued
-    //    changes, never its content or where its answer goes.
-    let sampler = Arc::new(sampler);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<WireBatch>(ENCODE_AHEAD);
-    let encoder = {
-        let (sampler, job, label) = (sampler.clone(), job_id.clone(), label.clone());
-        tokio::task::spawn_blocking(move || -> Result<Vec<Vec<usize>>> {
+    // 1. Encode the batches.
+    let (sampler, plan, requests) = {
+        let (job, label) = (job_id.clone(), label.clone());
+        blocking("batch encoder", move || {
             let plan = sampler.plan_batches(batch_size)?;
             let n = plan.len();
+            let mut out = Vec::with_capacity(n);
             for (b, indices) in plan.iter().enumerate() {
                 let wb = sampler.batch(indices)?;
                 let shape = wb.x.shape().to_vec();
-                let patches = encode(&wb.x, &shape, dtype);
-                let request = match (&wb.cotangent, round.id.kind) {
+                let patches = encode(wb.x, &shape, dtype);
+                let request = match (wb.cotangent, round.id.kind) {
                     (Some(c), RoundKind::Vjp) => BatchRequest::Vjp(v1::DenoiseVjpRequest {
                         model_hash: hash.clone(),
                         patches: Some(patches),
@@ -498,33 +493,24 @@ async fn run_round(
                         response_dtype: dtype as i32,
                     }),
                 };
-                let batch = WireBatch {
+                out.push(WireBatch {
                     job_id: job.clone(),
                     label: format!("{label} batch {}/{n}", b + 1),
                     request,
                     round: round.id,
                     indices: indices.clone(),
-                };
-                // A closed channel means the round was abandoned (cancel): stop encoding.
-                if tx.blocking_send(batch).is_err() {
-                    break;
-                }
+                });
             }
-            Ok(plan)
+            Ok((sampler, plan, out))
         })
+        .await?
     };
-    let mut receivers = Vec::new();
-    while let Some(batch) = rx.recv().await {
-        receivers.push(shared.dispatcher.submit(batch));
-    }
-    let plan = encoder
-        .await
-        .map_err(|e| CoordinatorError::Store(format!("batch encoder panicked: {e}")))??;
-    // The encoder has returned and dropped its handle, so this is the only one left.
-    let sampler = Arc::try_unwrap(sampler)
-        .map_err(|_| Stop::Failed("the batch encoder kept the sampler".into()))?;
     let t_encoded = Instant::now();
-    // 2. Wait for every answer (or a cancel / failure).
+    // 2. Queue them all and wait for every answer (or a cancel / failure).
+    let receivers: Vec<_> = requests
+        .into_iter()
+        .map(|b| shared.dispatcher.submit(b))
+        .collect();
     let all = futures::future::join_all(receivers.into_iter().map(|rx| async move {
         match rx.await {
             Ok(r) => r,
@@ -587,16 +573,24 @@ async fn run_round(
     Ok(sampler)
 }
 
-/// Encoded batches the round's encoder may hold before the async side queues them (it
-/// queues each at once, so this only bounds the hand-over channel, not the round).
-const ENCODE_AHEAD: usize = 16;
-
-fn encode(a: &Array4<f32>, shape: &[usize], dtype: v1::Dtype) -> v1::Tensor {
-    match a.as_slice() {
-        Some(s) => tensor::encode(s, shape, dtype),
-        None => {
-            let v: Vec<f32> = a.iter().copied().collect();
-            tensor::encode(&v, shape, dtype)
+/// The wire tensor of a stacked batch; f32 takes the batch's buffer without a copy.
+fn encode(a: Array4<f32>, shape: &[usize], dtype: v1::Dtype) -> v1::Tensor {
+    let n = a.len();
+    if a.is_standard_layout() {
+        let (values, offset) = a.into_raw_vec_and_offset();
+        let start = offset.unwrap_or(0);
+        // `Sampler::batch` builds each array from a fresh buffer holding exactly it.
+        if start == 0 && values.len() == n {
+            return tensor::encode_vec(values, shape, dtype);
         }
+        // Standard layout keeps the elements contiguous from `start` (ndarray's
+        // invariant); were it broken, the worker would reject the short tensor by name.
+        return tensor::encode(
+            values.get(start..start + n).unwrap_or_default(),
+            shape,
+            dtype,
+        );
     }
+    let v: Vec<f32> = a.iter().copied().collect();
+    tensor::encode(&v, shape, dtype)
 }

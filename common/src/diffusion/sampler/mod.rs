@@ -249,6 +249,10 @@ pub struct Sampler {
     residual_ppm: Option<f64>,
     last_gradient: Option<Array3<f32>>,
     record_gradient: bool,
+    /// The previous step's state buffer, reused for the next state so a step neither
+    /// allocates nor zeroes a padded volume (not part of the state: empty after a
+    /// restore, then filled by the first step).
+    spare: Vec<f32>,
 }
 
 impl Sampler {
@@ -409,6 +413,7 @@ impl Sampler {
             residual_ppm: None,
             last_gradient: None,
             record_gradient: false,
+            spare: Vec::new(),
             problem,
         })
     }
@@ -836,7 +841,10 @@ impl Sampler {
         let epss = eps_hat.as_slice().ok_or_else(contiguous)?;
         let grad_at = grad.evaluator(sa, s1a)?;
         let n = x0s.len();
-        let mut next = vec![0.0f32; n];
+        let mut next = std::mem::take(&mut self.spare);
+        // Every element is written below; the resize only acts on the first step (the
+        // spare then has the state's length already).
+        next.resize(n, 0.0);
         next.par_chunks_mut(CHUNK)
             .enumerate()
             .for_each(|(ci, out)| {
@@ -877,8 +885,10 @@ impl Sampler {
                 }
             )));
         }
-        self.state = Array3::from_shape_vec(self.state.raw_dim(), next)
+        let next = Array3::from_shape_vec(self.state.raw_dim(), next)
             .map_err(|e| Error::Shape(e.to_string()))?;
+        let (previous, _) = std::mem::replace(&mut self.state, next).into_raw_vec_and_offset();
+        self.spare = previous;
         self.step += 1;
         self.enter_step()
     }
