@@ -313,18 +313,17 @@ async fn gpu_scaling() -> AnyResult<()> {
         (v1::Task::DipinvPhysics, v1::Guidance::Exact),
         (v1::Task::Dipinv, v1::Guidance::Approx),
     ] {
+        let task_name = task
+            .as_str_name()
+            .trim_start_matches("TASK_")
+            .to_lowercase()
+            .replace('_', "-");
+        let guidance_name = guidance
+            .as_str_name()
+            .trim_start_matches("GUIDANCE_")
+            .to_lowercase();
         // `DMQSM_SCALING_ONLY=dipinv-approx` (say) runs one row group, for profiling.
-        let name = format!(
-            "{}-{}",
-            task.as_str_name()
-                .trim_start_matches("TASK_")
-                .to_lowercase()
-                .replace('_', "-"),
-            guidance
-                .as_str_name()
-                .trim_start_matches("GUIDANCE_")
-                .to_lowercase()
-        );
+        let name = format!("{task_name}-{guidance_name}");
         if std::env::var("DMQSM_SCALING_ONLY").is_ok_and(|only| only != name) {
             continue;
         }
@@ -418,14 +417,8 @@ async fn gpu_scaling() -> AnyResult<()> {
                      non-model share {:.0} % ({:.0} % inside the rounds, which take {:.2} s of \
                      it), coordinator numerics {:.2} s ({:.2} ms/patch), process CPU \
                      {:.2} ms/patch, {:.0} KiB on the wire per patch",
-                    task.as_str_name()
-                        .trim_start_matches("TASK_")
-                        .to_lowercase()
-                        .replace('_', "-"),
-                    guidance
-                        .as_str_name()
-                        .trim_start_matches("GUIDANCE_")
-                        .to_lowercase(),
+                    task_name,
+                    guidance_name,
                     t1 / (n as f64 * wall),
                     100.0 * (1.0 - busy / wall).max(0.0),
                     100.0 * (1.0 - busy / in_rounds.max(busy)).max(0.0),
