@@ -584,7 +584,8 @@ mod tests {
     }
 
     /// The estimate of a small dipinv-physics job with prox guidance (the plain CG step,
-    /// `prox_tv` 0) and a TV warm start, checked term by term against the module docs' formulas written out by hand: 40³
+    /// `prox_tv` 0) and a TV warm start, checked term by term against the module docs'
+    /// formulas written out by hand: 40³
     /// input, patch 16 with overlap 4 (stride 12: ⌈(40 − 16)/12⌉ + 1 = 3 patches per
     /// axis, padded to 2·12 + 16 = 40 per axis), FFT grid 40³ (40 = 2³·5 is fast).
     #[test]
