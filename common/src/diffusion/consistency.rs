@@ -460,8 +460,9 @@ mod tests {
     /// The TV step minimises its model-unit objective
     /// w‖M(y − A x)‖² + ‖x − x̂_0‖² + 2wαs‖∇x‖₁ (A = M ∘ D, circular grid, oblique
     /// B0), evaluated here independently of the ADMM's ppm form: no perturbation of the
-    /// result (40 random directions at 1e-3…1e-1 of its RMS) lowers it by more than 1e-6
-    /// relative (f32 rounding of the sums), which checks the unit conversion (s) and the
+    /// result (`inversion::tv::least_perturbed_change`: 40 Gaussian directions at each of
+    /// 1e-3, 1e-2 and 1e-1 of its RMS, both signs, and rescalings) lowers it by more than
+    /// 1e-6 relative (f32 rounding of the sums), which checks the unit conversion (s) and the
     /// anchor weight (1/w). With a source mask, χ outside it is x̂_0 bit for bit, and the
     /// reported residual is ‖M(y − A M_s x̃)‖ recomputed.
     #[test]
@@ -512,17 +513,7 @@ mod tests {
         let f0 = objective(&x);
         let r = masked(&y - &op.apply(&x).unwrap(), &mask);
         assert!((dot(&r, &r).unwrap().sqrt() - norm).abs() < 1e-9 * (1.0 + norm));
-        let rms = (dot(&x, &x).unwrap() / x.len() as f64).sqrt();
-        let mut worst = f64::INFINITY;
-        for (k, eps) in [1e-3, 1e-2, 1e-1].into_iter().enumerate() {
-            for r in 0..40u64 {
-                let delta = field(shape, 100 + 50 * k as u64 + r);
-                for sign in [1.0f32, -1.0] {
-                    let xp = &x + &delta.mapv(|v| sign * (eps * rms) as f32 * v);
-                    worst = worst.min(objective(&xp) - f0);
-                }
-            }
-        }
+        let worst = crate::inversion::tv::least_perturbed_change(&x, objective, 100);
         assert!(worst > -1e-6 * f0, "lowered by {} (f = {f0})", -worst);
         // The source mask keeps x̂_0 outside it and the residual is that of A M_s x̃.
         let source = Array3::from_shape_fn(shape, |(_, _, k)| (1..11).contains(&k));
