@@ -19,8 +19,12 @@
 //!   (1 − the workers' simulated busy time on the critical path / wall time; also inside
 //!   the rounds alone, without the per-job set-up and result files, which only 3 steps
 //!   cannot amortise), the
-//!   coordinator's CPU per patch (this process: coordinator and client) and the bytes of
-//!   patch tensors on the wire per patch. Then the old small row (64³, 16³ patches, 40 ms
+//!   coordinator's CPU per patch (this process: coordinator and client; with its system
+//!   share and its minor page faults per patch) and the bytes of patch tensors on the
+//!   wire per patch. Each row is one warm-up run and then 3 timed runs
+//!   (`DMQSM_SCALING_REPEAT`); it reports the run with the median wall time and lists all
+//!   three. `DMQSM_SCALING_ONLY=dipinv-approx`, `DMQSM_SCALING_JOBS=1` and
+//!   `DMQSM_SCALING_WORKERS=1,8` pick rows (and skip the old one). Then the old small row (64³, 16³ patches, 40 ms
 //!   per batch: the coordinator's work is ~1 % of a step there, which hides its cost).
 //! - `throughput`: 4 instant workers (analytic model, no latency): patches/s and MB/s on
 //!   the wire (requests + answers), f32 and bf16.
@@ -44,6 +48,11 @@ use dmqsm_worker::{
 use ndarray::Array3;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The `dmqsm` binary's allocator, so that this process, which plays the coordinator,
+/// allocates like it (`coordinator/src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -242,21 +251,45 @@ async fn overhead() -> AnyResult<()> {
     Ok(())
 }
 
-/// CPU seconds (user + system, all threads) of this process so far, from
-/// `/proc/self/stat` (Linux; clock ticks of 1/100 s, the x86-64 and arm64 value).
-fn process_cpu_s() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return f64::NAN;
-    };
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (tick(11) + tick(12)) / 100.0
+/// What this process has used so far, from `/proc/self/stat` (Linux; clock ticks of
+/// 1/100 s, the x86-64 and arm64 value): NaN where it cannot be read.
+#[derive(Clone, Copy)]
+struct ProcessUse {
+    /// User CPU seconds, all threads.
+    user_s: f64,
+    /// System CPU seconds, all threads.
+    sys_s: f64,
+    /// Minor page faults (first touches of fresh pages, mostly).
+    minor_faults: f64,
+}
+
+impl ProcessUse {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the parenthesised command name: minflt is field 10, utime and
+        // stime are 14 and 15 (1-based, counting the pid as 1).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| {
+            f.get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        ProcessUse {
+            user_s: field(11) / 100.0,
+            sys_s: field(12) / 100.0,
+            minor_faults: field(7),
+        }
+    }
+
+    /// What was used since `earlier`.
+    fn since(self, earlier: ProcessUse) -> ProcessUse {
+        ProcessUse {
+            user_s: self.user_s - earlier.user_s,
+            sys_s: self.sys_s - earlier.sys_s,
+            minor_faults: self.minor_faults - earlier.minor_faults,
+        }
+    }
 }
 
 /// Field and mask NIfTI bytes of a smooth phantom on a `shape` grid at 1 mm.
@@ -280,11 +313,70 @@ fn inputs_shaped(shape: [usize; 3]) -> AnyResult<(Vec<u8>, Vec<u8>)> {
     ))
 }
 
+/// One timed run of the scaling bench: `jobs` identical jobs submitted at once.
+#[derive(Clone, Copy)]
+struct ScalingRun {
+    /// Seconds from the first submission to the last job's files fetched.
+    wall: f64,
+    /// What this process (coordinator and client) used meanwhile.
+    used: ProcessUse,
+    /// The jobs' `coordinator_numerics` seconds, summed.
+    numerics: f64,
+    /// The longest job's time inside its rounds (encode, wait, finish the step), as
+    /// against its set-up (inputs, problem) and result files.
+    in_rounds: f64,
+}
+
+async fn concurrent_jobs(
+    url: &str,
+    jobs: usize,
+    m: &[u8],
+    k: &[u8],
+    settings: &v1::JobSettings,
+) -> AnyResult<ScalingRun> {
+    let use0 = ProcessUse::now();
+    let t = Instant::now();
+    let runs: Vec<_> = (0..jobs)
+        .map(|_| timed_job_report(url, request(m, k, settings.clone())))
+        .collect();
+    let results = futures::future::join_all(runs).await;
+    let wall = t.elapsed().as_secs_f64();
+    let used = ProcessUse::now().since(use0);
+    let (mut numerics, mut in_rounds) = (0.0, 0.0f64);
+    for r in results {
+        let (_, _, report) = r?;
+        let t = |k: &str| report["timings_s"][k].as_f64().unwrap_or(0.0);
+        numerics += t("coordinator_numerics");
+        in_rounds = in_rounds.max(t("coordinator_numerics") + t("waiting_for_workers"));
+    }
+    Ok(ScalingRun {
+        wall,
+        used,
+        numerics,
+        in_rounds,
+    })
+}
+
+/// Whether `value` is among the comma-separated numbers in the environment variable
+/// `var` (all values when it is unset): `DMQSM_SCALING_WORKERS=1,8` runs two columns.
+fn selected(var: &str, value: usize) -> bool {
+    match std::env::var(var) {
+        Ok(list) => list.split(',').any(|v| v.trim().parse() == Ok(value)),
+        Err(_) => true,
+    }
+}
+
 /// The realistic scaling case (see the module docs).
 async fn gpu_scaling() -> AnyResult<()> {
     use dmqsm_coordinator::local_workers::{LocalModel, LocalWorkerOptions, LocalWorkers};
     const STEPS: u32 = 3;
     const BATCH: u32 = 4;
+    // `DMQSM_SCALING_REPEAT=1` for a quick look; 3 timed runs per row by default.
+    let repeat = std::env::var("DMQSM_SCALING_REPEAT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(3);
     let shape = [160, 192, 160];
     let (per_batch, per_patch) = (Duration::from_millis(1), Duration::from_millis(1));
     let grid = dmqsm_common::patch::PatchGrid::new(
@@ -340,8 +432,14 @@ async fn gpu_scaling() -> AnyResult<()> {
         } * p3
             * 4.0;
         for jobs in [1usize, 4] {
+            if !selected("DMQSM_SCALING_JOBS", jobs) {
+                continue;
+            }
             let mut t1 = f64::NAN;
             for n in [1usize, 2, 4, 8] {
+                if !selected("DMQSM_SCALING_WORKERS", n) {
+                    continue;
+                }
                 let model = LocalModel::Analytic {
                     mean: 0.0,
                     std: 0.5,
@@ -383,24 +481,19 @@ async fn gpu_scaling() -> AnyResult<()> {
                     prox_tv: Some(0.0),
                     ..Default::default()
                 };
-                let cpu0 = process_cpu_s();
-                let t = Instant::now();
-                let runs: Vec<_> = (0..jobs)
-                    .map(|_| timed_job_report(&url, request(&m, &k, settings.clone())))
-                    .collect();
-                let results = futures::future::join_all(runs).await;
-                let wall = t.elapsed().as_secs_f64();
-                let cpu = process_cpu_s() - cpu0;
-                let mut numerics = 0.0;
-                // The longest job's time inside its rounds (encode, wait, finish the step),
-                // as against its set-up (inputs, problem) and result files.
-                let mut in_rounds = 0.0f64;
-                for r in results {
-                    let (_, _, report) = r?;
-                    let t = |k: &str| report["timings_s"][k].as_f64().unwrap_or(0.0);
-                    numerics += t("coordinator_numerics");
-                    in_rounds = in_rounds.max(t("coordinator_numerics") + t("waiting_for_workers"));
+                // A warm-up run (connections, the allocator's first pages), then `REPEAT`
+                // timed ones; the run with the median wall time is reported.
+                let _ = concurrent_jobs(&url, jobs, &m, &k, &settings).await?;
+                let mut runs = Vec::with_capacity(repeat);
+                for _ in 0..repeat {
+                    runs.push(concurrent_jobs(&url, jobs, &m, &k, &settings).await?);
                 }
+                runs.sort_by(|a, b| a.wall.total_cmp(&b.wall));
+                let walls: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.wall)).collect();
+                let run = runs[runs.len() / 2];
+                let (wall, used, numerics, in_rounds) =
+                    (run.wall, run.used, run.numerics, run.in_rounds);
+                let cpu = used.user_s + used.sys_s;
                 let _ = stop.send(());
                 coordinator.shutdown().await;
                 tokio::task::spawn_blocking(move || workers.shutdown()).await?;
@@ -413,12 +506,14 @@ async fn gpu_scaling() -> AnyResult<()> {
                     * (per_batch + per_patch * BATCH).as_secs_f64()
                     / n as f64;
                 println!(
-                    "  {:<14} {:<6} {jobs} job(s) {n} worker(s): {wall:6.2} s, efficiency {:.3}, \
+                    "  {:<14} {:<6} {jobs} job(s) {n} worker(s): {wall:6.2} s (of {}), efficiency {:.3}, \
                      non-model share {:.0} % ({:.0} % inside the rounds, which take {:.2} s of \
                      it), coordinator numerics {:.2} s ({:.2} ms/patch), process CPU \
-                     {:.2} ms/patch, {:.0} KiB on the wire per patch",
+                     {:.2} ms/patch ({:.0} % system), {:.0} page faults per patch, {:.0} KiB \
+                     on the wire per patch",
                     task_name,
                     guidance_name,
+                    walls.join(" "),
                     t1 / (n as f64 * wall),
                     100.0 * (1.0 - busy / wall).max(0.0),
                     100.0 * (1.0 - busy / in_rounds.max(busy)).max(0.0),
@@ -426,6 +521,8 @@ async fn gpu_scaling() -> AnyResult<()> {
                     numerics,
                     1e3 * numerics / total_patches,
                     1e3 * cpu / total_patches,
+                    100.0 * used.sys_s / cpu,
+                    used.minor_faults / total_patches,
                     wire_per_patch / 1024.0,
                 );
             }
@@ -436,6 +533,9 @@ async fn gpu_scaling() -> AnyResult<()> {
 
 async fn scaling() -> AnyResult<()> {
     gpu_scaling().await?;
+    if std::env::var("DMQSM_SCALING_ONLY").is_ok() {
+        return Ok(());
+    }
     const STEPS: u32 = 20;
     let latency = Duration::from_millis(40);
     let model = GaussianPriorModel::new(0.0, 0.5, 16, 10.0, ScheduleConfig::default())?;

@@ -26,6 +26,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// mimalloc keeps freed pages for reuse: every batch decodes into and encodes from
+/// buffers of 48³ patches, which glibc's malloc returns to the kernel and faults in
+/// zeroed again. Rust-side allocations only; libtorch keeps its own allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "dmqsm-worker",
