@@ -32,6 +32,7 @@ use crate::volume::{Volume, voxel_size_from_affine};
 use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
+use ndarray::Array3;
 use nifti::{IntoNdArray, NiftiHeader, NiftiType};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -229,7 +230,22 @@ fn decode(bytes: &[u8], name: &str) -> Result<Volume> {
     } else if !header.scl_inter.is_finite() {
         header.scl_inter = 0.0;
     }
-    let volume = nifti::InMemNiftiVolume::from_raw_data(&header, raw)
+    let data = match unscaled_f32(&header, &raw, shape) {
+        Some(data) => data,
+        None => any_datatype(&header, raw, shape, name)?,
+    };
+    Ok(Volume::with_affine(data, voxel_size, affine))
+}
+
+/// The voxels of any datatype and scaling, through the `nifti` crate (values in f64,
+/// scaled, narrowed to f32), in C order.
+fn any_datatype(
+    header: &NiftiHeader,
+    raw: Vec<u8>,
+    shape: [usize; 3],
+    name: &str,
+) -> Result<Array3<f32>> {
+    let volume = nifti::InMemNiftiVolume::from_raw_data(header, raw)
         .map_err(|e| nifti_err(name, format!("cannot interpret the voxel data: {e}")))?;
     let arr = volume
         .into_ndarray::<f64>()
@@ -255,8 +271,36 @@ fn decode(bytes: &[u8], name: &str) -> Result<Volume> {
             ),
         ));
     }
-    let data = arr.mapv(|v| v as f32).as_standard_layout().into_owned();
-    Ok(Volume::with_affine(data, voxel_size, affine))
+    Ok(arr.mapv(|v| v as f32).as_standard_layout().into_owned())
+}
+
+/// The voxels of unscaled f32 data (`FLOAT32`, slope 1, intercept 0: what dmqsm, QSM
+/// pipelines and nibabel write for field and χ maps), read straight from `raw` in NIfTI's
+/// (Fortran) order and copied once into C order. The values are those of the general
+/// path (f32 → f64 → f32 is exact); `None` for any other datatype or scaling.
+fn unscaled_f32(header: &NiftiHeader, raw: &[u8], shape: [usize; 3]) -> Option<Array3<f32>> {
+    if header.datatype != NiftiType::Float32 as i16
+        || header.scl_slope != 1.0
+        || header.scl_inter != 0.0
+    {
+        return None;
+    }
+    let n = shape.iter().product::<usize>();
+    let raw = raw.get(..n.checked_mul(4)?)?;
+    let word = |c: &[u8]| [c[0], c[1], c[2], c[3]];
+    let values: Vec<f32> = match header.endianness {
+        nifti::Endianness::Little => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(word(c)))
+            .collect(),
+        nifti::Endianness::Big => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_be_bytes(word(c)))
+            .collect(),
+    };
+    // Fortran order [i, j, k] is C order [k, j, i]: reverse the axes, then copy.
+    let fortran = ndarray::ArrayView3::from_shape((shape[2], shape[1], shape[0]), &values).ok()?;
+    Some(fortran.reversed_axes().as_standard_layout().into_owned())
 }
 
 /// Reads and checks the 348-byte header from `reader` (positioned at the start of the
@@ -767,6 +811,61 @@ mod tests {
             let w = read_nifti_bytes(&b).unwrap();
             assert_eq!(w.data, v.data, "dim[0] = {ndim}");
             assert_eq!(w.data[[4, 3, 2]], 432.0);
+        }
+    }
+
+    /// The unscaled-f32 fast path gives, bit for bit, what the general path through the
+    /// `nifti` crate gives, in both byte orders, on values with edge cases (±0, ±∞,
+    /// subnormals, the extremes), each at its logical (i, j, k); scaled or non-f32 data
+    /// is left to the general path.
+    #[test]
+    fn unscaled_f32_fast_path_equals_the_general_path() {
+        let shape = [5usize, 4, 3];
+        let special = [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+            f32::MAX,
+            f32::MIN,
+        ];
+        let v = Array3::from_shape_fn(shape, |(i, j, k)| {
+            let n = i + 5 * j + 20 * k;
+            special.get(n).copied().unwrap_or(n as f32 * 0.37 - 9.0)
+        });
+        for endianness in [nifti::Endianness::Little, nifti::Endianness::Big] {
+            let mut raw = Vec::new();
+            for k in 0..shape[2] {
+                for j in 0..shape[1] {
+                    for i in 0..shape[0] {
+                        let x = v[[i, j, k]];
+                        raw.extend(match endianness {
+                            nifti::Endianness::Little => x.to_le_bytes(),
+                            nifti::Endianness::Big => x.to_be_bytes(),
+                        });
+                    }
+                }
+            }
+            let mut h = NiftiHeader {
+                datatype: NiftiType::Float32 as i16,
+                bitpix: 32,
+                scl_slope: 1.0,
+                scl_inter: 0.0,
+                endianness,
+                ..NiftiHeader::default()
+            };
+            h.dim = [3, 5, 4, 3, 1, 1, 1, 1];
+            let fast = unscaled_f32(&h, &raw, shape).unwrap();
+            let general = any_datatype(&h, raw.clone(), shape, "t").unwrap();
+            let bits = |a: &Array3<f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&general), "{endianness:?}");
+            assert_eq!(bits(&fast), bits(&v), "{endianness:?}");
+            h.scl_slope = 2.0;
+            assert!(unscaled_f32(&h, &raw, shape).is_none());
+            h.scl_slope = 1.0;
+            h.datatype = NiftiType::Int32 as i16;
+            assert!(unscaled_f32(&h, &raw, shape).is_none());
         }
     }
 

@@ -15,7 +15,8 @@
 //!   plain CG step, exact) and `dipinv` with approx (A = I: the patch path without FFTs),
 //!   1 and 4 concurrent jobs, on 1, 2, 4 and 8 workers that are separate `dmqsm-worker`
 //!   processes modelling a GPU: 1 ms per batch + 1 ms per patch spent sleeping (no CPU),
-//!   analytic ε. It prints the efficiency T₁/(n·Tₙ), the non-model share of a step
+//!   analytic ε. It prints the efficiency T₁/(n·Tₙ) (also of the time inside the rounds
+//!   alone, which a long job approaches), the non-model share of a step
 //!   (1 − the workers' simulated busy time on the critical path / wall time; also inside
 //!   the rounds alone, without the per-job set-up and result files, which only 3 steps
 //!   cannot amortise), the
@@ -144,18 +145,30 @@ impl Setup {
 
 /// Runs one job end to end; returns (seconds from submit to succeeded, χ).
 async fn timed_job(url: &str, req: v1::SubmitJobRequest) -> AnyResult<(f64, Array3<f32>)> {
-    let (t, chi, _) = timed_job_report(url, req).await?;
-    Ok((t, chi))
+    let run = timed_job_report(url, req).await?;
+    Ok((run.secs, run.chi))
 }
 
-/// Like [`timed_job`], also returning the job's report.json.
-async fn timed_job_report(
-    url: &str,
-    req: v1::SubmitJobRequest,
-) -> AnyResult<(f64, Array3<f32>, serde_json::Value)> {
+/// One job run end to end by [`timed_job_report`].
+struct JobRun {
+    /// Seconds from submission to `succeeded`.
+    secs: f64,
+    /// Seconds the `SubmitJob` call took: upload, decoding, the problem, storing inputs.
+    submit_s: f64,
+    /// Seconds fetching and decoding the result files.
+    fetch_s: f64,
+    /// The reconstruction (ppm).
+    chi: Array3<f32>,
+    /// The job's report.json.
+    report: serde_json::Value,
+}
+
+/// Like [`timed_job`], also returning the job's report.json and the phases' times.
+async fn timed_job_report(url: &str, req: v1::SubmitJobRequest) -> AnyResult<JobRun> {
     let mut c = client::connect(url).await?;
     let t = Instant::now();
     let id = c.submit_job(req).await?.into_inner().job_id;
+    let submit_s = t.elapsed().as_secs_f64();
     let st = client::wait(&mut c, &id, |_| {}).await?;
     let secs = t.elapsed().as_secs_f64();
     if st.state != v1::JobState::Succeeded as i32 {
@@ -167,11 +180,15 @@ async fn timed_job_report(
         .iter()
         .find(|f| f.0 == "report.json")
         .ok_or("no report")?;
-    Ok((
+    let chi = dmqsm_common::nifti_io::read_nifti_bytes(&chi.1)?.data;
+    let report = serde_json::from_slice(&report.1)?;
+    Ok(JobRun {
         secs,
-        dmqsm_common::nifti_io::read_nifti_bytes(&chi.1)?.data,
-        serde_json::from_slice(&report.1)?,
-    ))
+        submit_s,
+        fetch_s: t.elapsed().as_secs_f64() - secs,
+        chi,
+        report,
+    })
 }
 
 fn reference(
@@ -325,6 +342,10 @@ struct ScalingRun {
     /// The longest job's time inside its rounds (encode, wait, finish the step), as
     /// against its set-up (inputs, problem) and result files.
     in_rounds: f64,
+    /// The longest `SubmitJob` call (upload, decoding, the problem, storing the inputs).
+    submit_s: f64,
+    /// The longest fetch of a job's result files, with decoding χ.
+    fetch_s: f64,
 }
 
 async fn concurrent_jobs(
@@ -343,17 +364,22 @@ async fn concurrent_jobs(
     let wall = t.elapsed().as_secs_f64();
     let used = ProcessUse::now().since(use0);
     let (mut numerics, mut in_rounds) = (0.0, 0.0f64);
+    let (mut submit_s, mut fetch_s) = (0.0f64, 0.0f64);
     for r in results {
-        let (_, _, report) = r?;
-        let t = |k: &str| report["timings_s"][k].as_f64().unwrap_or(0.0);
+        let run = r?;
+        let t = |k: &str| run.report["timings_s"][k].as_f64().unwrap_or(0.0);
         numerics += t("coordinator_numerics");
         in_rounds = in_rounds.max(t("coordinator_numerics") + t("waiting_for_workers"));
+        submit_s = submit_s.max(run.submit_s);
+        fetch_s = fetch_s.max(run.fetch_s);
     }
     Ok(ScalingRun {
         wall,
         used,
         numerics,
         in_rounds,
+        submit_s,
+        fetch_s,
     })
 }
 
@@ -435,7 +461,8 @@ async fn gpu_scaling() -> AnyResult<()> {
             if !selected("DMQSM_SCALING_JOBS", jobs) {
                 continue;
             }
-            let mut t1 = f64::NAN;
+            // Wall time, and time inside the rounds, on 1 worker.
+            let (mut t1, mut r1) = (f64::NAN, f64::NAN);
             for n in [1usize, 2, 4, 8] {
                 if !selected("DMQSM_SCALING_WORKERS", n) {
                     continue;
@@ -498,7 +525,7 @@ async fn gpu_scaling() -> AnyResult<()> {
                 coordinator.shutdown().await;
                 tokio::task::spawn_blocking(move || workers.shutdown()).await?;
                 if n == 1 {
-                    t1 = wall;
+                    (t1, r1) = (wall, in_rounds);
                 }
                 let total_patches = (jobs * STEPS as usize * rounds_per_step * patches) as f64;
                 // The workers' simulated busy time, spread evenly: the least a step can take.
@@ -506,18 +533,21 @@ async fn gpu_scaling() -> AnyResult<()> {
                     * (per_batch + per_patch * BATCH).as_secs_f64()
                     / n as f64;
                 println!(
-                    "  {:<14} {:<6} {jobs} job(s) {n} worker(s): {wall:6.2} s (of {}), efficiency {:.3}, \
-                     non-model share {:.0} % ({:.0} % inside the rounds, which take {:.2} s of \
-                     it), coordinator numerics {:.2} s ({:.2} ms/patch), process CPU \
+                    "  {:<14} {:<6} {jobs} job(s) {n} worker(s): {wall:6.2} s (of {}), efficiency {:.3} \
+                     ({:.3} inside the rounds), non-model share {:.0} % ({:.0} % inside the rounds, which take {:.2} s of \
+                     it; the submit call {:.2} s, the fetch {:.2} s), coordinator numerics {:.2} s ({:.2} ms/patch), process CPU \
                      {:.2} ms/patch ({:.0} % system), {:.0} page faults per patch, {:.0} KiB \
                      on the wire per patch",
                     task_name,
                     guidance_name,
                     walls.join(" "),
                     t1 / (n as f64 * wall),
+                    r1 / (n as f64 * in_rounds),
                     100.0 * (1.0 - busy / wall).max(0.0),
                     100.0 * (1.0 - busy / in_rounds.max(busy)).max(0.0),
                     in_rounds,
+                    run.submit_s,
+                    run.fetch_s,
                     numerics,
                     1e3 * numerics / total_patches,
                     1e3 * cpu / total_patches,
@@ -562,7 +592,12 @@ async fn scaling() -> AnyResult<()> {
             max_queue_delay: Duration::ZERO,
         };
         let s = setup(vec![served; n], wb, |_| {}).await?;
-        let (t, chi, report) = timed_job_report(&s.url, req.clone()).await?;
+        let JobRun {
+            secs: t,
+            chi,
+            report,
+            ..
+        } = timed_job_report(&s.url, req.clone()).await?;
         let timings = &report["timings_s"];
         let same = match &reference_chi {
             None => {

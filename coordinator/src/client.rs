@@ -82,9 +82,7 @@ async fn channel(
     };
     let endpoint = dmqsm_proto::transport::endpoint(url, &options.tls)
         .map_err(|e| fail(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_adaptive_window(true);
+        .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| {
         let mut cause = e.to_string();
         let mut src = std::error::Error::source(&e);

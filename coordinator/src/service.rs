@@ -699,11 +699,8 @@ pub async fn serve(
             )
             .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
     }
-    builder
-        .tcp_nodelay(true)
-        .http2_adaptive_window(Some(true))
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
+    dmqsm_proto::transport::Http2Config::default()
+        .apply_to_server(builder)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(svc)

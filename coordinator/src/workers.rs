@@ -208,11 +208,7 @@ pub fn connect(
     let bearer = Bearer::new(token).map_err(|e| fail(e.to_string()))?;
     let endpoint = dmqsm_proto::transport::endpoint(address, tls)
         .map_err(|e| fail(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_adaptive_window(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20));
+        .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect_lazy();
     Ok(WorkerClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(max_message_bytes)

@@ -97,28 +97,8 @@ impl ServedModel {
     }
 }
 
-/// HTTP/2 flow-control settings (both ends). Large payloads (a 16-patch batch of 48³ is
-/// 7 MiB in f32) stall on HTTP/2's 64 KiB default windows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Http2Config {
-    /// Per-stream initial window (bytes).
-    pub initial_stream_window: u32,
-    /// Per-connection initial window (bytes).
-    pub initial_connection_window: u32,
-    /// Let hyper grow windows by BDP estimation (overrides the initial sizes).
-    pub adaptive_window: bool,
-}
-
-impl Default for Http2Config {
-    /// 16 MiB per stream, 64 MiB per connection, fixed.
-    fn default() -> Self {
-        Self {
-            initial_stream_window: 16 << 20,
-            initial_connection_window: 64 << 20,
-            adaptive_window: false,
-        }
-    }
-}
+/// HTTP/2 settings of the server (both ends use the same, from the API crate).
+pub use dmqsm_proto::transport::Http2Config;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -305,12 +285,7 @@ pub async fn serve(
             )
             .map_err(|e| WorkerError::Transport(format!("TLS: {e}")))?;
     }
-    let mut builder = builder
-        .initial_stream_window_size(Some(h2.initial_stream_window))
-        .initial_connection_window_size(Some(h2.initial_connection_window));
-    if h2.adaptive_window {
-        builder = builder.http2_adaptive_window(Some(true));
-    }
+    let mut builder = h2.apply_to_server(builder);
     let result = builder
         .add_service(health_service)
         .add_service(reflection)
@@ -423,12 +398,8 @@ pub async fn connect(
     token: Option<&str>,
 ) -> Result<WorkerClient<AuthChannel>> {
     let bearer = Bearer::new(token).map_err(|e| WorkerError::Transport(e.to_string()))?;
-    let h2 = Http2Config::default();
     let channel = dmqsm_proto::transport::endpoint(url, &ClientTls::default())
         .map_err(|e| WorkerError::Transport(format!("bad worker URL {url}: {e}")))?
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(h2.initial_stream_window))
-        .initial_connection_window_size(Some(h2.initial_connection_window))
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
