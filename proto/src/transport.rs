@@ -155,7 +155,7 @@ impl ClientTls {
     }
 }
 
-/// HTTP/2 flow control and framing for every dmqsm link, both ends (the coordinator, its
+/// HTTP/2 flow control and TCP_NODELAY for every dmqsm link, both ends (the coordinator, its
 /// CLI clients and the workers). Patch batches are MiB-sized (a 16-patch batch of 48³ is
 /// 7 MiB in f32) and result files tens of MiB: on HTTP/2's 64 KiB default windows, or
 /// hyper's adaptive windows, which start there and grow by ping round trips on each new
