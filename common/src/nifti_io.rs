@@ -817,9 +817,8 @@ mod tests {
 
     /// The unscaled-f32 fast path gives, bit for bit, what the general path through the
     /// `nifti` crate gives (so fingerprints and results are those of the general path), in
-    /// both byte orders, on values with edge cases (±0, ±∞,
-    /// subnormals, the extremes), each at its logical (i, j, k); scaled or non-f32 data
-    /// is left to the general path.
+    /// both byte orders, on values with edge cases (±0, ±∞, subnormals, the extremes),
+    /// each at its logical (i, j, k); scaled or non-f32 data is left to the general path.
     #[test]
     fn unscaled_f32_fast_path_equals_the_general_path() {
         let shape = [5usize, 4, 3];

@@ -25,8 +25,9 @@
 //!   wire per patch. Each row is one warm-up run and then 3 timed runs
 //!   (`DMQSM_SCALING_REPEAT`); it reports the run with the median wall time and lists all
 //!   three. `DMQSM_SCALING_ONLY=dipinv-approx`, `DMQSM_SCALING_JOBS=1` and
-//!   `DMQSM_SCALING_WORKERS=1,8` pick rows (and skip the old one). Then the old small row (64³, 16³ patches, 40 ms
-//!   per batch: the coordinator's work is ~1 % of a step there, which hides its cost).
+//!   `DMQSM_SCALING_WORKERS=1,8` pick rows (and skip the old one). Then the old small
+//!   row (64³, 16³ patches, 40 ms per batch: the coordinator's work is ~1 % of a step
+//!   there, which hides its cost).
 //! - `throughput`: 4 instant workers (analytic model, no latency): patches/s and MB/s on
 //!   the wire (requests + answers), f32 and bf16.
 //! - `disk`: a long job (checkpoints every 5 steps): sled's disk use during and after.
@@ -545,11 +546,12 @@ async fn gpu_scaling() -> AnyResult<()> {
                     * (per_batch + per_patch * BATCH).as_secs_f64()
                     / n as f64;
                 println!(
-                    "  {:<14} {:<6} {jobs} job(s) {n} worker(s): {wall:6.2} s (of {}), efficiency {:.3} \
-                     ({:.3} inside the rounds), non-model share {:.0} % ({:.0} % inside the rounds, which take {:.2} s of \
-                     it; the submit call {:.2} s, the fetch {:.2} s), coordinator numerics {:.2} s ({:.2} ms/patch), process CPU \
-                     {:.2} ms/patch ({:.0} % system), {:.0} page faults per patch, {:.0} KiB \
-                     on the wire per patch",
+                    "  {:<14} {:<6} {jobs} job(s) {n} worker(s): {wall:6.2} s (of {}), \
+                     efficiency {:.3} ({:.3} inside the rounds), non-model share {:.0} % \
+                     ({:.0} % inside the rounds, which take {:.2} s of it; the submit call \
+                     {:.2} s, the fetch {:.2} s), coordinator numerics {:.2} s ({:.2} \
+                     ms/patch), process CPU {:.2} ms/patch ({:.0} % system), {:.0} page \
+                     faults per patch, {:.0} KiB on the wire per patch",
                     task_name,
                     guidance_name,
                     walls.join(" "),

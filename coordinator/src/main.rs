@@ -5,6 +5,9 @@
 //! this process (the single-machine default). Exit codes are listed in `--help`.
 
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod cli;
 
 /// mimalloc keeps freed pages for reuse: each step allocates batches of 48³ patches and
 /// volume-sized buffers, which glibc's malloc returns to the kernel and faults in zeroed
@@ -12,9 +15,6 @@ use clap::{Parser, Subcommand};
 /// "Feeding GPUs").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use std::process::ExitCode;
-
-mod cli;
 
 /// DM-QSM: quantitative susceptibility mapping with a patch-based score diffusion model.
 #[derive(Debug, Parser)]
