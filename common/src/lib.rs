@@ -13,11 +13,12 @@
 //!   model contract, sampler state machine), [`tasks`] (dipinv, sr, …) and [`driver`]
 //!   (the in-process reference driver).
 //!
-//! - Base utilities: [`splitmix`] (the seeded mixer), [`content_hash`] (SHA-256),
+//! - Base utilities: [`allocator`] (the binaries' mimalloc, keeping freed pages), [`splitmix`] (the seeded mixer), [`content_hash`] (SHA-256),
 //!   [`atomic_file`] (crash-safe writes).
 //!
 //! Units: χ and local field in ppm, lengths in mm, B0 in T, TE in s.
 
+pub mod allocator;
 pub mod atomic_file;
 pub mod content_hash;
 pub mod diffusion;

@@ -549,25 +549,82 @@ impl PatchGrid {
     pub fn assemble_padded(&self, patches: &[ArrayView3<'_, f32>]) -> Result<Array3<f32>> {
         let owned = self.standard_patches(patches)?;
         let slices = contiguous(&owned)?;
-        let plan = self.plane_plan();
-        let (c, recip) = self.count_tables()?;
-        let [_, ly, lz] = self.padded_shape;
         let mut out = vec![0.0f32; self.padded_shape.iter().product()];
-        out.par_chunks_mut(ly * lz).enumerate().for_each_init(
-            || vec![0.0f64; ly * lz],
-            |acc, (i, o)| {
-                acc.fill(0.0);
-                self.accumulate_plane(&plan, &slices, i, acc);
-                for j in 0..ly {
-                    let cij = c[0][i] * c[1][j];
-                    let (o, s) = (&mut o[j * lz..(j + 1) * lz], &acc[j * lz..(j + 1) * lz]);
-                    for ((o, &s), &ck) in o.iter_mut().zip(s).zip(&c[2]) {
-                        *o = (s * recip[cij * ck]) as f32;
-                    }
-                }
-            },
-        );
+        self.assemble_planes_into(&slices, &vec![true; self.padded_shape[0]], &mut out)?;
         Array3::from_shape_vec(self.padded_shape, out).map_err(|e| Error::Shape(e.to_string()))
+    }
+
+    /// The x planes of the padded volume (`[lx]`, `true` = ready) that only patches of
+    /// complete x slabs cover; `complete[jx]` says whether every patch at grid position
+    /// `jx` along x is in. The planes a streamed reassembly can finish already.
+    pub fn planes_covered_by(&self, complete: &[bool]) -> Vec<bool> {
+        self.coverage(0)
+            .iter()
+            .map(|cov| {
+                cov.iter()
+                    .all(|&(jx, _)| complete.get(jx).copied().unwrap_or(false))
+            })
+            .collect()
+    }
+
+    /// Overlap-normalised reassembly ([`PatchGrid::assemble_padded`], bit for bit) of
+    /// the x planes marked in `planes` (`[lx]`) into `out` (the padded volume, C order);
+    /// the other planes of `out` are left as they are. `patches[i]` is patch i (`P³`
+    /// values, C order); a patch no marked plane needs may be empty, so that a round's
+    /// reassembly can run slab by slab while the later patches are still being computed.
+    /// Errors on a wrong `out` or `planes` length, or a needed patch that is missing or
+    /// not `P³` long.
+    pub fn assemble_planes_into(
+        &self,
+        patches: &[&[f32]],
+        planes: &[bool],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let [lx, ly, lz] = self.padded_shape;
+        if out.len() != lx * ly * lz || planes.len() != lx || patches.len() != self.len() {
+            return Err(Error::Shape(format!(
+                "reassembly into {} values of {} planes from {} patches; the grid has {} \
+                 values, {lx} planes and {} patches",
+                out.len(),
+                planes.len(),
+                patches.len(),
+                lx * ly * lz,
+                self.len()
+            )));
+        }
+        let plan = self.plane_plan();
+        let p3 = self.patch.pow(3);
+        let [_, ny, nz] = self.per_axis;
+        for (i, _) in planes.iter().enumerate().filter(|(_, w)| **w) {
+            for &(jx, _) in &plan.cov_x[i] {
+                let slab = jx * ny * nz..(jx + 1) * ny * nz;
+                if let Some(bad) = slab.clone().find(|&k| patches[k].len() != p3) {
+                    return Err(Error::Shape(format!(
+                        "x plane {i} needs patch {bad}, which has {} of {p3} values",
+                        patches[bad].len()
+                    )));
+                }
+            }
+        }
+        let (c, recip) = self.count_tables()?;
+        out.par_chunks_mut(ly * lz)
+            .enumerate()
+            .filter(|(i, _)| planes[*i])
+            .for_each_init(
+                || vec![0.0f64; ly * lz],
+                |acc, (i, o)| {
+                    acc.fill(0.0);
+                    self.accumulate_plane(&plan, patches, i, acc);
+                    for j in 0..ly {
+                        let cij = c[0][i] * c[1][j];
+                        let (o, s) = (&mut o[j * lz..(j + 1) * lz], &acc[j * lz..(j + 1) * lz]);
+                        for ((o, &s), &ck) in o.iter_mut().zip(s).zip(&c[2]) {
+                            *o = (s * recip[cij * ck]) as f32;
+                        }
+                    }
+                },
+            );
+        Ok(())
     }
 
     /// Overlap-normalised reassembly of `[n, P, P, P]` patches, cropped to the volume.
@@ -769,6 +826,83 @@ mod tests {
                 two_pass
                     .iter()
                     .zip(fused.iter())
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
+    }
+
+    /// Reassembly slab by slab, as a streamed round does it while patches arrive (slabs
+    /// complete in a scrambled order, empty slices for patches not yet in), ends bitwise
+    /// equal to the one-shot assembly, on a plain and a wrapped (shifted) grid; a plane
+    /// whose patches are missing is an error, not a panic.
+    #[test]
+    fn slab_by_slab_assembly_is_bitwise_the_one_shot_assembly() {
+        for grid in [
+            PatchGrid::new([29, 11, 10], 6, GridSpacing::Overlap(2)).unwrap(),
+            PatchGrid::new_shifting([30, 11, 10], 8, GridSpacing::Overlap(3))
+                .unwrap()
+                .with_offset([3, 4, 2])
+                .unwrap(),
+        ] {
+            let p = grid.patch_size();
+            let nx = grid.patches_per_axis()[0];
+            assert!(nx >= 4, "the test wants several slabs");
+            let v = Array4::from_shape_vec(
+                (grid.len(), p, p, p),
+                random([grid.len() * p, p, p], 11)
+                    .into_raw_vec_and_offset()
+                    .0,
+            )
+            .unwrap();
+            let views: Vec<_> = v.outer_iter().collect();
+            let one_shot = grid.assemble_padded(&views).unwrap();
+            let all: Vec<&[f32]> = views.iter().map(|a| a.to_slice().unwrap()).collect();
+            let lx = grid.padded_shape()[0];
+            // NaN everywhere first: every voxel must be written exactly by its plane.
+            let mut out = vec![f32::NAN; one_shot.len()];
+            let mut done = vec![false; lx];
+            let mut complete = vec![false; nx];
+            let order: Vec<usize> = (0..nx).map(|k| (k * 3 + 1) % nx).collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..nx).collect::<Vec<_>>(), "a permutation");
+            for (step, &jx) in order.iter().enumerate() {
+                complete[jx] = true;
+                let have: Vec<&[f32]> = (0..grid.len())
+                    .map(|i| {
+                        if complete[grid.position(i)[0]] {
+                            all[i]
+                        } else {
+                            &[]
+                        }
+                    })
+                    .collect();
+                let mut want = grid.planes_covered_by(&complete);
+                for (w, d) in want.iter_mut().zip(&done) {
+                    *w &= !*d;
+                }
+                grid.assemble_planes_into(&have, &want, &mut out).unwrap();
+                for (d, w) in done.iter_mut().zip(&want) {
+                    *d |= *w;
+                }
+                if step + 1 < nx {
+                    assert!(
+                        !done.iter().all(|&d| d),
+                        "not all planes before the last slab"
+                    );
+                    // Asking for every plane now needs a missing patch.
+                    let err = grid
+                        .assemble_planes_into(&have, &vec![true; lx], &mut out.clone())
+                        .unwrap_err()
+                        .to_string();
+                    assert!(err.contains("needs patch"), "{err}");
+                }
+            }
+            assert!(done.iter().all(|&d| d));
+            assert!(
+                one_shot
+                    .iter()
+                    .zip(&out)
                     .all(|(a, b)| a.to_bits() == b.to_bits())
             );
         }

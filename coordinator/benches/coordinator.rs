@@ -25,7 +25,12 @@
 //!   wire per patch. Each row is one warm-up run and then 3 timed runs
 //!   (`DMQSM_SCALING_REPEAT`); it reports the run with the median wall time and lists all
 //!   three. `DMQSM_SCALING_ONLY=dipinv-approx`, `DMQSM_SCALING_JOBS=1` and
-//!   `DMQSM_SCALING_WORKERS=1,8` pick rows (and skip the old one). Then the old small
+//!   `DMQSM_SCALING_WORKERS=1,8` pick rows (and skip the old one). The workers run on
+//!   this host, so their patch tensors go through shared memory (`dmqsm_proto::shm`; each
+//!   row says for how many workers); `DMQSM_SCALING_TRANSPORT=socket` sends them over
+//!   loopback gRPC instead, as a coordinator does with workers on other nodes, and
+//!   `DMQSM_BENCH_PURGE_FREED=1` gives the freed pages of this process back to the
+//!   kernel as mimalloc does by default (`dmqsm_common::allocator`). Then the old small
 //!   row (64³, 16³ patches, 40 ms per batch: the coordinator's work is ~1 % of a step
 //!   there, which hides its cost).
 //! - `throughput`: 4 instant workers (analytic model, no latency): patches/s and MB/s on
@@ -54,7 +59,7 @@ use std::time::{Duration, Instant};
 /// The `dmqsm` binary's allocator, so that this process, which plays the coordinator,
 /// allocates like it (`coordinator/src/main.rs`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: dmqsm_common::allocator::Allocator = dmqsm_common::allocator::Allocator;
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -417,6 +422,9 @@ async fn gpu_scaling() -> AnyResult<()> {
         .filter(|&r| r > 0)
         .unwrap_or(3);
     let shape = [160, 192, 160];
+    // `DMQSM_SCALING_TRANSPORT=socket` sends every tensor over loopback gRPC, as before the
+    // shared-memory data plane (`dmqsm serve --shared-memory-mib 0`).
+    let socket_only = std::env::var("DMQSM_SCALING_TRANSPORT").is_ok_and(|t| t == "socket");
     let (per_batch, per_patch) = (Duration::from_millis(1), Duration::from_millis(1));
     let grid = dmqsm_common::patch::PatchGrid::new(
         shape,
@@ -500,7 +508,16 @@ async fn gpu_scaling() -> AnyResult<()> {
                 config.checkpoint_every = 0;
                 config.max_in_flight_per_worker = 2;
                 config.max_running_jobs = jobs.max(1);
+                if socket_only {
+                    config.shared_memory_slot_bytes = 0;
+                }
                 let coordinator = Coordinator::start(config, &workers.urls()).await?;
+                let through_shm = coordinator
+                    .dispatcher()
+                    .workers()
+                    .iter()
+                    .filter(|w| w.shared_memory)
+                    .count();
                 let (addr, stop, _h) =
                     dmqsm_coordinator::spawn_server(coordinator.clone(), "127.0.0.1:0".parse()?)
                         .await?;
@@ -551,7 +568,8 @@ async fn gpu_scaling() -> AnyResult<()> {
                      ({:.0} % inside the rounds, which take {:.2} s of it; the submit call \
                      {:.2} s, the fetch {:.2} s), coordinator numerics {:.2} s ({:.2} \
                      ms/patch), process CPU {:.2} ms/patch ({:.0} % system), {:.0} page \
-                     faults per patch, {:.0} KiB on the wire per patch",
+                     faults per patch, {:.0} KiB of patch tensors per patch, through shared \
+                     memory for {through_shm} of {n} workers",
                     task_name,
                     guidance_name,
                     walls.join(" "),
@@ -751,6 +769,11 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 }
 
 fn main() -> AnyResult<()> {
+    // As `dmqsm` does; `DMQSM_BENCH_PURGE_FREED=1` keeps mimalloc's default purging, for
+    // an A/B of this process (the worker processes keep their pages either way).
+    if std::env::var_os("DMQSM_BENCH_PURGE_FREED").is_none() {
+        dmqsm_common::allocator::retain_freed_pages();
+    }
     let which: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))

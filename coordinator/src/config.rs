@@ -67,6 +67,13 @@ pub struct CoordinatorConfig {
     pub shutdown_grace: Duration,
     /// Authentication, TLS and which workers are accepted.
     pub security: SecurityConfig,
+    /// Bytes of one shared-memory slot (one batch in flight: its tensors plus an f32
+    /// answer) for workers on this host, which then read patches from and write answers
+    /// to shared memory instead of the socket (`dmqsm_proto::shm`,
+    /// [`crate::shared_plane`]); each such worker gets `max_in_flight_per_worker` slots.
+    /// Batches that do not fit travel inline; 0 turns the shared-memory data plane off.
+    /// Default 8 MiB (a batch of 6 f32 patches of 48³ in an exact-guidance VJP round).
+    pub shared_memory_slot_bytes: u64,
 }
 
 /// Which addresses a registering worker may ask the coordinator to dial.
@@ -122,6 +129,7 @@ impl CoordinatorConfig {
             security: SecurityConfig::default(),
             metrics: crate::metrics::CoordinatorMetrics::default(),
             memory_budget_bytes: crate::admission::default_budget_bytes(),
+            shared_memory_slot_bytes: 8 << 20,
         }
     }
 
@@ -133,6 +141,9 @@ impl CoordinatorConfig {
         }
         if self.max_in_flight_per_worker == 0 {
             return bad("max_in_flight_per_worker must be ≥ 1");
+        }
+        if self.shared_memory_slot_bytes > 1 << 30 {
+            return bad("shared_memory_slot_bytes must be at most 1 GiB");
         }
         if self.batch_timeout.is_zero() {
             return bad("batch_timeout must be > 0");

@@ -33,6 +33,7 @@
 
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
+use crate::shared_plane::SharedPlane;
 use crate::workers::{WorkerEntry, WorkerHealth, connect, fetch_info};
 use dmqsm_common::diffusion::sampler::{PatchResults, RoundId};
 use dmqsm_proto::v1;
@@ -285,6 +286,8 @@ struct Assignment {
     worker_id: String,
     address: String,
     client: v1::worker_client::WorkerClient<dmqsm_proto::transport::AuthChannel>,
+    /// The worker's shared-memory plane, when it runs on this host.
+    shared: Option<Arc<SharedPlane>>,
     generation: u64,
     generation_rx: tokio::sync::watch::Receiver<u64>,
 }
@@ -360,14 +363,35 @@ impl Dispatcher {
             .map(|i| i.worker_id.clone())
             .filter(|i| !i.is_empty())
             .unwrap_or_else(|| address.to_string());
-        self.insert_worker(WorkerEntry::new(
-            id.clone(),
-            address.to_string(),
-            client,
-            info,
-            false,
-        ));
+        let shared = match info {
+            Some(_) => self.shared_plane(&mut client, &id).await,
+            None => None,
+        };
+        let mut entry = WorkerEntry::new(id.clone(), address.to_string(), client, info, false);
+        entry.shared = shared;
+        self.insert_worker(entry);
         Ok(id)
+    }
+
+    /// The shared-memory plane to a worker on this host, unless the configuration turns
+    /// it off or the worker does not attach it (see [`SharedPlane::attach`]).
+    async fn shared_plane(
+        &self,
+        client: &mut v1::worker_client::WorkerClient<dmqsm_proto::transport::AuthChannel>,
+        worker: &str,
+    ) -> Option<Arc<SharedPlane>> {
+        let c = &self.inner.config;
+        if c.shared_memory_slot_bytes == 0 {
+            return None;
+        }
+        SharedPlane::attach(
+            client,
+            worker,
+            c.max_in_flight_per_worker,
+            c.shared_memory_slot_bytes,
+            Duration::from_secs(10),
+        )
+        .await
     }
 
     /// Registers a worker that dialled in (`RegisterWorker`) as `owner` (the name of its
@@ -419,6 +443,7 @@ impl Dispatcher {
                 tracing::warn!(%address, %owner, "registration refused: {e}");
                 RegistrationError::Unreachable(address.to_string())
             })?;
+        let shared = self.shared_plane(&mut client, address).await;
         let mut st = self.inner.lock();
         let id = match st.workers.get(previous_id) {
             Some(w) if w.owner.as_deref() == Some(owner) => previous_id.to_string(),
@@ -441,6 +466,7 @@ impl Dispatcher {
         }
         let mut entry = WorkerEntry::new(id.clone(), address.to_string(), client, Some(info), true);
         entry.owner = Some(owner.to_string());
+        entry.shared = shared;
         if !name.is_empty() {
             entry.name = name.to_string();
         }
@@ -722,6 +748,7 @@ fn schedule(st: &mut State, config: &CoordinatorConfig) -> Vec<Assignment> {
             worker_id,
             address: w.address.clone(),
             client: w.client.clone(),
+            shared: w.shared.clone(),
             generation: w.generation,
             generation_rx: w.generation_tx.subscribe(),
         });
@@ -894,11 +921,24 @@ struct Failure {
     malformed: bool,
 }
 
+/// One attempt of a batch on its assigned worker. Through a slot of the worker's shared
+/// memory plane when it has a free one and the batch fits (see [`SharedPlane`]),
+/// otherwise inline; the answer is decoded and checked the same way either way.
 async fn call_worker(
     a: &mut Assignment,
     timeout: Duration,
 ) -> std::result::Result<PatchResults, Failure> {
-    let request = a.pending.batch.request.clone();
+    let lease = a.shared.as_ref().and_then(SharedPlane::lease);
+    let staged = match &lease {
+        Some(l) => l.stage(&a.pending.batch.request).unwrap_or_else(|e| {
+            tracing::warn!(worker = %a.worker_id, "batch sent inline: {e}");
+            None
+        }),
+        None => None,
+    };
+    // A slot the batch does not use goes back at once.
+    let lease = if staged.is_some() { lease } else { None };
+    let request = staged.unwrap_or_else(|| a.pending.batch.request.clone());
     let mut client = a.client.clone();
     let rpc = async move {
         match request {
@@ -912,16 +952,47 @@ async fn call_worker(
         cause,
         malformed: false,
     };
+    let malformed = |cause: String| Failure {
+        cause,
+        malformed: true,
+    };
     tokio::select! {
         r = tokio::time::timeout(timeout, rpc) => match r {
-            Err(_) => Err(plain(format!("no answer within {:.1} s (batch timeout)", timeout.as_secs_f64()))),
-            Ok(Err(s)) => Err(plain(format!("{:?}: {}", s.code(), s.message()))),
-            Ok(Ok(tensor)) => decode_reply(&a.pending.batch, tensor).map_err(|cause| Failure {
-                cause,
-                malformed: true,
-            }),
+            Err(_) => {
+                // The worker may still write its answer into the slot.
+                if let Some(l) = lease {
+                    l.retire();
+                }
+                Err(plain(format!("no answer within {:.1} s (batch timeout)", timeout.as_secs_f64())))
+            }
+            Ok(Err(s)) => {
+                if let Some(l) = lease {
+                    if s.code() == tonic::Code::FailedPrecondition {
+                        // The worker lost the region (it restarted): inline from now on.
+                        l.plane().mark_broken();
+                    }
+                    // A failure in transit may leave the worker running; never reuse it.
+                    l.retire();
+                }
+                Err(plain(format!("{:?}: {}", s.code(), s.message())))
+            }
+            Ok(Ok(tensor)) => {
+                let tensor = match &lease {
+                    Some(l) => l.collect(tensor).map_err(malformed)?,
+                    None if tensor.as_ref().is_some_and(|t| t.shared.is_some()) => {
+                        return Err(malformed("answer points into shared memory the request did not give".into()));
+                    }
+                    None => tensor,
+                };
+                decode_reply(&a.pending.batch, tensor).map_err(malformed)
+            }
         },
-        _ = rx.wait_for(|g| *g != generation) => Err(plain("worker lost or untrusted; batch reassigned".to_string())),
+        _ = rx.wait_for(|g| *g != generation) => {
+            if let Some(l) = lease {
+                l.retire();
+            }
+            Err(plain("worker lost or untrusted; batch reassigned".to_string()))
+        }
     }
 }
 
@@ -1200,6 +1271,12 @@ mod tests {
         active: Arc<AtomicUsize>,
         max_active: Arc<AtomicUsize>,
         calls: Arc<AtomicUsize>,
+        /// Attaches shared memory (`Some`), answering into its slot or, `Some(true)`,
+        /// pointing its answer outside the slot (a rogue worker).
+        shm: Option<bool>,
+        region: Arc<Mutex<Option<dmqsm_proto::shm::SharedRegion>>>,
+        /// Requests whose patches came through shared memory.
+        shared_calls: Arc<AtomicUsize>,
     }
 
     #[tonic::async_trait]
@@ -1232,22 +1309,54 @@ mod tests {
                 return Err(Status::internal("scripted failure"));
             }
             let r = r.into_inner();
-            let t = r.patches.unwrap_or_default();
+            let mut t = r.patches.unwrap_or_default();
+            let region = self.region.lock().unwrap();
+            if let Some(shared) = t.shared.take() {
+                self.shared_calls.fetch_add(1, Ordering::SeqCst);
+                let region = region.as_ref().unwrap();
+                t.data = region.read(shared.offset, shared.length).unwrap();
+            }
             let (v, shape) = dmqsm_proto::tensor::decode(&t)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let half: Vec<f32> = v
                 .iter()
                 .map(|x| if self.nan { f32::NAN } else { x / 2.0 })
                 .collect();
-            Ok(Response::new(v1::DenoiseResponse {
-                eps: Some(dmqsm_proto::tensor::encode(&half, &shape, v1::Dtype::F32)),
-            }))
+            let mut eps = dmqsm_proto::tensor::encode(&half, &shape, v1::Dtype::F32);
+            if let (Some(to), Some(region)) = (r.answer_to, region.as_ref()) {
+                // The rogue variant points at the region's header, outside its slot.
+                let offset = if self.shm == Some(true) { 0 } else { to.offset };
+                region.write(offset, &eps.data).unwrap();
+                eps.shared = Some(v1::SharedBytes {
+                    offset,
+                    length: eps.data.len() as u64,
+                    ..to
+                });
+                eps.data = Default::default();
+            }
+            Ok(Response::new(v1::DenoiseResponse { eps: Some(eps) }))
         }
         async fn denoise_vjp(
             &self,
             _r: Request<v1::DenoiseVjpRequest>,
         ) -> std::result::Result<Response<v1::DenoiseVjpResponse>, Status> {
             Err(Status::unimplemented("no vjp"))
+        }
+        async fn attach_shared_memory(
+            &self,
+            r: Request<v1::AttachSharedMemoryRequest>,
+        ) -> std::result::Result<Response<v1::AttachSharedMemoryResponse>, Status> {
+            if self.shm.is_none() {
+                return Err(Status::unimplemented("no shared memory"));
+            }
+            let r = r.into_inner();
+            let region = dmqsm_proto::shm::SharedRegion::open(&r.region).unwrap();
+            assert!(region.has_nonce(&r.nonce).unwrap());
+            *self.region.lock().unwrap() = Some(region);
+            Ok(Response::new(v1::AttachSharedMemoryResponse {
+                attached: true,
+                reason: String::new(),
+            }))
         }
     }
 
@@ -1287,6 +1396,7 @@ mod tests {
                 )),
                 timesteps: vec![1.0],
                 response_dtype: v1::Dtype::F32 as i32,
+                answer_to: None,
             }),
             round: RoundId {
                 step: 0,
@@ -1412,6 +1522,56 @@ mod tests {
                 .map(|w| w.state.as_str()),
             Some("untrusted")
         );
+        d.shutdown();
+    }
+
+    /// A worker on this host gets its batches through shared memory, with the same
+    /// answers; a worker pointing its answer outside its slot is untrusted like any
+    /// malformed answer, and its batches go elsewhere.
+    #[tokio::test]
+    async fn shared_memory_carries_batches_and_an_answer_outside_the_slot_untrusts() {
+        let honest = Fake {
+            hash: "h1".into(),
+            shm: Some(false),
+            ..Default::default()
+        };
+        let d = Dispatcher::new(config());
+        let (url, _h) = start(honest.clone()).await;
+        let id = d.add_static_worker(&url).await.unwrap();
+        assert!(d.workers().iter().all(|w| w.shared_memory));
+        d.open_job("j", 0, "h1");
+        let rxs: Vec<_> = (0..6).map(|i| d.submit(batch("j", i))).collect();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let o = rx.await.unwrap().unwrap();
+            assert_eq!(first_value(&o), i as f32 / 2.0);
+            assert_eq!(o.worker_id, id);
+        }
+        assert_eq!(honest.shared_calls.load(Ordering::SeqCst), 6);
+        d.shutdown();
+
+        let rogue = Fake {
+            hash: "h1".into(),
+            shm: Some(true),
+            ..Default::default()
+        };
+        let good = Fake {
+            hash: "h1".into(),
+            ..Default::default()
+        };
+        let d = Dispatcher::new(config());
+        let (rogue_url, _h1) = start(rogue.clone()).await;
+        let (good_url, _h2) = start(good.clone()).await;
+        let rogue_id = d.add_static_worker(&rogue_url).await.unwrap();
+        d.add_static_worker(&good_url).await.unwrap();
+        d.open_job("j", 0, "h1");
+        let rxs: Vec<_> = (0..8).map(|i| d.submit(batch("j", i))).collect();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let o = rx.await.unwrap().unwrap();
+            assert_eq!(first_value(&o), i as f32 / 2.0);
+            assert_ne!(o.worker_id, rogue_id);
+        }
+        assert!(rogue.shared_calls.load(Ordering::SeqCst) >= 1);
+        assert!(d.is_untrusted(&rogue_id));
         d.shutdown();
     }
 

@@ -15,6 +15,8 @@
 //! - [`problem`]: stored inputs → the sampler's problem.
 //! - [`workers`]: one worker as the coordinator sees it.
 //! - [`dispatch`]: batches → workers (bounded in-flight, fairness, retries, lost workers).
+//! - [`shared_plane`]: the shared-memory slots of workers on this host (the same-host
+//!   data plane of `dmqsm_proto::shm`).
 //! - [`metrics`]: Prometheus event metrics (counters, step histogram) in the config.
 //! - [`metrics_endpoint`]: the `/metrics` endpoint: those plus scrape-time gauges.
 //! - [`runner`]: one job's life: rounds, steps, checkpoints, results.
@@ -44,6 +46,7 @@ pub mod remote_model;
 pub mod results;
 pub mod runner;
 pub mod service;
+pub mod shared_plane;
 pub(crate) mod state;
 pub mod store;
 pub mod workers;

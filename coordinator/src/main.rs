@@ -9,12 +9,12 @@ use std::process::ExitCode;
 
 mod cli;
 
-/// mimalloc keeps freed pages for reuse: each step allocates batches of 48³ patches and
-/// volume-sized buffers, which glibc's malloc returns to the kernel and faults in zeroed
-/// again (the scaling bench counts the page faults per patch; see the README's
-/// "Feeding GPUs").
+/// mimalloc, keeping freed pages ([`dmqsm_common::allocator`]): each step allocates
+/// batches of 48³ patches and volume-sized buffers, which would otherwise be faulted in
+/// zeroed again at every step (the scaling bench counts the page faults per patch; see
+/// the README's "Feeding GPUs").
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: dmqsm_common::allocator::Allocator = dmqsm_common::allocator::Allocator;
 
 /// DM-QSM: quantitative susceptibility mapping with a patch-based score diffusion model.
 #[derive(Debug, Parser)]
@@ -68,6 +68,7 @@ impl Command {
 }
 
 fn main() -> ExitCode {
+    dmqsm_common::allocator::retain_freed_pages();
     let cli = Cli::parse();
     let filter = cli
         .log

@@ -194,6 +194,7 @@ mod tests {
                 )),
                 timesteps: vec![1.0],
                 response_dtype: v1::Dtype::F32 as i32,
+                answer_to: None,
             }),
             round: RoundId {
                 step: 0,

@@ -101,6 +101,7 @@ impl ScoreModel for RemoteScoreModel {
             patches: Some(encode(&contiguous(patches), &shape, v1::Dtype::F32)),
             timesteps: t.to_vec(),
             response_dtype: v1::Dtype::F32 as i32,
+            answer_to: None,
         };
         let mut client = self.client.clone();
         let reply = self
@@ -124,6 +125,7 @@ impl ScoreModel for RemoteScoreModel {
             timesteps: t.to_vec(),
             cotangents: Some(encode(&contiguous(cotangent), &shape, v1::Dtype::F32)),
             response_dtype: v1::Dtype::F32 as i32,
+            answer_to: None,
         };
         let mut client = self.client.clone();
         let reply = self

@@ -13,7 +13,7 @@
 //! before the job moves on; a restarted coordinator resumes from there and computes the
 //! same bits (noise is a pure function of seed, step and voxel).
 
-use crate::dispatch::{BatchOutcome, BatchRequest, DispatchError, WireBatch};
+use crate::dispatch::{BatchRequest, DispatchError, WireBatch};
 use crate::error::{CoordinatorError, Result};
 use crate::job::{JobRecord, JobSpec, JobState, unix_now};
 use crate::state::{JobHandle, Shared};
@@ -27,7 +27,7 @@ use dmqsm_proto::v1;
 use ndarray::Array4;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 /// How a run ended early.
 enum Stop {
@@ -467,13 +467,14 @@ async fn run_round(
         }
     );
     let t0 = Instant::now();
-    // 1. Encode the batches.
-    let (sampler, plan, requests) = {
-        let (job, label) = (job_id.clone(), label.clone());
+    // 1. Cut, encode and queue the batches one by one: the workers start on the first
+    //    while the rest are being cut.
+    let (mut sampler, plan, receivers) = {
+        let (job, label, queue) = (job_id.clone(), label.clone(), shared.clone());
         blocking("batch encoder", move || {
             let plan = sampler.plan_batches(batch_size)?;
             let n = plan.len();
-            let mut out = Vec::with_capacity(n);
+            let mut receivers = Vec::with_capacity(n);
             for (b, indices) in plan.iter().enumerate() {
                 let wb = sampler.batch(indices)?;
                 let shape = wb.x.shape().to_vec();
@@ -485,89 +486,108 @@ async fn run_round(
                         timesteps: wb.timesteps.clone(),
                         cotangents: Some(encode(c, &shape, dtype)),
                         response_dtype: dtype as i32,
+                        answer_to: None,
                     }),
                     _ => BatchRequest::Eps(v1::DenoiseRequest {
                         model_hash: hash.clone(),
                         patches: Some(patches),
                         timesteps: wb.timesteps.clone(),
                         response_dtype: dtype as i32,
+                        answer_to: None,
                     }),
                 };
-                out.push(WireBatch {
+                receivers.push(queue.dispatcher.submit(WireBatch {
                     job_id: job.clone(),
                     label: format!("{label} batch {}/{n}", b + 1),
                     request,
                     round: round.id,
                     indices: indices.clone(),
-                });
+                }));
             }
-            Ok((sampler, plan, out))
+            Ok((sampler, plan, receivers))
         })
         .await?
     };
-    let t_encoded = Instant::now();
-    // 2. Queue them all and wait for every answer (or a cancel / failure).
-    let receivers: Vec<_> = requests
-        .into_iter()
-        .map(|b| shared.dispatcher.submit(b))
-        .collect();
-    let all = futures::future::join_all(receivers.into_iter().map(|rx| async move {
-        match rx.await {
-            Ok(r) => r,
-            Err(_) => Err(DispatchError::Cancelled { job: String::new() }),
-        }
-    }));
-    let answers: Vec<std::result::Result<BatchOutcome, DispatchError>> = tokio::select! {
-        a = all => a,
-        _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
-    };
-    let t_answered = Instant::now();
-    let mut outcomes = Vec::with_capacity(answers.len());
-    for a in answers {
-        match a {
-            Ok(o) => outcomes.push(o),
-            Err(DispatchError::Cancelled { .. }) if *cancel.borrow() => {
-                return Err(Stop::Cancelled);
+    let mut numerics = t0.elapsed();
+    // 2. Take the answers in plan order as they arrive; each group of answers already in
+    //    is handed to the sampler at once, which reassembles ε̂ slab by slab meanwhile.
+    //    The result does not depend on the order of arrival (the sampler sums per voxel
+    //    in patch order).
+    let mut receivers = receivers.into_iter().peekable();
+    while let Some(first) = receivers.next() {
+        // `None`: the dispatcher dropped the batch without an answer.
+        let first = tokio::select! {
+            r = first => r.ok(),
+            _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
+        };
+        let mut arrived = vec![first];
+        while let Some(next) = receivers.peek_mut() {
+            match next.try_recv() {
+                Ok(r) => arrived.push(Some(r)),
+                Err(oneshot::error::TryRecvError::Empty) => break,
+                Err(oneshot::error::TryRecvError::Closed) => arrived.push(None),
             }
-            Err(e) => return Err(Stop::Failed(e.to_string())),
+            receivers.next();
         }
-    }
-    for o in &outcomes {
-        *rec.workers_used.entry(o.worker_id.clone()).or_insert(0) += 1;
-        rec.retries += o.retries;
-        if o.retries > 0 {
-            rec.log(format!(
-                "a batch of {label} succeeded on worker {} after {} retries",
-                o.worker_id, o.retries
-            ));
+        let mut outcomes = Vec::with_capacity(arrived.len());
+        for a in arrived {
+            match a {
+                Some(Ok(o)) => outcomes.push(o),
+                Some(Err(DispatchError::Cancelled { .. })) | None if *cancel.borrow() => {
+                    return Err(Stop::Cancelled);
+                }
+                Some(Err(e)) => return Err(Stop::Failed(e.to_string())),
+                None => {
+                    return Err(Stop::Failed(format!(
+                        "{label}: the dispatcher dropped a batch without an answer"
+                    )));
+                }
+            }
         }
+        for o in &outcomes {
+            *rec.workers_used.entry(o.worker_id.clone()).or_insert(0) += 1;
+            rec.retries += o.retries;
+            if o.retries > 0 {
+                rec.log(format!(
+                    "a batch of {label} succeeded on worker {} after {} retries",
+                    o.worker_id, o.retries
+                ));
+            }
+        }
+        let t = Instant::now();
+        sampler = {
+            let (job, label) = (job_id.clone(), label.clone());
+            blocking("answer intake", move || {
+                let mut sampler = sampler;
+                // The answers were decoded and checked at the edge (the dispatcher); the
+                // sampler keeps their rows as they are.
+                for o in outcomes {
+                    let worker = o.worker_id;
+                    sampler
+                        .accept(o.results)
+                        .map_err(|e| CoordinatorError::JobFailed {
+                            job: job.clone(),
+                            cause: format!("{label}: result from worker {worker} rejected: {e}"),
+                        })?;
+                }
+                Ok(sampler)
+            })
+            .await?
+        };
+        numerics += t.elapsed();
     }
-    // 3. Hand the answers back in plan order and finish the round.
+    // 3. Finish the round: the last slab of ε̂, then the step's volume math.
     let patches: usize = plan.iter().map(Vec::len).sum();
-    let sampler = {
-        let (job, label) = (job_id.clone(), label.clone());
-        blocking("round completion", move || {
-            let mut sampler = sampler;
-            // The answers were decoded and checked at the edge (the dispatcher); the
-            // sampler keeps their rows as they are.
-            for o in outcomes {
-                let worker = o.worker_id;
-                sampler
-                    .accept(o.results)
-                    .map_err(|e| CoordinatorError::JobFailed {
-                        job: job.clone(),
-                        cause: format!("{label}: result from worker {worker} rejected: {e}"),
-                    })?;
-            }
-            sampler.complete_round()?;
-            Ok(sampler)
-        })
-        .await?
-    };
-    let t_done = Instant::now();
-    rec.timings.waiting_for_workers_s += (t_answered - t_encoded).as_secs_f64();
-    rec.timings.coordinator_numerics_s +=
-        (t_encoded - t0).as_secs_f64() + (t_done - t_answered).as_secs_f64();
+    let t = Instant::now();
+    let sampler = blocking("round completion", move || {
+        sampler.complete_round()?;
+        Ok(sampler)
+    })
+    .await?;
+    numerics += t.elapsed();
+    let wall = t0.elapsed();
+    rec.timings.waiting_for_workers_s += (wall - numerics).as_secs_f64();
+    rec.timings.coordinator_numerics_s += numerics.as_secs_f64();
     meter.rounds_done += 1;
     meter.patches_done += patches as u64;
     Ok(sampler)

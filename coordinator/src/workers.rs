@@ -77,6 +77,9 @@ pub struct WorkerEntry {
     pub generation: u64,
     /// Broadcasts [`Self::generation`] to running RPCs.
     pub generation_tx: watch::Sender<u64>,
+    /// The shared-memory data plane to this worker when it runs on this host and
+    /// attached it (`None`: its batches travel inline).
+    pub shared: Option<std::sync::Arc<crate::shared_plane::SharedPlane>>,
 }
 
 impl WorkerEntry {
@@ -114,6 +117,7 @@ impl WorkerEntry {
             consecutive_failures: 0,
             generation: 0,
             generation_tx,
+            shared: None,
         }
     }
 
@@ -187,6 +191,7 @@ impl WorkerEntry {
             failures: self.failures,
             name: self.name.clone(),
             owner: self.owner.clone().unwrap_or_default(),
+            shared_memory: self.shared.is_some(),
         }
     }
 }

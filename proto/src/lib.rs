@@ -6,7 +6,8 @@
 //! the conversions between wire enums/messages and the domain types of `dmqsm-common`
 //! ([`convert`]). Both ends also share how a link is secured: bearer-token
 //! authentication ([`auth`]) and TLS ([`transport`]), and the Prometheus `/metrics`
-//! endpoint they both expose ([`metrics_http`]; each defines its own metric families).
+//! endpoint they both expose ([`metrics_http`]; each defines its own metric families),
+//! and the same-host shared-memory data plane for patch tensors ([`shm`]).
 
 /// Generated messages and services of package `dmqsm.v1`.
 pub mod v1 {
@@ -17,6 +18,7 @@ pub mod v1 {
 pub mod auth;
 pub mod convert;
 pub mod metrics_http;
+pub mod shm;
 pub mod tensor;
 pub mod transport;
 

@@ -83,6 +83,7 @@ pub fn encode(values: &[f32], shape: &[usize], dtype: Dtype) -> Tensor {
         }
     };
     Tensor {
+        shared: None,
         shape,
         dtype: dtype as i32,
         data: Bytes::from(data),
@@ -104,6 +105,7 @@ impl AsRef<[u8]> for F32LeBytes {
 pub fn encode_vec(values: Vec<f32>, shape: &[usize], dtype: Dtype) -> Tensor {
     if cfg!(target_endian = "little") && matches!(dtype, Dtype::F32 | Dtype::Unspecified) {
         return Tensor {
+            shared: None,
             shape: shape.iter().map(|&s| s as u32).collect(),
             dtype: Dtype::F32 as i32,
             data: Bytes::from_owner(F32LeBytes(values)),

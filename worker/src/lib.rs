@@ -15,6 +15,8 @@
 //!   benchmarks and tests that do not need a network.
 //! - [`batching`]: the request queue that coalesces requests on a dedicated model thread.
 //! - [`service`]: the gRPC `Worker` service (validation, status codes).
+//! - [`shared_memory`]: the shared-memory regions of same-host coordinators, through
+//!   which patch tensors bypass the socket.
 //! - [`server`]: [`serve`], [`spawn_local_worker`], client helpers, HTTP/2 settings.
 //! - [`registration`]: registering with a coordinator and heartbeats.
 //! - [`metrics`]: the Prometheus metrics (`dmqsm_worker_*`) over the queue's counters.
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod registration;
 pub mod server;
 pub mod service;
+pub mod shared_memory;
 pub mod simulated;
 pub mod torch_model;
 pub mod train;

@@ -26,11 +26,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// mimalloc keeps freed pages for reuse: every batch decodes into and encodes from
-/// buffers of 48³ patches, which glibc's malloc returns to the kernel and faults in
+/// mimalloc, keeping freed pages ([`dmqsm_common::allocator`]): every batch decodes
+/// into and encodes from buffers of 48³ patches, which would otherwise be faulted in
 /// zeroed again. Rust-side allocations only; libtorch keeps its own allocator.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: dmqsm_common::allocator::Allocator = dmqsm_common::allocator::Allocator;
 
 #[derive(Parser)]
 #[command(
@@ -575,6 +575,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    dmqsm_common::allocator::retain_freed_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -5,16 +5,18 @@
 //! matching the shape, wrong shape or patch size, empty batch, batch over `max_batch`,
 //! timesteps missing, non-finite or outside [0, T−1], NaN/∞ in patches or cotangents,
 //! unknown `response_dtype`, a `model_hash` that is not this worker's) answer
-//! `INVALID_ARGUMENT` naming the problem; model failures answer `INTERNAL` with
+//! `INVALID_ARGUMENT` naming the problem; a shared-memory region that is not attached
+//! (the worker restarted) answers `FAILED_PRECONDITION`; model failures answer `INTERNAL` with
 //! libtorch's message; a draining worker answers `UNAVAILABLE`. Nothing a client sends
 //! can crash the worker.
 
 use crate::batching::BatchQueue;
-use dmqsm_proto::tensor::{decode, encode};
+use crate::shared_memory::AttachedRegions;
+use dmqsm_proto::tensor::{decode, encode, encode_vec};
 use dmqsm_proto::v1::worker_server::Worker;
 use dmqsm_proto::v1::{
-    DenoiseRequest, DenoiseResponse, DenoiseVjpRequest, DenoiseVjpResponse, Dtype, InfoRequest,
-    Tensor, WorkerInfo,
+    AttachSharedMemoryRequest, AttachSharedMemoryResponse, DenoiseRequest, DenoiseResponse,
+    DenoiseVjpRequest, DenoiseVjpResponse, Dtype, InfoRequest, Tensor, WorkerInfo,
 };
 use ndarray::Array4;
 use std::sync::Arc;
@@ -132,12 +134,28 @@ pub fn response_dtype(value: i32) -> Result<Dtype, Status> {
     }
 }
 
-fn encode_patches(a: &Array4<f32>, dtype: Dtype) -> Result<Tensor, Status> {
+/// The wire tensor of a model answer; an f32 answer in standard layout lends its buffer
+/// without a copy ([`encode_vec`]).
+fn encode_patches(a: Array4<f32>, dtype: Dtype) -> Result<Tensor, Status> {
+    let shape = a.shape().to_vec();
+    if a.is_standard_layout() {
+        let n: usize = shape.iter().product();
+        let (values, offset) = a.into_raw_vec_and_offset();
+        let start = offset.unwrap_or(0);
+        if start == 0 && values.len() == n {
+            return Ok(encode_vec(values, &shape, dtype));
+        }
+        // Standard layout keeps the n elements contiguous from `start`.
+        let values = values
+            .get(start..start + n)
+            .ok_or_else(|| Status::internal("result buffer is shorter than its shape"))?;
+        return Ok(encode(values, &shape, dtype));
+    }
     let std = a.as_standard_layout();
     let values = std
         .as_slice()
         .ok_or_else(|| Status::internal("result is not contiguous"))?;
-    Ok(encode(values, a.shape(), dtype))
+    Ok(encode(values, &shape, dtype))
 }
 
 /// The `Worker` gRPC service.
@@ -147,6 +165,7 @@ pub struct WorkerService {
     info: WorkerInfo,
     limits: RequestLimits,
     draining: Arc<AtomicBool>,
+    regions: Arc<AttachedRegions>,
 }
 
 impl WorkerService {
@@ -163,6 +182,7 @@ impl WorkerService {
             info,
             limits,
             draining,
+            regions: Arc::default(),
         }
     }
 
@@ -172,10 +192,15 @@ impl WorkerService {
         (self.queue.stats().received_bytes).fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Counts the tensor payload bytes of an answer (the metrics' bytes sent).
-    fn count_sent(&self, tensor: Tensor) -> Option<Tensor> {
+    /// Counts the tensor payload bytes of an answer (the metrics' bytes sent) and puts
+    /// them where the request asked (inline, or into its shared-memory region).
+    fn answer(
+        &self,
+        tensor: Tensor,
+        answer_to: Option<&dmqsm_proto::v1::SharedBytes>,
+    ) -> Result<Option<Tensor>, Status> {
         (self.queue.stats().sent_bytes).fetch_add(tensor.data.len() as u64, Ordering::Relaxed);
-        Some(tensor)
+        self.regions.place(tensor, answer_to).map(Some)
     }
 
     fn check_draining(&self) -> Result<(), Status> {
@@ -200,17 +225,18 @@ impl Worker for WorkerService {
     ) -> Result<Response<DenoiseResponse>, Status> {
         self.check_draining()?;
         let req = request.into_inner();
-        self.count_received(&[req.patches.as_ref()]);
+        let patches = self.regions.inline(req.patches.as_ref(), "patches")?;
+        self.count_received(&[patches.as_ref()]);
         self.limits.check_hash(&req.model_hash)?;
         let dtype = response_dtype(req.response_dtype)?;
         let patches = self
             .limits
-            .decode_patches(req.patches.as_ref(), "patches", None)?;
+            .decode_patches(patches.as_ref(), "patches", None)?;
         self.limits
             .check_timesteps(&req.timesteps, patches.shape()[0])?;
         let eps = self.queue.eps(patches, req.timesteps).await?;
         Ok(Response::new(DenoiseResponse {
-            eps: self.count_sent(encode_patches(&eps, dtype)?),
+            eps: self.answer(encode_patches(eps, dtype)?, req.answer_to.as_ref())?,
         }))
     }
 
@@ -220,20 +246,47 @@ impl Worker for WorkerService {
     ) -> Result<Response<DenoiseVjpResponse>, Status> {
         self.check_draining()?;
         let req = request.into_inner();
-        self.count_received(&[req.patches.as_ref(), req.cotangents.as_ref()]);
+        let patches = self.regions.inline(req.patches.as_ref(), "patches")?;
+        let cotangents = self.regions.inline(req.cotangents.as_ref(), "cotangents")?;
+        self.count_received(&[patches.as_ref(), cotangents.as_ref()]);
         self.limits.check_hash(&req.model_hash)?;
         let dtype = response_dtype(req.response_dtype)?;
         let patches = self
             .limits
-            .decode_patches(req.patches.as_ref(), "patches", None)?;
+            .decode_patches(patches.as_ref(), "patches", None)?;
         let b = patches.shape()[0];
         self.limits.check_timesteps(&req.timesteps, b)?;
         let cot = self
             .limits
-            .decode_patches(req.cotangents.as_ref(), "cotangents", Some(b))?;
+            .decode_patches(cotangents.as_ref(), "cotangents", Some(b))?;
         let vjp = self.queue.vjp(patches, req.timesteps, cot).await?;
         Ok(Response::new(DenoiseVjpResponse {
-            vjp: self.count_sent(encode_patches(&vjp, dtype)?),
+            vjp: self.answer(encode_patches(vjp, dtype)?, req.answer_to.as_ref())?,
         }))
+    }
+
+    async fn attach_shared_memory(
+        &self,
+        request: Request<AttachSharedMemoryRequest>,
+    ) -> Result<Response<AttachSharedMemoryResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(
+            match self.regions.attach(&req.region, &req.nonce) {
+                Ok(()) => {
+                    tracing::info!(region = %req.region, "attached a coordinator's shared memory");
+                    AttachSharedMemoryResponse {
+                        attached: true,
+                        reason: String::new(),
+                    }
+                }
+                Err(reason) => {
+                    tracing::info!(region = %req.region, "shared memory not attached: {reason}");
+                    AttachSharedMemoryResponse {
+                        attached: false,
+                        reason,
+                    }
+                }
+            },
+        ))
     }
 }

@@ -36,6 +36,7 @@ fn denoise_req(x: &Array4<f32>, t: &[f32]) -> DenoiseRequest {
         patches: Some(tensor(x, Dtype::F32)),
         timesteps: t.to_vec(),
         response_dtype: Dtype::F32 as i32,
+        answer_to: None,
     }
 }
 
@@ -80,6 +81,7 @@ async fn denoise_over_grpc_is_bitwise_equal_to_in_process() {
             timesteps: t.clone(),
             cotangents: Some(tensor(&v, Dtype::F32)),
             response_dtype: 0,
+            answer_to: None,
         })
         .await
         .unwrap()
@@ -104,6 +106,151 @@ async fn denoise_over_grpc_is_bitwise_equal_to_in_process() {
 
 /// Concurrent requests are coalesced into shared model calls (checked on the queue's
 /// counters) and every answer is still bitwise the in-process ε of that request alone.
+/// Tensors through an attached shared-memory region (the same-host data plane) give the
+/// inline answers bit for bit, ε and Jᵀv; a region the worker did not attach, a tensor
+/// with bytes both inline and shared, a range outside the region and an answer area too
+/// small are refused with the code and a message naming them; a region holding another
+/// nonce, or a bad name, is not attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensors_through_shared_memory_match_inline_and_bad_references_are_refused() {
+    use dmqsm_proto::shm::{HEADER_BYTES, NONCE_LEN, SharedRegion};
+    let model = Arc::new(tiny_model(P, 2, 3));
+    let served = ServedModel::new(model.clone(), "cpu", 2, "f32");
+    let worker = spawn_local_worker(served, ServerConfig::default())
+        .await
+        .unwrap();
+    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, None)
+        .await
+        .unwrap();
+    let name = format!("dmqsm-test-worker-{}", std::process::id());
+    let nonce = [3u8; NONCE_LEN];
+    let region = SharedRegion::create(&name, HEADER_BYTES + (1 << 20), &nonce).unwrap();
+    let attach = |region: &str, nonce: &[u8]| AttachSharedMemoryRequest {
+        region: region.into(),
+        nonce: nonce.to_vec().into(),
+    };
+    let no = client
+        .attach_shared_memory(attach(&name, &[4u8; NONCE_LEN]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!no.attached && no.reason.contains("nonce"), "{no:?}");
+    let no = client
+        .attach_shared_memory(attach("dmqsm-../x", &nonce))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !no.attached && no.reason.contains("not a dmqsm region"),
+        "{no:?}"
+    );
+    // Before attaching, a reference to the region is a failed precondition.
+    let x = randn(2, P, 1);
+    let t = timesteps(2);
+    let v = randn(2, P, 2);
+    let put = |at: u64, a: &Array4<f32>| {
+        let inline = tensor(a, Dtype::F32);
+        region.write(at, &inline.data).unwrap();
+        Tensor {
+            data: Default::default(),
+            shared: Some(SharedBytes {
+                region: name.clone(),
+                offset: at,
+                length: inline.data.len() as u64,
+            }),
+            ..inline
+        }
+    };
+    let base = HEADER_BYTES as u64;
+    let bytes = (2 * P * P * P * 4) as u64;
+    let answer_to = Some(SharedBytes {
+        region: name.clone(),
+        offset: base + 2 * bytes,
+        length: bytes,
+    });
+    let shared_req = DenoiseRequest {
+        patches: Some(put(base, &x)),
+        answer_to: answer_to.clone(),
+        ..denoise_req(&x, &t)
+    };
+    let e = client.denoise(shared_req.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("not attached"), "{e:?}");
+    let yes = client
+        .attach_shared_memory(attach(&name, &nonce))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(yes.attached, "{yes:?}");
+    region.unlink().unwrap();
+
+    let answer = |t: Option<Tensor>| {
+        let mut t = t.unwrap();
+        let s = t.shared.take().expect("the answer points into the region");
+        assert_eq!(
+            (s.region.as_str(), s.offset),
+            (name.as_str(), base + 2 * bytes)
+        );
+        t.data = region.read(s.offset, s.length).unwrap();
+        array(&Some(t))
+    };
+    let got = client
+        .denoise(shared_req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer(got.eps), model.eps(x.view(), &t).unwrap());
+    let vjp = client
+        .denoise_vjp(DenoiseVjpRequest {
+            model_hash: String::new(),
+            patches: Some(put(base, &x)),
+            timesteps: t.clone(),
+            cotangents: Some(put(base + bytes, &v)),
+            response_dtype: 0,
+            answer_to: answer_to.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer(vjp.vjp), model.vjp(x.view(), &t, v.view()).unwrap());
+
+    let mut bad: Vec<(&str, DenoiseRequest, Code, &str)> = Vec::new();
+    let mut r = shared_req.clone();
+    r.patches.as_mut().unwrap().data = vec![0u8; 8].into();
+    bad.push((
+        "both",
+        r,
+        Code::InvalidArgument,
+        "both inline bytes and shared",
+    ));
+    let mut r = shared_req.clone();
+    r.patches.as_mut().unwrap().shared.as_mut().unwrap().offset = u64::MAX - 4;
+    bad.push(("outside", r, Code::InvalidArgument, "lie outside"));
+    let mut r = shared_req.clone();
+    r.patches.as_mut().unwrap().shared.as_mut().unwrap().region = "dmqsm-other".into();
+    bad.push(("unknown", r, Code::FailedPrecondition, "not attached"));
+    let mut r = shared_req.clone();
+    r.answer_to.as_mut().unwrap().length = 16;
+    bad.push((
+        "small answer area",
+        r,
+        Code::InvalidArgument,
+        "gives room for 16",
+    ));
+    for (what, req, code, message) in bad {
+        let e = client.denoise(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{what}: {e:?}");
+        assert!(e.message().contains(message), "{what}: {}", e.message());
+    }
+    // Still serving, inline and shared.
+    let got = client
+        .denoise(denoise_req(&x, &t))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(array(&got.eps), model.eps(x.view(), &t).unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_requests_match_unbatched_evaluation() {
     let model = Arc::new(tiny_model(P, 4, 4));
@@ -240,6 +387,7 @@ async fn bad_requests_are_rejected_and_the_worker_keeps_serving() {
         timesteps: vec![10.0],
         cotangents: Some(tensor(&v, Dtype::F32)),
         response_dtype: 0,
+        answer_to: None,
     };
     let mut bad_vjp: Vec<(&str, DenoiseVjpRequest, &str)> = Vec::new();
     let mut r = vjp_req.clone();

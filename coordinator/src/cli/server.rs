@@ -63,6 +63,10 @@ pub struct TuningArgs {
     /// at most this much (default: 3/4 of the machine's memory or cgroup limit).
     #[arg(long)]
     pub memory_budget_gb: Option<f64>,
+    /// MiB of shared memory per batch in flight for workers on this host: their patch
+    /// tensors then bypass the socket (0: every batch travels over gRPC; at most 1024).
+    #[arg(long, default_value_t = 8)]
+    pub shared_memory_mib: u64,
 }
 
 impl TuningArgs {
@@ -100,6 +104,17 @@ impl TuningArgs {
         };
         c.max_running_jobs = self.max_running_jobs;
         c.spot_check_fraction = self.spot_check;
+        if self.shared_memory_mib > 1024 {
+            return Err(Exit {
+                code: 2,
+                message: format!(
+                    "--shared-memory-mib {} must be at most 1024",
+                    self.shared_memory_mib
+                ),
+            }
+            .into());
+        }
+        c.shared_memory_slot_bytes = self.shared_memory_mib << 20;
         if let Some(gb) = self.memory_budget_gb {
             if !(gb.is_finite() && gb > 0.0 && gb < 1e9) {
                 return Err(Exit {

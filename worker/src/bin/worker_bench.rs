@@ -131,6 +131,7 @@ fn bench_model(
             patches: Some(encode(&xv, &[b, p, p, p], dtype)),
             timesteps: t.clone(),
             response_dtype: dtype as i32,
+            answer_to: None,
         };
         let requests = [request(Dtype::F32), request(Dtype::Bf16)];
         // Rounds alternate the three modes (in process, gRPC f32, gRPC bf16) so that

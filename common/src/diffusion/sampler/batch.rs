@@ -1,10 +1,12 @@
 //! What goes to a model and what comes back: [`PatchWork`] and [`PatchBatch`] (the model
 //! input of a round), [`PatchResults`] (a batch of results, checked once where it
 //! arrives) and the sampler's store of a round's results, which keeps the batches as they
-//! came instead of copying their rows.
+//! came instead of copying their rows and, in an ε round, reassembles ε̂ slab by slab as
+//! the results arrive.
 
 use super::{RoundId, RoundKind};
 use crate::error::{Error, Result};
+use crate::patch::PatchGrid;
 use ndarray::{Array3, Array4, ArrayView3, Axis};
 
 /// One patch evaluation: the model input of patch `index`.
@@ -108,27 +110,37 @@ impl PatchResults {
 
 /// The results of the open round, as the batches they arrived in, with the batch and row
 /// of every patch held. The first result of a patch wins.
+///
+/// In an ε round it also holds ε̂ reassembled so far ([`RoundResults::fold`]): each x
+/// plane of the padded volume is reassembled as soon as every patch covering it is in,
+/// with the arithmetic of [`PatchGrid::assemble_padded`], so the finished ε̂ is bitwise
+/// the one-shot reassembly whatever the order of arrival. The buffer is kept across
+/// rounds, so a step neither allocates nor zeroes it.
 #[derive(Debug, Clone, Default)]
 pub(super) struct RoundResults {
     batches: Vec<Array4<f32>>,
     /// `(batch, row)` of each patch's result.
     slots: Vec<Option<(usize, usize)>>,
     received: usize,
+    /// ε̂ over the padded volume (C order); the x planes marked in `planes_done` are final.
+    assembled: Vec<f32>,
+    planes_done: Vec<bool>,
 }
 
 impl RoundResults {
     /// An empty store for `n` patches.
     pub(super) fn new(n: usize) -> Self {
         Self {
-            batches: Vec::new(),
             slots: vec![None; n],
-            received: 0,
+            ..Self::default()
         }
     }
 
-    /// Empties the store for a round of `n` patches.
+    /// Empties the store for a round of `n` patches (keeping the reassembly buffer).
     pub(super) fn clear(&mut self, n: usize) {
+        let assembled = std::mem::take(&mut self.assembled);
         *self = Self::new(n);
+        self.assembled = assembled;
     }
 
     /// Patches with a result.
@@ -153,7 +165,13 @@ impl RoundResults {
             }
         }
         if new > 0 {
-            self.batches.push(results.values);
+            // Rows are read as contiguous slices when ε̂ is reassembled.
+            let values = if results.values.is_standard_layout() {
+                results.values
+            } else {
+                results.values.as_standard_layout().into_owned()
+            };
+            self.batches.push(values);
             self.received += new;
         }
         new
@@ -170,5 +188,79 @@ impl RoundResults {
                 Ok(self.batches[b].index_axis(Axis(0), row))
             })
             .collect()
+    }
+
+    /// Reassembles into ε̂ the x planes of `grid` that the results now cover completely
+    /// and that are not done yet (see the type's docs). Errors if `grid` is not the
+    /// round's grid.
+    pub(super) fn fold(&mut self, grid: &PatchGrid) -> Result<()> {
+        let [nx, ny, nz] = grid.patches_per_axis();
+        let slab = ny * nz;
+        if self.slots.len() != grid.len() {
+            return Err(Error::Shape(format!(
+                "{} result slots for a grid of {} patches",
+                self.slots.len(),
+                grid.len()
+            )));
+        }
+        let complete: Vec<bool> = (0..nx)
+            .map(|jx| {
+                self.slots[jx * slab..(jx + 1) * slab]
+                    .iter()
+                    .all(Option::is_some)
+            })
+            .collect();
+        let mut want = grid.planes_covered_by(&complete);
+        if self.planes_done.len() != want.len() {
+            self.planes_done = vec![false; want.len()];
+        }
+        for (w, d) in want.iter_mut().zip(&self.planes_done) {
+            *w &= !*d;
+        }
+        if !want.contains(&true) {
+            return Ok(());
+        }
+        let n: usize = grid.padded_shape().iter().product();
+        if self.assembled.len() != n {
+            // Every voxel is written by its plane; the zeros only size a new buffer.
+            self.assembled.clear();
+            self.assembled.resize(n, 0.0);
+        }
+        let batches = &self.batches;
+        let rows: Vec<&[f32]> = self
+            .slots
+            .iter()
+            .map(|s| {
+                s.and_then(|(b, row)| batches[b].index_axis(Axis(0), row).to_slice())
+                    .unwrap_or(&[])
+            })
+            .collect();
+        grid.assemble_planes_into(&rows, &want, &mut self.assembled)?;
+        for (d, w) in self.planes_done.iter_mut().zip(&want) {
+            *d |= *w;
+        }
+        Ok(())
+    }
+
+    /// The finished ε̂ of an ε round over `grid`'s padded volume (folding what is left);
+    /// errors if a result is missing. The store then starts its reassembly afresh.
+    pub(super) fn take_assembled(&mut self, grid: &PatchGrid) -> Result<Array3<f32>> {
+        self.fold(grid)?;
+        if let Some(i) = self.planes_done.iter().position(|d| !d) {
+            return Err(Error::Protocol(format!(
+                "ε̂ plane {i} cannot be reassembled: a patch covering it has no result"
+            )));
+        }
+        self.planes_done.clear();
+        let values = std::mem::take(&mut self.assembled);
+        Array3::from_shape_vec(grid.padded_shape(), values).map_err(|e| Error::Shape(e.to_string()))
+    }
+
+    /// Hands back a padded volume buffer no longer needed (the ε̂ of a finished step), to
+    /// be reused by the next round's reassembly.
+    pub(super) fn recycle(&mut self, buffer: Vec<f32>) {
+        if self.assembled.is_empty() {
+            self.assembled = buffer;
+        }
     }
 }

@@ -635,7 +635,13 @@ impl Sampler {
                 self.grid.len()
             )));
         }
-        Ok(self.results.insert(results))
+        let kind = results.round().kind;
+        let new = self.results.insert(results);
+        // ε̂ is reassembled slab by slab while the rest of the round is computed.
+        if new > 0 && kind == RoundKind::Eps {
+            self.results.fold(&self.grid)?;
+        }
+        Ok(new)
     }
 
     /// Hands back the result of one patch of round `round`: ε (needed in an ε round) or
@@ -682,17 +688,17 @@ impl Sampler {
         let c = self.coefficients()?;
         match round.id.kind {
             RoundKind::Eps => {
-                let eps_hat = self.grid.assemble_padded(&self.results.views()?)?;
+                let eps_hat = self.results.take_assembled(&self.grid)?;
                 let (x0_hat, inside) = denoise(&self.state, &eps_hat, &c, self.clamp);
                 match self.settings.guidance {
-                    Guidance::None => self.finish_step(&c, &eps_hat, &x0_hat, Gradient::None),
+                    Guidance::None => self.finish_step(&c, &eps_hat, &x0_hat, Gradient::None)?,
                     Guidance::Approx => {
                         let g = self.data_gradient(&x0_hat, inside.as_ref())?;
-                        self.finish_step(&c, &eps_hat, &x0_hat, Gradient::Approx(g))
+                        self.finish_step(&c, &eps_hat, &x0_hat, Gradient::Approx(g))?
                     }
                     Guidance::Prox => {
                         let x0_hat = self.data_consistency(x0_hat)?;
-                        self.finish_step(&c, &eps_hat, &x0_hat, Gradient::None)
+                        self.finish_step(&c, &eps_hat, &x0_hat, Gradient::None)?
                     }
                     Guidance::Exact => {
                         let g = self.data_gradient(&x0_hat, inside.as_ref())?;
@@ -705,9 +711,12 @@ impl Sampler {
                         });
                         self.phase = Phase::Vjp;
                         self.results.clear(self.grid.len());
-                        Ok(())
+                        return Ok(());
                     }
                 }
+                // The next round reassembles into this step's ε̂ buffer.
+                self.results.recycle(eps_hat.into_raw_vec_and_offset().0);
+                Ok(())
             }
             RoundKind::Vjp => {
                 let pending = self
