@@ -101,6 +101,21 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// Sizes `file` to `size` bytes and reserves its pages: on a full tmpfs (a container's
+/// small `/dev/shm`, say) a write into a sparse region would raise SIGBUS later, where
+/// `posix_fallocate` fails now with `ENOSPC`, and the batches then travel inline.
+fn reserve(file: &File, size: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: plain system call on an open descriptor this function borrows.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
 /// One mapped shared-memory region (see the module docs).
 #[derive(Debug)]
 pub struct SharedRegion {
@@ -147,8 +162,7 @@ impl SharedRegion {
             .mode(0o600)
             .open(Self::path(name))
             .map_err(Self::io(name))?;
-        let region = file
-            .set_len(size as u64)
+        let region = reserve(&file, size)
             .map_err(Self::io(name))
             .and_then(|()| Self::map(name, &file));
         match region {
@@ -295,6 +309,16 @@ mod tests {
         assert!(SharedRegion::open(&name).is_err(), "the name is gone");
         b.write(HEADER_BYTES as u64, &[42]).unwrap();
         assert_eq!(a.read(HEADER_BYTES as u64, 1).unwrap()[..], [42]);
+    }
+
+    /// A region larger than the tmpfs can hold is refused when it is made (no SIGBUS
+    /// later), and no file is left behind.
+    #[test]
+    fn a_region_the_tmpfs_cannot_hold_is_refused_up_front() {
+        let name = unique("huge");
+        let e = SharedRegion::create(&name, 1 << 50, &[1u8; NONCE_LEN]).unwrap_err();
+        assert!(matches!(e, SharedMemoryError::Io { .. }), "{e}");
+        assert!(SharedRegion::open(&name).is_err(), "nothing left behind");
     }
 
     #[test]
