@@ -721,6 +721,7 @@ pub async fn workers(args: WorkersArgs) -> anyhow::Result<()> {
                     "device": w.info.as_ref().map(|i| i.device.clone()).unwrap_or_default(),
                     "in_flight": w.in_flight, "batches_done": w.batches_done,
                     "failures": w.failures, "last_heartbeat_unix": w.last_heartbeat_unix,
+                    "shared_memory": w.shared_memory,
                 })
             })
             .collect();
@@ -728,20 +729,25 @@ pub async fn workers(args: WorkersArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<9} {:<28} {:<8} {:>9} {:>9} {:>8}",
+        "{:<24} {:<9} {:<28} {:<8} {:>9} {:>9} {:>8}  tensors",
         "worker", "state", "model", "device", "in flight", "batches", "failures"
     );
     for w in &ws {
         let (id, hash) = model(w);
         println!(
-            "{:<24} {:<9} {:<28} {:<8} {:>9} {:>9} {:>8}",
+            "{:<24} {:<9} {:<28} {:<8} {:>9} {:>9} {:>8}  {}",
             w.worker_id,
             w.state,
             format!("{id} {hash}"),
             w.info.as_ref().map(|i| i.device.as_str()).unwrap_or("?"),
             w.in_flight,
             w.batches_done,
-            w.failures
+            w.failures,
+            if w.shared_memory {
+                "shared memory"
+            } else {
+                "gRPC"
+            }
         );
     }
     Ok(())

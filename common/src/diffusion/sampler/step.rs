@@ -16,14 +16,26 @@ pub fn denoise(
     clamp: Option<(f32, f32)>,
 ) -> (Array3<f32>, Option<Array3<bool>>) {
     let (sa, s1a) = (c.sqrt_alpha_bar(), c.sqrt_one_minus_alpha_bar());
-    let x0 = Zip::from(x)
-        .and(eps_hat)
-        .par_map_collect(|&x, &e| ((x as f64 - s1a * e as f64) / sa) as f32);
+    let x0 = |x: f32, e: f32| ((x as f64 - s1a * e as f64) / sa) as f32;
     match clamp {
-        None => (x0, None),
+        None => (
+            Zip::from(x).and(eps_hat).par_map_collect(|&x, &e| x0(x, e)),
+            None,
+        ),
         Some((lo, hi)) => {
-            let inside = x0.mapv(|v| v > lo && v < hi);
-            (x0.mapv(|v| v.clamp(lo, hi)), Some(inside))
+            // One pass for x̂_0, the clamp and the mask (the clamp acts on the f32 x̂_0).
+            let mut inside = Array3::from_elem(x.raw_dim(), false);
+            let mut out = Array3::<f32>::zeros(x.raw_dim());
+            Zip::from(&mut out)
+                .and(&mut inside)
+                .and(x)
+                .and(eps_hat)
+                .par_for_each(|o, m, &x, &e| {
+                    let v = x0(x, e);
+                    *m = v > lo && v < hi;
+                    *o = v.clamp(lo, hi);
+                });
+            (out, Some(inside))
         }
     }
 }

@@ -571,3 +571,35 @@ fn a_non_finite_state_is_the_run_diverging_and_is_never_sent_out() {
     assert!(matches!(err, Error::Diverged(_)), "{err}");
     assert!(err.to_string().contains("--xi"), "{err}");
 }
+
+/// The one-pass clamped x̂_0 is, voxel by voxel, the formula, then the clamp of that f32
+/// value and the open-range mask (bitwise), with values inside, outside and on the bounds.
+#[test]
+fn clamped_denoise_is_the_formula_then_the_clamp_voxel_by_voxel() {
+    let shape = [7, 6, 5];
+    let x = noise_volume(3, 1, shape).mapv(|v| 4.0 * v);
+    let eps = noise_volume(4, 1, shape);
+    let model = gaussian(0.0, 1.0, 8, 1.0);
+    let prob = problem(noise_volume(1, 1, shape), None);
+    let s = Sampler::new(prob, model.spec(), settings(10, 1.0, Guidance::None, 3)).unwrap();
+    let c = *s.schedule().step(3).unwrap();
+    let (lo, hi) = (-1.5f32, 2.0f32);
+    let (x0, inside) = denoise(&x, &eps, &c, Some((lo, hi)));
+    let inside = inside.unwrap();
+    let (sa, s1a) = (c.sqrt_alpha_bar(), c.sqrt_one_minus_alpha_bar());
+    let mut saw = [false; 2];
+    for ((i, &xv), &e) in x.indexed_iter().zip(eps.iter()) {
+        let v = ((xv as f64 - s1a * e as f64) / sa) as f32;
+        assert_eq!(x0[i].to_bits(), v.clamp(lo, hi).to_bits(), "{i:?}");
+        assert_eq!(inside[i], v > lo && v < hi, "{i:?}");
+        saw[inside[i] as usize] = true;
+    }
+    assert_eq!(
+        saw,
+        [true, true],
+        "values both inside and outside the range"
+    );
+    let (plain, none) = denoise(&x, &eps, &c, None);
+    assert!(none.is_none());
+    assert!(plain.iter().zip(x0.iter()).any(|(a, b)| a != b));
+}
