@@ -3,14 +3,13 @@
 //! per batch in flight.
 //!
 //! A slot holds a batch's tensors one after the other (patches, then cotangents in a VJP
-//! round) and then room for the answer, [`SlotLease::stage`] copies a request in and
+//! round) and then room for the answer; [`SlotLease::stage`] copies a request's tensors in and
 //! [`SlotLease::collect`] copies the answer out, so what reaches the sampler is exactly
 //! what would have come over the socket. A slot whose worker may still write into it
 //! (its call timed out, failed in transit or was abandoned) is retired, never reused:
 //! a late answer cannot land in another batch. A plane whose worker no longer knows its
 //! region (it restarted) is marked broken, and that worker's batches travel inline.
 
-use crate::dispatch::BatchRequest;
 use dmqsm_proto::shm::{HEADER_BYTES, NONCE_LEN, SharedMemoryError, SharedRegion};
 use dmqsm_proto::transport::AuthChannel;
 use dmqsm_proto::v1;
@@ -140,6 +139,18 @@ fn nonce(worker: &str, n: u64) -> [u8; NONCE_LEN] {
     h.finalize().into()
 }
 
+/// A request's tensors placed in a slot by [`SlotLease::stage`]: they point into it, and
+/// `answer_to` is where the worker is to write its answer.
+#[derive(Debug, Clone)]
+pub struct StagedTensors {
+    /// The patches, pointing into the slot.
+    pub patches: v1::Tensor,
+    /// The cotangents of a VJP round, pointing into the slot.
+    pub cotangents: Option<v1::Tensor>,
+    /// The rest of the slot, for the answer.
+    pub answer_to: v1::SharedBytes,
+}
+
 /// One slot of a [`SharedPlane`], held for one call; back in the pool when dropped unless
 /// [`SlotLease::retire`]d.
 #[derive(Debug)]
@@ -159,17 +170,15 @@ impl SlotLease {
         &self.plane
     }
 
-    /// `request` with its tensors' bytes copied into the slot and `answer_to` set to the
-    /// rest of it; `None` if the tensors and an f32 answer of the patches' shape do not
-    /// fit in one slot (the batch then travels inline).
-    pub fn stage(&self, request: &BatchRequest) -> Result<Option<BatchRequest>, SharedMemoryError> {
-        let (patches, cotangents) = match request {
-            BatchRequest::Eps(r) => (r.patches.as_ref(), None),
-            BatchRequest::Vjp(r) => (r.patches.as_ref(), r.cotangents.as_ref()),
-        };
-        let Some(patches) = patches else {
-            return Ok(None);
-        };
+    /// The tensors of a request (`patches`, and `cotangents` in a VJP round) with their
+    /// bytes copied into the slot, and the rest of the slot as the answer's place; `None`
+    /// if they and an f32 answer of the patches' shape do not fit in one slot (the batch
+    /// then travels inline).
+    pub fn stage(
+        &self,
+        patches: &v1::Tensor,
+        cotangents: Option<&v1::Tensor>,
+    ) -> Result<Option<StagedTensors>, SharedMemoryError> {
         let answer_bytes = patches
             .shape
             .iter()
@@ -198,25 +207,16 @@ impl SlotLease {
                 shared: Some(shared),
             })
         };
-        let staged_patches = place(patches)?;
-        let staged_cotangents = cotangents.map(&mut place).transpose()?;
-        let answer_to = Some(v1::SharedBytes {
-            region: region.clone(),
-            offset: at,
-            length: self.base() + self.plane.slot_bytes - at,
-        });
-        Ok(Some(match request {
-            BatchRequest::Eps(r) => BatchRequest::Eps(v1::DenoiseRequest {
-                patches: Some(staged_patches),
-                answer_to,
-                ..r.clone()
-            }),
-            BatchRequest::Vjp(r) => BatchRequest::Vjp(v1::DenoiseVjpRequest {
-                patches: Some(staged_patches),
-                cotangents: staged_cotangents,
-                answer_to,
-                ..r.clone()
-            }),
+        let patches = place(patches)?;
+        let cotangents = cotangents.map(&mut place).transpose()?;
+        Ok(Some(StagedTensors {
+            patches,
+            cotangents,
+            answer_to: v1::SharedBytes {
+                region,
+                offset: at,
+                length: self.base() + self.plane.slot_bytes - at,
+            },
         }))
     }
 

@@ -30,6 +30,22 @@ fn array(t: &Option<Tensor>) -> Array4<f32> {
     Array4::from_shape_vec((s[0], s[1], s[2], s[3]), v).unwrap()
 }
 
+/// A local worker serving `served` with the default settings, and a client of it.
+async fn serve(
+    served: ServedModel,
+) -> (
+    dmqsm_worker::LocalWorker,
+    worker_client::WorkerClient<dmqsm_proto::transport::AuthChannel>,
+) {
+    let worker = spawn_local_worker(served, ServerConfig::default())
+        .await
+        .unwrap();
+    let client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, None)
+        .await
+        .unwrap();
+    (worker, client)
+}
+
 fn denoise_req(x: &Array4<f32>, t: &[f32]) -> DenoiseRequest {
     DenoiseRequest {
         model_hash: String::new(),
@@ -47,13 +63,7 @@ fn denoise_req(x: &Array4<f32>, t: &[f32]) -> DenoiseRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denoise_over_grpc_is_bitwise_equal_to_in_process() {
     let model = Arc::new(tiny_model(P, 2, 3));
-    let served = ServedModel::new(model.clone(), "cpu", 2, "f32");
-    let worker = spawn_local_worker(served, ServerConfig::default())
-        .await
-        .unwrap();
-    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, None)
-        .await
-        .unwrap();
+    let (worker, mut client) = serve(ServedModel::new(model.clone(), "cpu", 2, "f32")).await;
 
     let info = client.info(InfoRequest {}).await.unwrap().into_inner();
     let m = info.model.as_ref().unwrap();
@@ -115,13 +125,7 @@ async fn denoise_over_grpc_is_bitwise_equal_to_in_process() {
 async fn tensors_through_shared_memory_match_inline_and_bad_references_are_refused() {
     use dmqsm_proto::shm::{HEADER_BYTES, NONCE_LEN, SharedRegion};
     let model = Arc::new(tiny_model(P, 2, 3));
-    let served = ServedModel::new(model.clone(), "cpu", 2, "f32");
-    let worker = spawn_local_worker(served, ServerConfig::default())
-        .await
-        .unwrap();
-    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, None)
-        .await
-        .unwrap();
+    let (_worker, mut client) = serve(ServedModel::new(model.clone(), "cpu", 2, "f32")).await;
     let name = format!("dmqsm-test-worker-{}", std::process::id());
     let nonce = [3u8; NONCE_LEN];
     let region = SharedRegion::create(&name, HEADER_BYTES + (1 << 20), &nonce).unwrap();
@@ -450,13 +454,13 @@ impl ScoreModel for Flaky {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_failures_answer_internal() {
     let gauss = GaussianPriorModel::new(0.0, 0.5, P, 5.0, ScheduleConfig::default()).unwrap();
-    let served = ServedModel::new(Arc::new(Flaky(gauss.clone())), "cpu", 1, "f32");
-    let worker = spawn_local_worker(served, ServerConfig::default())
-        .await
-        .unwrap();
-    let mut client = connect(&worker.url(), DEFAULT_MAX_MESSAGE_BYTES, None)
-        .await
-        .unwrap();
+    let (worker, mut client) = serve(ServedModel::new(
+        Arc::new(Flaky(gauss.clone())),
+        "cpu",
+        1,
+        "f32",
+    ))
+    .await;
     let x = randn(2, P, 1);
     let status = client
         .denoise(denoise_req(&x, &[600.0, 1.0]))
