@@ -24,7 +24,6 @@ use dmqsm_common::patch::GridSpacing;
 use dmqsm_common::tasks::Problem;
 use dmqsm_proto::tensor;
 use dmqsm_proto::v1;
-use ndarray::Array4;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{oneshot, watch};
@@ -477,14 +476,13 @@ async fn run_round(
             let mut receivers = Vec::with_capacity(n);
             for (b, indices) in plan.iter().enumerate() {
                 let wb = sampler.batch(indices)?;
-                let shape = wb.x.shape().to_vec();
-                let patches = encode(wb.x, &shape, dtype);
+                let patches = tensor::encode_array(wb.x, dtype);
                 let request = match (wb.cotangent, round.id.kind) {
                     (Some(c), RoundKind::Vjp) => BatchRequest::Vjp(v1::DenoiseVjpRequest {
                         model_hash: hash.clone(),
                         patches: Some(patches),
                         timesteps: wb.timesteps.clone(),
-                        cotangents: Some(encode(c, &shape, dtype)),
+                        cotangents: Some(tensor::encode_array(c, dtype)),
                         response_dtype: dtype as i32,
                         answer_to: None,
                     }),
@@ -591,26 +589,4 @@ async fn run_round(
     meter.rounds_done += 1;
     meter.patches_done += patches as u64;
     Ok(sampler)
-}
-
-/// The wire tensor of a stacked batch; f32 takes the batch's buffer without a copy.
-fn encode(a: Array4<f32>, shape: &[usize], dtype: v1::Dtype) -> v1::Tensor {
-    let n = a.len();
-    if a.is_standard_layout() {
-        let (values, offset) = a.into_raw_vec_and_offset();
-        let start = offset.unwrap_or(0);
-        // `Sampler::batch` builds each array from a fresh buffer holding exactly it.
-        if start == 0 && values.len() == n {
-            return tensor::encode_vec(values, shape, dtype);
-        }
-        // Standard layout keeps the elements contiguous from `start` (ndarray's
-        // invariant); were it broken, the worker would reject the short tensor by name.
-        return tensor::encode(
-            values.get(start..start + n).unwrap_or_default(),
-            shape,
-            dtype,
-        );
-    }
-    let v: Vec<f32> = a.iter().copied().collect();
-    tensor::encode(&v, shape, dtype)
 }

@@ -10,11 +10,11 @@
 //! a late answer cannot land in another batch. A plane whose worker no longer knows its
 //! region (it restarted) is marked broken, and that worker's batches travel inline.
 
+use dmqsm_common::content_hash::{Digest, Hasher, sha256_hex};
 use dmqsm_proto::shm::{HEADER_BYTES, NONCE_LEN, SharedMemoryError, SharedRegion};
 use dmqsm_proto::transport::AuthChannel;
 use dmqsm_proto::v1;
 use dmqsm_proto::v1::worker_client::WorkerClient;
-use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,10 +49,7 @@ impl SharedPlane {
             "{}c{}-{n}-{}",
             dmqsm_proto::shm::REGION_PREFIX,
             std::process::id(),
-            nonce[..6]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
+            &sha256_hex(&nonce)[..12]
         );
         let size = (slot_bytes as usize)
             .checked_mul(slots)
@@ -118,11 +115,6 @@ impl SharedPlane {
     pub fn mark_broken(&self) {
         self.broken.store(true, Ordering::Relaxed);
     }
-
-    /// Slots free now.
-    pub fn free_slots(&self) -> usize {
-        self.free.lock().map(|f| f.len()).unwrap_or(0)
-    }
 }
 
 /// A fresh 32-byte nonce: SHA-256 of the worker, the process, a counter and the time.
@@ -131,7 +123,7 @@ fn nonce(worker: &str, n: u64) -> [u8; NONCE_LEN] {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let mut h = Sha256::new();
+    let mut h = Hasher::new();
     h.update(worker.as_bytes());
     h.update(std::process::id().to_le_bytes());
     h.update(n.to_le_bytes());

@@ -114,6 +114,30 @@ pub fn encode_vec(values: Vec<f32>, shape: &[usize], dtype: Dtype) -> Tensor {
     encode(&values, shape, dtype)
 }
 
+/// [`encode`] of an owned array in C order, with its shape. An array in standard layout
+/// that fills its buffer (a stacked batch, a model's answer) lends the buffer to the
+/// tensor through [`encode_vec`], without a copy; any other layout is copied in C order.
+pub fn encode_array<D: ndarray::Dimension>(a: ndarray::Array<f32, D>, dtype: Dtype) -> Tensor {
+    let shape = a.shape().to_vec();
+    let n = a.len();
+    if a.is_standard_layout() {
+        let (values, offset) = a.into_raw_vec_and_offset();
+        let start = offset.unwrap_or(0);
+        if start == 0 && values.len() == n {
+            return encode_vec(values, &shape, dtype);
+        }
+        // Standard layout keeps the elements contiguous from `start` (ndarray's
+        // invariant); were it broken, the receiver would reject the short tensor by name.
+        return encode(
+            values.get(start..start + n).unwrap_or_default(),
+            &shape,
+            dtype,
+        );
+    }
+    let v: Vec<f32> = a.iter().copied().collect();
+    encode_vec(v, &shape, dtype)
+}
+
 /// Decodes a tensor into f32 values and its shape, checking dtype and byte length.
 pub fn decode(tensor: &Tensor) -> Result<(Vec<f32>, Vec<usize>), TensorError> {
     let dtype = Dtype::try_from(tensor.dtype)
@@ -156,6 +180,35 @@ pub fn decode(tensor: &Tensor) -> Result<(Vec<f32>, Vec<usize>), TensorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whole buffers, sliced arrays (an offset into their buffer) and transposed ones all
+    /// give the bytes of [`encode`] of their C-order values, with their shape.
+    #[test]
+    fn encode_array_is_encode_of_the_c_order_values() {
+        let a = ndarray::Array3::from_shape_fn((3, 4, 5), |(i, j, k)| {
+            (i * 20 + j * 5 + k) as f32 * 0.25 - 3.0
+        });
+        let sliced = a.slice(ndarray::s![1.., .., ..]).to_owned();
+        let offset = {
+            let mut b = a.clone();
+            b.slice_collapse(ndarray::s![1.., .., ..]);
+            b
+        };
+        let transposed = a.clone().reversed_axes();
+        for (what, arr) in [
+            ("whole", a.clone()),
+            ("sliced copy", sliced),
+            ("offset", offset),
+            ("transposed", transposed),
+        ] {
+            let c_order: Vec<f32> = arr.iter().copied().collect();
+            let shape = arr.shape().to_vec();
+            for dtype in [Dtype::F32, Dtype::Bf16] {
+                let want = encode(&c_order, &shape, dtype);
+                assert_eq!(encode_array(arr.clone(), dtype), want, "{what} {dtype:?}");
+            }
+        }
+    }
 
     #[test]
     fn f32_round_trip_is_exact() {

@@ -12,7 +12,7 @@
 
 use crate::batching::BatchQueue;
 use crate::shared_memory::AttachedRegions;
-use dmqsm_proto::tensor::{decode, encode, encode_vec};
+use dmqsm_proto::tensor::{decode, encode_array};
 use dmqsm_proto::v1::worker_server::Worker;
 use dmqsm_proto::v1::{
     AttachSharedMemoryRequest, AttachSharedMemoryResponse, DenoiseRequest, DenoiseResponse,
@@ -134,30 +134,6 @@ pub fn response_dtype(value: i32) -> Result<Dtype, Status> {
     }
 }
 
-/// The wire tensor of a model answer; an f32 answer in standard layout lends its buffer
-/// without a copy ([`encode_vec`]).
-fn encode_patches(a: Array4<f32>, dtype: Dtype) -> Result<Tensor, Status> {
-    let shape = a.shape().to_vec();
-    if a.is_standard_layout() {
-        let n: usize = shape.iter().product();
-        let (values, offset) = a.into_raw_vec_and_offset();
-        let start = offset.unwrap_or(0);
-        if start == 0 && values.len() == n {
-            return Ok(encode_vec(values, &shape, dtype));
-        }
-        // Standard layout keeps the n elements contiguous from `start`.
-        let values = values
-            .get(start..start + n)
-            .ok_or_else(|| Status::internal("result buffer is shorter than its shape"))?;
-        return Ok(encode(values, &shape, dtype));
-    }
-    let std = a.as_standard_layout();
-    let values = std
-        .as_slice()
-        .ok_or_else(|| Status::internal("result is not contiguous"))?;
-    Ok(encode(values, &shape, dtype))
-}
-
 /// The `Worker` gRPC service.
 #[derive(Debug, Clone)]
 pub struct WorkerService {
@@ -236,7 +212,7 @@ impl Worker for WorkerService {
             .check_timesteps(&req.timesteps, patches.shape()[0])?;
         let eps = self.queue.eps(patches, req.timesteps).await?;
         Ok(Response::new(DenoiseResponse {
-            eps: self.answer(encode_patches(eps, dtype)?, req.answer_to.as_ref())?,
+            eps: self.answer(encode_array(eps, dtype), req.answer_to.as_ref())?,
         }))
     }
 
@@ -261,7 +237,7 @@ impl Worker for WorkerService {
             .decode_patches(cotangents.as_ref(), "cotangents", Some(b))?;
         let vjp = self.queue.vjp(patches, req.timesteps, cot).await?;
         Ok(Response::new(DenoiseVjpResponse {
-            vjp: self.answer(encode_patches(vjp, dtype)?, req.answer_to.as_ref())?,
+            vjp: self.answer(encode_array(vjp, dtype), req.answer_to.as_ref())?,
         }))
     }
 
