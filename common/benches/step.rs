@@ -9,7 +9,8 @@
 //! command through `.venv/bin/python`.
 //!
 //! Run: `cargo bench -p dmqsm-common --bench step` (env `STEP_BENCH_STEPS`, default 5;
-//! `STEP_BENCH_SHAPE=NX,NY,NZ` for another size; `STEP_BENCH_NO_PYTHON=1` skips numpy).
+//! `STEP_BENCH_SHAPE=NX,NY,NZ` for another size; `STEP_BENCH_NO_PYTHON=1` skips numpy;
+//! `STEP_BENCH_ONLY=dipinv-approx` runs one task and guidance).
 
 use dmqsm_common::Volume;
 use dmqsm_common::diffusion::model::ModelSpec;
@@ -177,9 +178,15 @@ fn main() {
         "ratio"
     );
     let all = rayon::current_num_threads();
+    // `STEP_BENCH_ONLY=dipinv-approx` (say) runs one row group, for profiling.
+    let only = std::env::var("STEP_BENCH_ONLY").ok();
     for task in [Task::Dipinv, Task::DipinvPhysics] {
         let prob = problem(task, shape);
         for guidance in [Guidance::Approx, Guidance::Exact] {
+            let name = format!("{}-{}", task.name(), format!("{guidance:?}").to_lowercase());
+            if only.as_ref().is_some_and(|o| *o != name) {
+                continue;
+            }
             let np = if no_python {
                 None
             } else {

@@ -33,6 +33,9 @@ impl LinearOperator for Identity {
         check_shape(y, self.shape, "Identity adjoint input")?;
         Ok(y.clone())
     }
+    fn is_identity(&self) -> bool {
+        true
+    }
 }
 
 /// Voxel-wise multiplication by fixed weights w (A x = w ⊙ x, self-adjoint); a binary

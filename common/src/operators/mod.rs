@@ -45,6 +45,12 @@ pub trait LinearOperator: Send + Sync {
     fn apply(&self, x: &Array3<f32>) -> Result<Array3<f32>>;
     /// x = Aᵀ y. Errors if `y` does not have `output_shape()`.
     fn adjoint(&self, y: &Array3<f32>) -> Result<Array3<f32>>;
+    /// Whether A x = x for every x (so A and Aᵀ may be skipped): lets the sampler fold
+    /// the DPS gradient into its one pass over the volume. False unless an operator
+    /// says otherwise.
+    fn is_identity(&self) -> bool {
+        false
+    }
 }
 
 impl<T: LinearOperator + ?Sized> LinearOperator for Box<T> {
@@ -60,6 +66,9 @@ impl<T: LinearOperator + ?Sized> LinearOperator for Box<T> {
     fn adjoint(&self, y: &Array3<f32>) -> Result<Array3<f32>> {
         (**self).adjoint(y)
     }
+    fn is_identity(&self) -> bool {
+        (**self).is_identity()
+    }
 }
 
 impl<T: LinearOperator + ?Sized> LinearOperator for Arc<T> {
@@ -74,6 +83,9 @@ impl<T: LinearOperator + ?Sized> LinearOperator for Arc<T> {
     }
     fn adjoint(&self, y: &Array3<f32>) -> Result<Array3<f32>> {
         (**self).adjoint(y)
+    }
+    fn is_identity(&self) -> bool {
+        (**self).is_identity()
     }
 }
 
@@ -105,6 +117,9 @@ impl<T: LinearOperator> LinearOperator for Adjoint<T> {
     }
     fn adjoint(&self, y: &Array3<f32>) -> Result<Array3<f32>> {
         self.0.apply(y)
+    }
+    fn is_identity(&self) -> bool {
+        self.0.is_identity()
     }
 }
 
@@ -185,6 +200,9 @@ impl LinearOperator for Compose {
             x = op.adjoint(&x)?;
         }
         Ok(x)
+    }
+    fn is_identity(&self) -> bool {
+        self.ops.iter().all(|o| o.is_identity())
     }
 }
 

@@ -48,6 +48,7 @@
 
 mod batch;
 mod checkpoint;
+mod fused;
 mod guidance;
 mod rules;
 mod step;
@@ -689,6 +690,14 @@ impl Sampler {
         match round.id.kind {
             RoundKind::Eps => {
                 let eps_hat = self.results.take_assembled(&self.grid)?;
+                if self.is_fusable()
+                    && eps_hat.is_standard_layout()
+                    && eps_hat.shape() == self.state.shape()
+                {
+                    self.finish_fused(&c, &eps_hat)?;
+                    self.results.recycle(eps_hat.into_raw_vec_and_offset().0);
+                    return Ok(());
+                }
                 let (x0_hat, inside) = denoise(&self.state, &eps_hat, &c, self.clamp);
                 match self.settings.guidance {
                     Guidance::None => self.finish_step(&c, &eps_hat, &x0_hat, Gradient::None)?,
@@ -732,6 +741,71 @@ impl Sampler {
                 )
             }
         }
+    }
+
+    /// Whether this step can take the two-pass path of [`fused`]: unguided, or approx
+    /// guidance through A = I, with no gradient to record and contiguous volumes.
+    fn is_fusable(&self) -> bool {
+        let volumes = self.state.is_standard_layout();
+        let data = self.problem.operator().is_identity()
+            && self.y_model.is_standard_layout()
+            && self.problem.measurement_mask().is_standard_layout()
+            && self.y_model.shape() == self.grid.volume_shape()
+            && self.problem.measurement_mask().shape() == self.grid.volume_shape();
+        let guidance = match self.settings.guidance {
+            Guidance::None => true,
+            Guidance::Approx => data,
+            Guidance::Exact | Guidance::Prox => false,
+        };
+        volumes && guidance && !self.record_gradient
+    }
+
+    /// The step of [`Sampler::finish_step`] with approx guidance through A = I (or none)
+    /// in two passes, bitwise equal to the general path (see [`fused`]); records the
+    /// residual and advances to the next step.
+    fn finish_fused(&mut self, c: &StepCoefficients, eps_hat: &Array3<f32>) -> Result<()> {
+        let contiguous = || Error::Shape("sampler volumes are not contiguous".into());
+        let guided = self.settings.guidance == Guidance::Approx;
+        let data = match guided {
+            false => None,
+            true => Some((
+                self.y_model.as_slice().ok_or_else(contiguous)?,
+                self.problem
+                    .measurement_mask()
+                    .as_slice()
+                    .ok_or_else(contiguous)?,
+            )),
+        };
+        let step = fused::FusedStep {
+            state: self.state.as_slice().ok_or_else(contiguous)?,
+            eps_hat: eps_hat.as_slice().ok_or_else(contiguous)?,
+            padded: self.grid.padded_shape(),
+            region: self.grid.volume_region(),
+            data,
+            coefficients: *c,
+            clamp: self.clamp,
+            noise: (c.sigma > 0.0)
+                .then(|| NoiseStream::new(self.settings.seed, step_stream(self.step))),
+            xi: self.xi,
+        };
+        let norm = step.residual_norm();
+        if let Some(norm) = norm {
+            if !norm.is_finite() {
+                return Err(self.diverged(f64::NAN));
+            }
+            self.check_residual(norm)?;
+        }
+        let mut next = std::mem::take(&mut self.spare);
+        // Every element is written; the resize only acts on the first step.
+        next.resize(step.state.len(), 0.0);
+        step.write_next(norm, &mut next).map_err(|e| match e {
+            Error::NonFinite(_) => self.state_diverged(),
+            e => e,
+        })?;
+        if let Some(norm) = norm {
+            self.residual_ppm = Some(norm / self.spec.chi_scale);
+        }
+        self.advance(next)
     }
 
     /// g = ∇_{x̂_0} ‖M_y(y − A crop(x̂_0))‖ over the padded volume (zero in padding and
@@ -883,23 +957,34 @@ impl Sampler {
         // The run's own blow-up (a huge ξ, say) is caught here, before a non-finite state
         // reaches the workers, whose answers would then look like their fault.
         if next.par_iter().any(|v| !v.is_finite()) {
-            return Err(Error::Diverged(format!(
-                "at step {} of {} the state x_t became non-finite with ξ = {}: {}",
-                self.step + 1,
-                self.schedule.len(),
-                self.xi,
-                match self.settings.guidance {
-                    Guidance::Prox => "lower --xi (the prox data weight)",
-                    _ => "lower --xi, or use --guidance prox, whose step is bounded",
-                }
-            )));
+            return Err(self.state_diverged());
         }
+        self.advance(next)
+    }
+
+    /// Makes `next` (the padded length) the state, keeps the previous state's buffer as
+    /// the spare, and enters the next step.
+    fn advance(&mut self, next: Vec<f32>) -> Result<()> {
         let next = Array3::from_shape_vec(self.state.raw_dim(), next)
             .map_err(|e| Error::Shape(e.to_string()))?;
         let (previous, _) = std::mem::replace(&mut self.state, next).into_raw_vec_and_offset();
         self.spare = previous;
         self.step += 1;
         self.enter_step()
+    }
+
+    /// The error of a state that became non-finite.
+    fn state_diverged(&self) -> Error {
+        Error::Diverged(format!(
+            "at step {} of {} the state x_t became non-finite with ξ = {}: {}",
+            self.step + 1,
+            self.schedule.len(),
+            self.xi,
+            match self.settings.guidance {
+                Guidance::Prox => "lower --xi (the prox data weight)",
+                _ => "lower --xi, or use --guidance prox, whose step is bounded",
+            }
+        ))
     }
 
     /// The state at the start of the open step (or the final state), serializable.

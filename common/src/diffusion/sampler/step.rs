@@ -59,11 +59,14 @@ pub fn ddim_update(
     }
 }
 
+/// Elements per partial sum of [`sum_squares`] (the fixed chunking that makes it
+/// independent of the thread count; the fused step keeps it too).
+pub(super) const SUM_CHUNK: usize = 1 << 15;
+
 /// Σ v² in f64 with fixed chunking (bitwise independent of the thread count).
 pub fn sum_squares(v: &[f32]) -> f64 {
-    const CHUNK: usize = 1 << 15;
     let partial: Vec<f64> = v
-        .par_chunks(CHUNK)
+        .par_chunks(SUM_CHUNK)
         .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
         .collect();
     partial.iter().sum()

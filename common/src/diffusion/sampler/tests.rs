@@ -603,3 +603,98 @@ fn clamped_denoise_is_the_formula_then_the_clamp_voxel_by_voxel() {
     assert!(none.is_none());
     assert!(plain.iter().zip(x0.iter()).any(|(a, b)| a != b));
 }
+
+/// The two-pass step of A = I (the crate's `Identity`, which says it is one) equals the
+/// general path (the test-local `Identity`, which does not, and a recorded gradient)
+/// bit for bit, state and residual, step after step: approx and no guidance, with and
+/// without clamp and noise, shifting grid, a partial and a three-voxel measurement mask.
+#[test]
+fn the_two_pass_identity_step_equals_the_general_path_bitwise() {
+    // More than one 2¹⁵-voxel chunk of the residual sum.
+    let shape = [36, 33, 30];
+    let model = gaussian(0.0, 0.5, 8, 1.0);
+    let y = noise_volume(5, 1, shape).mapv(|v| 0.5 * v);
+    let partial = Array3::from_shape_fn(shape, |(i, j, k)| (i + 2 * j + k) % 5 != 0);
+    let sparse = Array3::from_shape_fn(shape, |(i, j, k)| i == 16 && j == 5 && k < 3);
+    let cases = [
+        (Guidance::Approx, 1.0, None, false, &partial),
+        (Guidance::Approx, 0.0, Some([-0.3, 0.3]), true, &partial),
+        (Guidance::Approx, 1.0, Some([-0.5, 0.2]), false, &partial),
+        (Guidance::Approx, 1.0, Some([-0.5, 0.2]), true, &sparse),
+        (Guidance::None, 1.0, Some([-0.3, 0.3]), true, &partial),
+        (Guidance::None, 0.0, None, false, &partial),
+    ];
+    for (case, (guidance, eta, clamp, shift, mask)) in cases.into_iter().enumerate() {
+        let build = |op: Arc<dyn LinearOperator>| {
+            Arc::new(
+                Problem::new(
+                    Task::Dipinv,
+                    y.clone(),
+                    Some(mask.clone()),
+                    op,
+                    OutputGrid::axis_aligned(shape, [1.0; 3]),
+                    Some(partial.clone()),
+                )
+                .unwrap(),
+            )
+        };
+        let st = SamplerSettings {
+            clamp_ppm: clamp,
+            shift_grid: shift,
+            xi: Some(2.0),
+            ..settings(6, eta, guidance, 3)
+        };
+        let mut general =
+            Sampler::new(build(Arc::new(Identity(shape))), model.spec(), st.clone()).unwrap();
+        general.record_gradient(true);
+        let fused_op = Arc::new(crate::operators::Identity::new(shape));
+        let mut fused = Sampler::new(build(fused_op), model.spec(), st).unwrap();
+        assert!(fused.is_fusable(), "case {case}");
+        assert!(!general.is_fusable(), "case {case}");
+        for step in 0..6 {
+            run_round(&model, &mut general, 4).unwrap();
+            run_round(&model, &mut fused, 4).unwrap();
+            assert_eq!(
+                bits(general.state()),
+                bits(fused.state()),
+                "case {case} step {step}"
+            );
+            let r = |s: &Sampler| s.progress().residual_ppm.map(f64::to_bits);
+            assert_eq!(r(&general), r(&fused), "case {case} step {step}");
+        }
+        assert!(fused.is_finished());
+        if guidance == Guidance::Approx {
+            assert!(fused.progress().residual_ppm.is_some(), "case {case}");
+        }
+    }
+}
+
+/// The two-pass step catches its own blow-up as the general path does.
+#[test]
+fn the_two_pass_step_reports_a_diverging_state() {
+    let shape = [12, 9, 10];
+    let model = gaussian(0.0, 1.0, 8, 1.0);
+    let prob = Arc::new(
+        Problem::new(
+            Task::Dipinv,
+            noise_volume(2, 2, shape),
+            None,
+            Arc::new(crate::operators::Identity::new(shape)),
+            OutputGrid::axis_aligned(shape, [1.0; 3]),
+            None,
+        )
+        .unwrap(),
+    );
+    let mut st = settings(4, 1.0, Guidance::Approx, 3);
+    st.xi = Some(1e300);
+    let mut s = Sampler::new(prob, model.spec(), st).unwrap();
+    assert!(s.is_fusable());
+    let err = loop {
+        match run_round(&model, &mut s, 4) {
+            Ok(()) => assert!(s.round().is_some(), "diverges before the end"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::Diverged(_)), "{err}");
+    assert!(err.to_string().contains("--xi"), "{err}");
+}
