@@ -13,8 +13,9 @@
 //!   model contract, sampler state machine), [`tasks`] (dipinv, sr, …) and [`driver`]
 //!   (the in-process reference driver).
 //!
-//! - Base utilities: [`allocator`] (the binaries' mimalloc, keeping freed pages), [`splitmix`] (the seeded mixer), [`content_hash`] (SHA-256),
-//!   [`atomic_file`] (crash-safe writes).
+//! - Base utilities: [`allocator`] (the binaries' mimalloc, keeping freed pages),
+//!   [`splitmix`] (the seeded mixer), [`content_hash`] (SHA-256), [`atomic_file`]
+//!   (crash-safe writes), [`simd`] (run-time choice of vector extension for hot loops).
 //!
 //! Units: χ and local field in ppm, lengths in mm, B0 in T, TE in s.
 
@@ -34,6 +35,7 @@ pub mod operators;
 pub mod patch;
 pub mod phantom;
 pub mod preview;
+pub mod simd;
 pub mod simulate;
 pub mod splitmix;
 pub mod tasks;

@@ -240,27 +240,12 @@ const FILL_LANES: usize = 64;
 /// [`FILL_LANES`] voxels at once in plain loops the compiler vectorises, then
 /// `normal_at` itself for the few rejected ones. The fast path's operations are the
 /// same IEEE-754 basic operations as `normal_at`'s, so the values are too. With
-/// AVX-512 (checked at run time) the loops use its 64-bit multiplies and gathers.
+/// AVX-512 ([`crate::simd`]) the loops use its 64-bit multiplies and gathers.
 fn fill_normals(z: &Ziggurat, key: u64, first: u64, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            unsafe { fill_normals_avx512(z, key, first, out) };
-            return;
-        }
-    }
-    fill_normals_portable(z, key, first, out);
+    fill_normals_isa(crate::simd::VectorIsa::detect(), z, key, first, out);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl")]
-fn fill_normals_avx512(z: &Ziggurat, key: u64, first: u64, out: &mut [f32]) {
-    fill_normals_portable(z, key, first, out);
-}
+crate::dispatch_isa!(fn fill_normals_isa(z: &Ziggurat, key: u64, first: u64, out: &mut [f32]) => fill_normals_portable);
 
 #[inline(always)]
 fn fill_normals_portable(z: &Ziggurat, key: u64, first: u64, out: &mut [f32]) {
@@ -365,7 +350,7 @@ mod tests {
         }
     }
 
-    /// The batched fill (portable and, where the CPU has it, AVX-512) equals `normal_at`
+    /// The batched fill (on each vector extension this CPU has) equals `normal_at`
     /// voxel by voxel, bitwise, from starts on and off its batch edges, with both the fast
     /// path and the rejections (wedge and tail) exercised.
     #[test]
@@ -378,12 +363,14 @@ mod tests {
             let want: Vec<u32> = (0..n)
                 .map(|i| (normal_at(z, key, first + i) as f32).to_bits())
                 .collect();
-            let mut portable = vec![0.0f32; n as usize];
-            fill_normals_portable(z, key, first, &mut portable);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for isa in crate::simd::VectorIsa::available() {
+                let mut got = vec![0.0f32; n as usize];
+                fill_normals_isa(isa, z, key, first, &mut got);
+                assert_eq!(bits(&got), want, "{isa:?} from {first}");
+            }
             let mut dispatched = vec![0.0f32; n as usize];
             fill_normals(z, key, first, &mut dispatched);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&portable), want, "portable from {first}");
             assert_eq!(bits(&dispatched), want, "dispatched from {first}");
             rejected += (0..n)
                 .filter(|&i| {

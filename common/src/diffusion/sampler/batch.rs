@@ -69,12 +69,16 @@ impl PatchResults {
                 "{what} has shape {s:?}; patches are cubic, [B, P, P, P]"
             )));
         }
+        let p3 = s[1] * s[2] * s[3];
         for (row, &index) in indices.iter().enumerate() {
-            if values
-                .index_axis(Axis(0), row)
-                .iter()
-                .any(|x| !x.is_finite())
-            {
+            let finite = match values.as_slice() {
+                Some(all) => crate::volume::all_finite(&all[row * p3..(row + 1) * p3]),
+                None => values
+                    .index_axis(Axis(0), row)
+                    .iter()
+                    .all(|x| x.is_finite()),
+            };
+            if !finite {
                 return Err(Error::Model(format!(
                     "{what} of patch {index} holds non-finite values"
                 )));

@@ -788,7 +788,8 @@ impl Sampler {
                 .then(|| NoiseStream::new(self.settings.seed, step_stream(self.step))),
             xi: self.xi,
         };
-        let norm = step.residual_norm();
+        let isa = crate::simd::VectorIsa::detect();
+        let norm = step.residual_norm(isa);
         if let Some(norm) = norm {
             if !norm.is_finite() {
                 return Err(self.diverged(f64::NAN));
@@ -798,7 +799,7 @@ impl Sampler {
         let mut next = std::mem::take(&mut self.spare);
         // Every element is written; the resize only acts on the first step.
         next.resize(step.state.len(), 0.0);
-        step.write_next(norm, &mut next).map_err(|e| match e {
+        step.write_next(isa, norm, &mut next).map_err(|e| match e {
             Error::NonFinite(_) => self.state_diverged(),
             e => e,
         })?;
@@ -956,7 +957,7 @@ impl Sampler {
         };
         // The run's own blow-up (a huge ξ, say) is caught here, before a non-finite state
         // reaches the workers, whose answers would then look like their fault.
-        if next.par_iter().any(|v| !v.is_finite()) {
+        if !next.par_chunks(1 << 16).all(crate::volume::all_finite) {
             return Err(self.state_diverged());
         }
         self.advance(next)

@@ -610,12 +610,17 @@ fn clamped_denoise_is_the_formula_then_the_clamp_voxel_by_voxel() {
 /// without clamp and noise, shifting grid, a partial and a three-voxel measurement mask.
 #[test]
 fn the_two_pass_identity_step_equals_the_general_path_bitwise() {
-    // More than one 2¹⁵-voxel chunk of the residual sum.
-    let shape = [36, 33, 30];
+    // More than one 2¹⁵-voxel chunk of the residual sum; rows of more than two pieces.
+    for shape in [[36, 33, 30], [5, 4, 530]] {
+        identity_step_equals_the_general_path(shape);
+    }
+}
+
+fn identity_step_equals_the_general_path(shape: [usize; 3]) {
     let model = gaussian(0.0, 0.5, 8, 1.0);
     let y = noise_volume(5, 1, shape).mapv(|v| 0.5 * v);
     let partial = Array3::from_shape_fn(shape, |(i, j, k)| (i + 2 * j + k) % 5 != 0);
-    let sparse = Array3::from_shape_fn(shape, |(i, j, k)| i == 16 && j == 5 && k < 3);
+    let sparse = Array3::from_shape_fn(shape, |(i, j, k)| i == 3 && j == 2 && k < 3);
     let cases = [
         (Guidance::Approx, 1.0, None, false, &partial),
         (Guidance::Approx, 0.0, Some([-0.3, 0.3]), true, &partial),
@@ -697,4 +702,57 @@ fn the_two_pass_step_reports_a_diverging_state() {
     };
     assert!(matches!(err, Error::Diverged(_)), "{err}");
     assert!(err.to_string().contains("--xi"), "{err}");
+}
+
+/// The fused passes give the same bits on every vector extension this CPU has, with and
+/// without clamp and noise, on rows longer than one piece and a region off every edge.
+#[test]
+fn the_fused_passes_agree_bitwise_on_every_vector_extension() {
+    use crate::diffusion::noise::NoiseStream;
+    use crate::simd::VectorIsa;
+    let padded = [9, 7, 300];
+    let region = [1..8, 2..6, 5..290];
+    let n: usize = padded.iter().product();
+    let vol = [7, 4, 285];
+    let state = noise_volume(1, 7, padded).mapv(|v| 3.0 * v);
+    let eps = noise_volume(2, 7, padded);
+    let y = noise_volume(3, 7, vol).mapv(|v| 0.5 * v);
+    let m = Array3::from_shape_fn(vol, |(i, j, k)| (i + j + 3 * k) % 7 != 0);
+    let model = gaussian(0.0, 1.0, 8, 1.0);
+    let prob = problem(Array3::zeros([9, 9, 9]), None);
+    let s = Sampler::new(prob, model.spec(), settings(10, 1.0, Guidance::None, 3)).unwrap();
+    let coefficients = *s.schedule().step(4).unwrap();
+    assert!(VectorIsa::available().contains(&VectorIsa::Baseline));
+    for clamp in [None, Some((-0.7f32, 0.9f32))] {
+        for noise in [None, Some(NoiseStream::new(5, 6))] {
+            let step = fused::FusedStep {
+                state: state.as_slice().unwrap(),
+                eps_hat: eps.as_slice().unwrap(),
+                padded,
+                region: region.clone(),
+                data: Some((y.as_slice().unwrap(), m.as_slice().unwrap())),
+                coefficients,
+                clamp,
+                noise,
+                xi: 0.7,
+            };
+            let run = |isa| {
+                let norm = step.residual_norm(isa).unwrap();
+                let mut next = vec![0.0f32; n];
+                step.write_next(isa, Some(norm), &mut next).unwrap();
+                (
+                    norm.to_bits(),
+                    next.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                )
+            };
+            let want = run(VectorIsa::Baseline);
+            for isa in VectorIsa::available() {
+                assert!(
+                    run(isa) == want,
+                    "{isa:?}, clamp {clamp:?}, noise {}",
+                    noise.is_some()
+                );
+            }
+        }
+    }
 }
