@@ -14,7 +14,7 @@
 //! bitwise identical states (the sampler tests compare them). Both passes are compiled
 //! for each vector extension ([`crate::simd`]), with identical results.
 
-use super::step::SUM_CHUNK;
+use super::step::{SUM_CHUNK, clamp_x0, x0_voxel};
 use crate::diffusion::noise::NoiseStream;
 use crate::diffusion::schedule::StepCoefficients;
 use crate::error::{Error, Result};
@@ -122,15 +122,13 @@ fn x0_run(step: &FusedStep<'_>, x: &[f32], e: &[f32], x0: &mut [f32], inside: &m
     let n = x0.len();
     let (x, e, inside) = (&x[..n], &e[..n], &mut inside[..n]);
     for k in 0..n {
-        x0[k] = ((x[k] as f64 - s1a * e[k] as f64) / sa) as f32;
+        x0[k] = x0_voxel(x[k], e[k], sa, s1a);
     }
     match step.clamp {
         None => inside.fill(true),
         Some((lo, hi)) => {
             for k in 0..n {
-                let v = x0[k];
-                inside[k] = v > lo && v < hi;
-                x0[k] = v.clamp(lo, hi);
+                (x0[k], inside[k]) = clamp_x0(x0[k], lo, hi);
             }
         }
     }

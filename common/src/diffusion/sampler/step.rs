@@ -16,7 +16,7 @@ pub fn denoise(
     clamp: Option<(f32, f32)>,
 ) -> (Array3<f32>, Option<Array3<bool>>) {
     let (sa, s1a) = (c.sqrt_alpha_bar(), c.sqrt_one_minus_alpha_bar());
-    let x0 = |x: f32, e: f32| ((x as f64 - s1a * e as f64) / sa) as f32;
+    let x0 = |x: f32, e: f32| x0_voxel(x, e, sa, s1a);
     match clamp {
         None => (
             Zip::from(x).and(eps_hat).par_map_collect(|&x, &e| x0(x, e)),
@@ -31,13 +31,25 @@ pub fn denoise(
                 .and(x)
                 .and(eps_hat)
                 .par_for_each(|o, m, &x, &e| {
-                    let v = x0(x, e);
-                    *m = v > lo && v < hi;
-                    *o = v.clamp(lo, hi);
+                    (*o, *m) = clamp_x0(x0(x, e), lo, hi);
                 });
             (out, Some(inside))
         }
     }
+}
+
+/// x̂_0 = (x_t − √(1−ᾱ) ε̂)/√ᾱ of one voxel, in f64 and rounded once (`sa` = √ᾱ,
+/// `s1a` = √(1−ᾱ)); the one home of the formula, so every path gives the same bits.
+#[inline(always)]
+pub(super) fn x0_voxel(x: f32, e: f32, sa: f64, s1a: f64) -> f32 {
+    ((x as f64 - s1a * e as f64) / sa) as f32
+}
+
+/// x̂_0 clamped to `[lo, hi]` and whether it lay strictly inside (the clamp's
+/// derivative mask).
+#[inline(always)]
+pub(super) fn clamp_x0(v: f32, lo: f32, hi: f32) -> (f32, bool) {
+    (v.clamp(lo, hi), v > lo && v < hi)
 }
 
 /// x'_{prev} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z (DDIM eq. 12).

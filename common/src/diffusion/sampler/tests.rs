@@ -549,27 +549,44 @@ fn fused_step_equals_the_reference_ddim_update_with_step_noise() {
 }
 
 /// A run whose own ξ blows its state up fails with `Error::Diverged` before the next
-/// round goes out: no non-finite patch ever reaches a model, so no worker is blamed.
+/// round goes out: no non-finite patch ever reaches a model, so no worker is blamed. On
+/// the general path and on the two-pass step of A = I.
 #[test]
 fn a_non_finite_state_is_the_run_diverging_and_is_never_sent_out() {
     let shape = [12, 9, 10];
     let model = gaussian(0.0, 1.0, 8, 1.0);
-    let prob = problem(noise_volume(2, 2, shape), None);
-    let mut st = settings(4, 1.0, Guidance::Approx, 3);
-    st.xi = Some(1e300);
-    let mut s = Sampler::new(prob, model.spec(), st).unwrap();
-    let err = loop {
-        match run_round(&model, &mut s, 4) {
-            Ok(()) => {
-                let round = s.round().expect("diverges before the end");
-                let batch = s.batch(&s.pending()).unwrap();
-                assert!(batch.x.iter().all(|v| v.is_finite()), "round {round:?}");
+    // The general path (test-local identity) and the two-pass one (the crate's).
+    let general: Arc<dyn LinearOperator> = Arc::new(Identity(shape));
+    let fused: Arc<dyn LinearOperator> = Arc::new(crate::operators::Identity::new(shape));
+    for (op, is_fused) in [(general, false), (fused, true)] {
+        let prob = Arc::new(
+            Problem::new(
+                Task::Dipinv,
+                noise_volume(2, 2, shape),
+                None,
+                op,
+                OutputGrid::axis_aligned(shape, [1.0; 3]),
+                None,
+            )
+            .unwrap(),
+        );
+        let mut st = settings(4, 1.0, Guidance::Approx, 3);
+        st.xi = Some(1e300);
+        let mut s = Sampler::new(prob, model.spec(), st).unwrap();
+        assert_eq!(s.is_fusable(), is_fused);
+        let err = loop {
+            match run_round(&model, &mut s, 4) {
+                Ok(()) => {
+                    let round = s.round().expect("diverges before the end");
+                    let batch = s.batch(&s.pending()).unwrap();
+                    assert!(batch.x.iter().all(|v| v.is_finite()), "round {round:?}");
+                }
+                Err(e) => break e,
             }
-            Err(e) => break e,
-        }
-    };
-    assert!(matches!(err, Error::Diverged(_)), "{err}");
-    assert!(err.to_string().contains("--xi"), "{err}");
+        };
+        assert!(matches!(err, Error::Diverged(_)), "{err}");
+        assert!(err.to_string().contains("--xi"), "{err}");
+    }
 }
 
 /// The one-pass clamped x̂_0 is, voxel by voxel, the formula, then the clamp of that f32
@@ -672,36 +689,6 @@ fn identity_step_equals_the_general_path(shape: [usize; 3]) {
             assert!(fused.progress().residual_ppm.is_some(), "case {case}");
         }
     }
-}
-
-/// The two-pass step catches its own blow-up as the general path does.
-#[test]
-fn the_two_pass_step_reports_a_diverging_state() {
-    let shape = [12, 9, 10];
-    let model = gaussian(0.0, 1.0, 8, 1.0);
-    let prob = Arc::new(
-        Problem::new(
-            Task::Dipinv,
-            noise_volume(2, 2, shape),
-            None,
-            Arc::new(crate::operators::Identity::new(shape)),
-            OutputGrid::axis_aligned(shape, [1.0; 3]),
-            None,
-        )
-        .unwrap(),
-    );
-    let mut st = settings(4, 1.0, Guidance::Approx, 3);
-    st.xi = Some(1e300);
-    let mut s = Sampler::new(prob, model.spec(), st).unwrap();
-    assert!(s.is_fusable());
-    let err = loop {
-        match run_round(&model, &mut s, 4) {
-            Ok(()) => assert!(s.round().is_some(), "diverges before the end"),
-            Err(e) => break e,
-        }
-    };
-    assert!(matches!(err, Error::Diverged(_)), "{err}");
-    assert!(err.to_string().contains("--xi"), "{err}");
 }
 
 /// The fused passes give the same bits on every vector extension this CPU has, with and
