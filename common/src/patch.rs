@@ -330,31 +330,38 @@ impl PatchGrid {
         Array3::from_shape_vec((p, p, p), out).map_err(|e| Error::Shape(e.to_string()))
     }
 
-    /// Writes patch `index` of a padded volume into `out` (`P³` values, C order).
-    pub fn extract_into(
+    fn extract_slice(&self, src: &[f32], index: usize, out: &mut [f32]) {
+        self.for_each_run(src, index, |at, run| {
+            out[at..at + run.len()].copy_from_slice(run)
+        });
+    }
+
+    /// Appends patches `indices` (any order) of a padded volume to a new buffer, `[B, P,
+    /// P, P]` values in C order: a batch's model input, without zeroing the buffer first.
+    pub fn extract_batch(
         &self,
         padded: ArrayView3<'_, f32>,
-        index: usize,
-        out: &mut [f32],
-    ) -> Result<()> {
+        indices: &[usize],
+    ) -> Result<Vec<f32>> {
         self.check_shape("padded volume", padded.shape(), self.padded_shape)?;
-        self.check_index(index)?;
-        let p3 = self.patch.pow(3);
-        if out.len() != p3 {
-            return Err(Error::Shape(format!(
-                "patch buffer holds {} values, expected {p3}",
-                out.len()
-            )));
+        for &i in indices {
+            self.check_index(i)?;
         }
         let src = padded.as_standard_layout();
         let src = src
             .as_slice()
             .ok_or_else(|| Error::Shape("padded volume is not contiguous".into()))?;
-        self.extract_slice(src, index, out);
-        Ok(())
+        let mut out = Vec::with_capacity(indices.len() * self.patch.pow(3));
+        for &i in indices {
+            // The runs come in patch order, so appending them fills the patch in C order.
+            self.for_each_run(src, i, |_, run| out.extend_from_slice(run));
+        }
+        Ok(out)
     }
 
-    fn extract_slice(&self, src: &[f32], index: usize, out: &mut [f32]) {
+    /// Calls `emit(offset in the patch, run)` for every contiguous run of patch `index`
+    /// in a padded volume (C order), in ascending offset: the runs tile the patch.
+    fn for_each_run(&self, src: &[f32], index: usize, mut emit: impl FnMut(usize, &[f32])) {
         let p = self.patch;
         let [_, ly, lz] = self.padded_shape;
         let pos = self.position(index);
@@ -365,9 +372,9 @@ impl PatchGrid {
             for b in 0..p {
                 let py = (oy + b) % ly;
                 let row = &src[(px * ly + py) * lz..(px * ly + py + 1) * lz];
-                let dst = &mut out[(a * p + b) * p..(a * p + b + 1) * p];
+                let at = (a * p + b) * p;
                 for r in runs.iter().filter(|r| r.len > 0) {
-                    dst[r.local..r.local + r.len].copy_from_slice(&row[r.start..r.start + r.len]);
+                    emit(at + r.local, &row[r.start..r.start + r.len]);
                 }
             }
         }

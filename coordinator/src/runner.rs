@@ -3,11 +3,13 @@
 //! the results.
 //!
 //! Each round the sampler's deterministic batch plan (`plan_batches(batch_size)`, with the
-//! batch size fixed in the job) becomes one [`WireBatch`] per group of patch indices;
-//! all batches of the round are queued at once, so several workers share them. Answers
-//! are handed back to the sampler in plan order once all have arrived, and the sampler
-//! sums per-patch results in patch-index order, so the step is bitwise the same whatever
-//! worker answered which batch, in which order, after how many retries.
+//! batch size fixed in the job) becomes one [`WireBatch`] per group of patch indices,
+//! cut from a read-only [`PatchSource`](dmqsm_common::diffusion::sampler::PatchSource)
+//! and queued one by one on a thread of its own, so several workers share them and start
+//! on the first while the rest are cut. Answers are handed to the sampler in plan order
+//! as they arrive, while batches are still being cut; the sampler sums per-patch results
+//! in patch-index order, so the step is bitwise the same whatever worker answered which
+//! batch, in which order, after how many retries.
 //!
 //! Every `checkpoint_every` steps the sampler state is written to sled and flushed
 //! before the job moves on; a restarted coordinator resumes from there and computes the
@@ -24,9 +26,10 @@ use dmqsm_common::patch::GridSpacing;
 use dmqsm_common::tasks::Problem;
 use dmqsm_proto::tensor;
 use dmqsm_proto::v1;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How a run ended early.
 enum Stop {
@@ -444,7 +447,7 @@ async fn start_sampler(
 async fn run_round(
     shared: &Arc<Shared>,
     rec: &mut JobRecord,
-    sampler: Sampler,
+    mut sampler: Sampler,
     meter: &mut Meter,
     cancel: &mut watch::Receiver<bool>,
 ) -> std::result::Result<Sampler, Stop> {
@@ -466,16 +469,19 @@ async fn run_round(
         }
     );
     let t0 = Instant::now();
-    // 1. Cut, encode and queue the batches one by one: the workers start on the first
-    //    while the rest are being cut.
-    let (mut sampler, plan, receivers) = {
-        let (job, label, queue) = (job_id.clone(), label.clone(), shared.clone());
-        blocking("batch encoder", move || {
-            let plan = sampler.plan_batches(batch_size)?;
-            let n = plan.len();
-            let mut receivers = Vec::with_capacity(n);
+    // 1. Cut, encode and queue the batches one by one on a thread of their own, from a
+    //    read-only view of x_t: the workers start on the first while the rest are being
+    //    cut, and the answers are taken (step 2) meanwhile.
+    let source = sampler.patch_source()?;
+    let plan = sampler.plan_batches(batch_size)?;
+    let n = plan.len();
+    let (queued, mut submitted) = mpsc::unbounded_channel();
+    let encoder = {
+        let (job, label, queue, plan) =
+            (job_id.clone(), label.clone(), shared.clone(), plan.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
             for (b, indices) in plan.iter().enumerate() {
-                let wb = sampler.batch(indices)?;
+                let wb = source.batch(indices)?;
                 let patches = tensor::encode_array(wb.x, dtype);
                 let request = match (wb.cotangent, round.id.kind) {
                     (Some(c), RoundKind::Vjp) => BatchRequest::Vjp(v1::DenoiseVjpRequest {
@@ -494,39 +500,64 @@ async fn run_round(
                         answer_to: None,
                     }),
                 };
-                receivers.push(queue.dispatcher.submit(WireBatch {
+                let answer = queue.dispatcher.submit(WireBatch {
                     job_id: job.clone(),
                     label: format!("{label} batch {}/{n}", b + 1),
                     request,
                     round: round.id,
                     indices: indices.clone(),
-                }));
+                });
+                if queued.send(answer).is_err() {
+                    // The round was abandoned (cancelled or failed): cut no more.
+                    break;
+                }
             }
-            Ok((sampler, plan, receivers))
+            Ok(())
         })
-        .await?
     };
-    let mut numerics = t0.elapsed();
     // 2. Take the answers in plan order as they arrive; each group of answers already in
     //    is handed to the sampler at once, which reassembles ε̂ slab by slab meanwhile.
     //    The result does not depend on the order of arrival (the sampler sums per voxel
-    //    in patch order).
-    let mut receivers = receivers.into_iter().peekable();
-    while let Some(first) = receivers.next() {
+    //    in patch order). Only the time spent waiting on an answer whose batch is queued
+    //    counts as waiting for the workers.
+    let mut waiting = std::time::Duration::ZERO;
+    let mut receivers = VecDeque::with_capacity(n);
+    let mut taken = 0;
+    while taken < n {
+        if receivers.is_empty() {
+            let next = tokio::select! {
+                r = submitted.recv() => r,
+                _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
+            };
+            match next {
+                Some(r) => receivers.push_back(r),
+                // The encoder stopped early; its error is taken below.
+                None => break,
+            }
+        }
+        while let Ok(r) = submitted.try_recv() {
+            receivers.push_back(r);
+        }
+        let Some(first) = receivers.pop_front() else {
+            break;
+        };
+        let w = Instant::now();
         // `None`: the dispatcher dropped the batch without an answer.
         let first = tokio::select! {
             r = first => r.ok(),
             _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
         };
+        waiting += w.elapsed();
         let mut arrived = vec![first];
-        while let Some(next) = receivers.peek_mut() {
+        while let Some(next) = receivers.front_mut() {
             match next.try_recv() {
                 Ok(r) => arrived.push(Some(r)),
                 Err(oneshot::error::TryRecvError::Empty) => break,
                 Err(oneshot::error::TryRecvError::Closed) => arrived.push(None),
             }
-            receivers.next();
+            receivers.pop_front();
         }
+        taken += arrived.len();
         let mut outcomes = Vec::with_capacity(arrived.len());
         for a in arrived {
             match a {
@@ -552,7 +583,6 @@ async fn run_round(
                 ));
             }
         }
-        let t = Instant::now();
         sampler = {
             let (job, label) = (job_id.clone(), label.clone());
             blocking("answer intake", move || {
@@ -572,20 +602,20 @@ async fn run_round(
             })
             .await?
         };
-        numerics += t.elapsed();
     }
+    encoder
+        .await
+        .map_err(|e| CoordinatorError::Store(format!("batch encoder panicked: {e}")))??;
     // 3. Finish the round: the last slab of ε̂, then the step's volume math.
     let patches: usize = plan.iter().map(Vec::len).sum();
-    let t = Instant::now();
     let sampler = blocking("round completion", move || {
         sampler.complete_round()?;
         Ok(sampler)
     })
     .await?;
-    numerics += t.elapsed();
     let wall = t0.elapsed();
-    rec.timings.waiting_for_workers_s += (wall - numerics).as_secs_f64();
-    rec.timings.coordinator_numerics_s += numerics.as_secs_f64();
+    rec.timings.waiting_for_workers_s += waiting.as_secs_f64();
+    rec.timings.coordinator_numerics_s += wall.saturating_sub(waiting).as_secs_f64();
     meter.rounds_done += 1;
     meter.patches_done += patches as u64;
     Ok(sampler)

@@ -1,13 +1,14 @@
 //! What goes to a model and what comes back: [`PatchWork`] and [`PatchBatch`] (the model
-//! input of a round), [`PatchResults`] (a batch of results, checked once where it
+//! input of a round, cut by a [`PatchSource`]), [`PatchResults`] (a batch of results, checked once where it
 //! arrives) and the sampler's store of a round's results, which keeps the batches as they
 //! came instead of copying their rows and, in an ε round, reassembles ε̂ slab by slab as
 //! the results arrive.
 
-use super::{RoundId, RoundKind};
+use super::{RoundId, RoundInfo, RoundKind};
 use crate::error::{Error, Result};
 use crate::patch::PatchGrid;
 use ndarray::{Array3, Array4, ArrayView3, Axis};
+use std::sync::Arc;
 
 /// One patch evaluation: the model input of patch `index`.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +36,96 @@ pub struct PatchBatch {
     pub timesteps: Vec<f32>,
     /// Cotangents `[B, P, P, P]` for a VJP round.
     pub cotangent: Option<Array4<f32>>,
+}
+
+/// The model inputs of one open round, read-only: the round's grid and x_t (and the
+/// cotangent volume g/count of a VJP round), shared with the sampler rather than copied
+/// ([`super::Sampler::patch_source`]). Batches can be cut from it on one thread while the
+/// sampler takes the round's results on another; the sampler does not change x_t until
+/// the round is complete.
+#[derive(Debug, Clone)]
+pub struct PatchSource {
+    round: RoundInfo,
+    grid: PatchGrid,
+    state: Arc<Array3<f32>>,
+    cotangent: Option<Arc<Array3<f32>>>,
+}
+
+impl PatchSource {
+    /// The inputs of `round` over `grid`; errors if a volume is not `grid`'s padded
+    /// shape or a VJP round has no cotangent.
+    pub(super) fn new(
+        round: RoundInfo,
+        grid: PatchGrid,
+        state: Arc<Array3<f32>>,
+        cotangent: Option<Arc<Array3<f32>>>,
+    ) -> Result<Self> {
+        let want = grid.padded_shape();
+        for v in std::iter::once(&state).chain(&cotangent) {
+            if v.shape() != want {
+                return Err(Error::Shape(format!(
+                    "patch source volume of shape {:?}, the grid's padded shape is {want:?}",
+                    v.shape()
+                )));
+            }
+        }
+        if (round.id.kind == RoundKind::Vjp) != cotangent.is_some() {
+            return Err(Error::Protocol(format!(
+                "a {:?} round {} cotangents",
+                round.id.kind,
+                if cotangent.is_some() {
+                    "with"
+                } else {
+                    "without"
+                }
+            )));
+        }
+        Ok(Self {
+            round,
+            grid,
+            state,
+            cotangent,
+        })
+    }
+
+    /// The round these inputs belong to.
+    pub fn round(&self) -> RoundInfo {
+        self.round
+    }
+
+    /// The model input of patch `index`.
+    pub fn work(&self, index: usize) -> Result<PatchWork> {
+        Ok(PatchWork {
+            index,
+            timestep: self.round.timestep as f32,
+            x: self.grid.extract(self.state.view(), index)?,
+            cotangent: match &self.cotangent {
+                Some(c) => Some(self.grid.extract(c.view(), index)?),
+                None => None,
+            },
+        })
+    }
+
+    /// The stacked model input for patches `indices` (any subset, any order); errors on
+    /// an index outside the grid.
+    pub fn batch(&self, indices: &[usize]) -> Result<PatchBatch> {
+        let p = self.grid.patch_size();
+        let stack = |v: &Array3<f32>| -> Result<Array4<f32>> {
+            let values = self.grid.extract_batch(v.view(), indices)?;
+            Array4::from_shape_vec((indices.len(), p, p, p), values)
+                .map_err(|e| Error::Shape(e.to_string()))
+        };
+        Ok(PatchBatch {
+            round: self.round.id,
+            indices: indices.to_vec(),
+            x: stack(&self.state)?,
+            timesteps: vec![self.round.timestep as f32; indices.len()],
+            cotangent: match &self.cotangent {
+                Some(c) => Some(stack(c)?),
+                None => None,
+            },
+        })
+    }
 }
 
 /// The results of one batch of a round, checked: row b of [`PatchResults::values`]
@@ -244,6 +335,12 @@ impl RoundResults {
             *d |= *w;
         }
         Ok(())
+    }
+
+    /// ε̂ reassembled so far over the padded volume (C order) and, per x plane, whether
+    /// it is final; both empty before the first fold of a round.
+    pub(super) fn partial_assembly(&self) -> (&[f32], &[bool]) {
+        (&self.assembled, &self.planes_done)
     }
 
     /// The finished ε̂ of an ε round over `grid`'s padded volume (folding what is left);

@@ -44,6 +44,20 @@ pub(super) struct FusedStep<'a> {
     pub xi: f64,
 }
 
+/// The chunk sums Σ r² of one step's residual (model units), in chunk order, as far as
+/// they are known ([`FusedStep::fold_residual`]); valid for one step's x_t and ε̂ only.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ResidualSums {
+    partial: Vec<Option<f64>>,
+}
+
+impl ResidualSums {
+    /// Forgets every sum (a new step).
+    pub fn clear(&mut self) {
+        self.partial.clear();
+    }
+}
+
 /// Voxels per row piece: the passes work on runs of at most this many voxels of one row,
 /// in small stack buffers, so each stage is a plain loop the compiler vectorises.
 const PIECE: usize = 256;
@@ -66,16 +80,49 @@ struct Update {
 
 impl FusedStep<'_> {
     /// ‖M_y(y − x̂_0)‖ over the output region (model units), summed in the chunks of
-    /// [`super::sum_squares`] over the cropped volume. `None` for an unguided step.
-    pub fn residual_norm(&self, isa: VectorIsa) -> Option<f64> {
+    /// [`super::sum_squares`] over the cropped volume; `None` for an unguided step. Takes
+    /// the chunk sums already in `sums` (those of [`FusedStep::fold_residual`]) and
+    /// computes the others: the same bits either way, since every chunk is summed by the
+    /// same code and the chunk sums are added in chunk order.
+    pub fn residual_norm_with(&self, isa: VectorIsa, sums: &mut ResidualSums) -> Option<f64> {
         self.data?;
+        let ready = vec![true; self.padded[0]];
+        self.fold_residual(isa, &ready, sums);
+        let total: f64 = sums.partial.iter().map(|s| s.unwrap_or(f64::NAN)).sum();
+        Some(total.sqrt())
+    }
+
+    /// Adds to `sums` the residual chunk sums that only read the padded x planes marked
+    /// in `ready` (`[lx]`: planes whose ε̂ is final), so that most of the residual pass
+    /// runs while a round's later results are still being computed. Unguided: nothing.
+    pub fn fold_residual(&self, isa: VectorIsa, ready: &[bool], sums: &mut ResidualSums) {
+        if self.data.is_none() {
+            return;
+        }
         let [rx, ry, rz] = &self.region;
-        let total = rx.len() * ry.len() * rz.len();
-        let partial: Vec<f64> = (0..total.div_ceil(SUM_CHUNK))
-            .into_par_iter()
-            .map(|c| residual_chunk_isa(isa, self, c, total))
+        let plane = ry.len() * rz.len();
+        let total = rx.len() * plane;
+        let chunks = total.div_ceil(SUM_CHUNK);
+        if sums.partial.len() != chunks {
+            sums.partial = vec![None; chunks];
+        }
+        // Chunk c covers cropped voxels [c·K, (c+1)·K): cropped x planes first/plane …
+        // (last−1)/plane, padded planes rx.start + those.
+        let todo: Vec<usize> = (0..chunks)
+            .filter(|&c| sums.partial[c].is_none())
+            .filter(|&c| {
+                let (first, last) = (c * SUM_CHUNK, ((c + 1) * SUM_CHUNK).min(total));
+                (first / plane..=(last - 1) / plane)
+                    .all(|i| ready.get(rx.start + i).copied().unwrap_or(false))
+            })
             .collect();
-        Some(partial.iter().sum::<f64>().sqrt())
+        let new: Vec<(usize, f64)> = todo
+            .into_par_iter()
+            .map(|c| (c, residual_chunk_isa(isa, self, c, total)))
+            .collect();
+        for (c, v) in new {
+            sums.partial[c] = Some(v);
+        }
     }
 
     /// Writes x_{t−1} into `next` (the padded length) with the DPS gradient of residual

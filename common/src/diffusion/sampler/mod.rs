@@ -53,7 +53,7 @@ mod guidance;
 mod rules;
 mod step;
 
-pub use batch::{PatchBatch, PatchResults, PatchWork};
+pub use batch::{PatchBatch, PatchResults, PatchSource, PatchWork};
 pub use checkpoint::Checkpoint;
 pub use guidance::Guidance;
 pub use rules::{DIVERGENCE_FACTOR, DIVERGENCE_MIN_ALPHA_BAR, PROX_TV_XI, default_xi};
@@ -67,7 +67,7 @@ use crate::patch::{GridSpacing, PatchGrid};
 use crate::tasks::Problem;
 use crate::volume::Volume;
 use batch::RoundResults;
-use ndarray::{Array3, Array4, ArrayView3, Zip};
+use ndarray::{Array3, ArrayView3, Zip};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -192,7 +192,8 @@ struct PendingStep {
     eps_hat: Array3<f32>,
     x0_hat: Array3<f32>,
     grad_x0: Array3<f32>,
-    cotangent: Array3<f32>,
+    /// Shared with the VJP round's [`PatchSource`]s.
+    cotangent: Arc<Array3<f32>>,
 }
 
 /// The DPS gradient ∇_{x_t} L of a step, kept in parts and evaluated per voxel.
@@ -241,11 +242,15 @@ pub struct Sampler {
     /// ‖M_y y‖ in model units (the zero map's residual), for the divergence check.
     y_norm: f64,
     step: usize,
-    state: Array3<f32>,
+    /// x_t, shared with the [`PatchSource`]s of the open round (read-only while it is open).
+    state: Arc<Array3<f32>>,
     phase: Phase,
     /// Results of the open round (ε in an ε round, Jᵀv in a VJP round), held as the
     /// batches they arrived in.
     results: RoundResults,
+    /// The residual chunk sums of the open ε round of a two-pass step ([`fused`]),
+    /// summed as the round's ε̂ planes become final.
+    residual_sums: fused::ResidualSums,
     pending: Option<PendingStep>,
     residual_ppm: Option<f64>,
     last_gradient: Option<Array3<f32>>,
@@ -264,7 +269,7 @@ impl Sampler {
     pub fn new(problem: Arc<Problem>, spec: &ModelSpec, settings: SamplerSettings) -> Result<Self> {
         let mut s = Self::build(problem, spec, settings)?;
         let z = crate::diffusion::noise::initial_noise(s.settings.seed, s.base_grid.padded_shape());
-        s.state = match s.settings.start_timestep {
+        s.state = Arc::new(match s.settings.start_timestep {
             None => z,
             Some(t0) => {
                 let init = s.problem.initial_estimate().ok_or_else(|| {
@@ -282,7 +287,7 @@ impl Sampler {
                     .and(&z)
                     .par_map_collect(|&x, &z| (sa * scale * x as f64 + s1a * z as f64) as f32)
             }
-        };
+        });
         s.enter_step()?;
         Ok(s)
     }
@@ -340,8 +345,10 @@ impl Sampler {
                 s.schedule.len()
             ));
         }
-        s.state = Array3::from_shape_vec(shape, checkpoint.state.clone())
-            .map_err(|e| Error::Shape(e.to_string()))?;
+        s.state = Arc::new(
+            Array3::from_shape_vec(shape, checkpoint.state.clone())
+                .map_err(|e| Error::Shape(e.to_string()))?,
+        );
         s.step = checkpoint.step;
         s.residual_ppm = checkpoint.residual_ppm;
         s.enter_step()?;
@@ -407,9 +414,10 @@ impl Sampler {
             y_model,
             y_norm,
             step: 0,
-            state: Array3::zeros([0, 0, 0]),
+            state: Arc::new(Array3::zeros([0, 0, 0])),
             phase: Phase::Eps,
             results: RoundResults::new(n),
+            residual_sums: fused::ResidualSums::default(),
             pending: None,
             residual_ppm: None,
             last_gradient: None,
@@ -422,6 +430,7 @@ impl Sampler {
     /// Sets up the grid and result slots of step `self.step` (or marks the run finished).
     fn enter_step(&mut self) -> Result<()> {
         self.results.clear(self.base_grid.len());
+        self.residual_sums.clear();
         self.pending = None;
         if self.step >= self.schedule.len() {
             self.phase = Phase::Finished;
@@ -551,56 +560,27 @@ impl Sampler {
 
     /// The model input of patch `index` in the open round.
     pub fn work(&self, index: usize) -> Result<PatchWork> {
-        let round = self
-            .round()
-            .ok_or_else(|| Error::Protocol("the sampler has finished; there is no work".into()))?;
-        let x = self.grid.extract(self.state.view(), index)?;
-        let cotangent = match (&self.pending, round.id.kind) {
-            (Some(p), RoundKind::Vjp) => Some(self.grid.extract(p.cotangent.view(), index)?),
-            _ => None,
-        };
-        Ok(PatchWork {
-            index,
-            timestep: round.timestep as f32,
-            x,
-            cotangent,
-        })
+        self.patch_source()?.work(index)
     }
 
     /// The stacked model input for patches `indices` (any subset, any order) of the open
-    /// round.
+    /// round (see [`PatchSource::batch`]).
     pub fn batch(&self, indices: &[usize]) -> Result<PatchBatch> {
+        self.patch_source()?.batch(indices)
+    }
+
+    /// A read-only view of the open round's model inputs that can cut batches on another
+    /// thread while this sampler takes the round's results ([`Sampler::accept`]): it
+    /// shares x_t (and the VJP round's cotangents) instead of copying them.
+    pub fn patch_source(&self) -> Result<PatchSource> {
         let round = self
             .round()
             .ok_or_else(|| Error::Protocol("the sampler has finished; there is no work".into()))?;
-        let p = self.grid.patch_size();
-        let p3 = p * p * p;
-        let b = indices.len();
-        if let Some(&bad) = indices.iter().find(|&&i| i >= self.grid.len()) {
-            return Err(Error::Parameter(format!(
-                "patch index {bad} out of range (grid has {} patches)",
-                self.grid.len()
-            )));
-        }
-        let fill = |src: &Array3<f32>| -> Result<Array4<f32>> {
-            let mut buf = vec![0.0f32; b * p3];
-            buf.par_chunks_mut(p3)
-                .zip(indices.par_iter())
-                .try_for_each(|(dst, &idx)| self.grid.extract_into(src.view(), idx, dst))?;
-            Array4::from_shape_vec((b, p, p, p), buf).map_err(|e| Error::Shape(e.to_string()))
-        };
-        let x = fill(&self.state)?;
-        let cot = match (&self.pending, round.id.kind) {
-            (Some(pending), RoundKind::Vjp) => Some(fill(&pending.cotangent)?),
+        let cotangent = match (&self.pending, round.id.kind) {
+            (Some(pending), RoundKind::Vjp) => Some(pending.cotangent.clone()),
             _ => None,
         };
-        Ok(PatchBatch {
-            round: round.id,
-            indices: indices.to_vec(),
-            x,
-            timesteps: vec![round.timestep as f32; b],
-            cotangent: cot,
-        })
+        PatchSource::new(round, self.grid.clone(), self.state.clone(), cotangent)
     }
 
     fn check_round(&self, round: RoundId) -> Result<RoundKind> {
@@ -638,9 +618,13 @@ impl Sampler {
         }
         let kind = results.round().kind;
         let new = self.results.insert(results);
-        // ε̂ is reassembled slab by slab while the rest of the round is computed.
+        // ε̂ is reassembled slab by slab while the rest of the round is computed, and so
+        // is the residual of a two-pass step over the slabs done.
         if new > 0 && kind == RoundKind::Eps {
             self.results.fold(&self.grid)?;
+            if self.settings.guidance == Guidance::Approx && self.is_fusable() {
+                self.fold_residual()?;
+            }
         }
         Ok(new)
     }
@@ -711,7 +695,7 @@ impl Sampler {
                     }
                     Guidance::Exact => {
                         let g = self.data_gradient(&x0_hat, inside.as_ref())?;
-                        let cotangent = self.grid.divide_by_count(&g)?;
+                        let cotangent = Arc::new(self.grid.divide_by_count(&g)?);
                         self.pending = Some(PendingStep {
                             eps_hat,
                             x0_hat,
@@ -765,38 +749,17 @@ impl Sampler {
     /// residual and advances to the next step.
     fn finish_fused(&mut self, c: &StepCoefficients, eps_hat: &Array3<f32>) -> Result<()> {
         let contiguous = || Error::Shape("sampler volumes are not contiguous".into());
-        let guided = self.settings.guidance == Guidance::Approx;
-        let data = match guided {
-            false => None,
-            true => Some((
-                self.y_model.as_slice().ok_or_else(contiguous)?,
-                self.problem
-                    .measurement_mask()
-                    .as_slice()
-                    .ok_or_else(contiguous)?,
-            )),
-        };
-        let step = fused::FusedStep {
-            state: self.state.as_slice().ok_or_else(contiguous)?,
-            eps_hat: eps_hat.as_slice().ok_or_else(contiguous)?,
-            padded: self.grid.padded_shape(),
-            region: self.grid.volume_region(),
-            data,
-            coefficients: *c,
-            clamp: self.clamp,
-            noise: (c.sigma > 0.0)
-                .then(|| NoiseStream::new(self.settings.seed, step_stream(self.step))),
-            xi: self.xi,
-        };
+        let mut sums = std::mem::take(&mut self.residual_sums);
+        let mut next = std::mem::take(&mut self.spare);
+        let step = self.fused_step(c, eps_hat.as_slice().ok_or_else(contiguous)?)?;
         let isa = crate::simd::VectorIsa::detect();
-        let norm = step.residual_norm(isa);
+        let norm = step.residual_norm_with(isa, &mut sums);
         if let Some(norm) = norm {
             if !norm.is_finite() {
                 return Err(self.diverged(f64::NAN));
             }
             self.check_residual(norm)?;
         }
-        let mut next = std::mem::take(&mut self.spare);
         // Every element is written; the resize only acts on the first step.
         next.resize(step.state.len(), 0.0);
         step.write_next(isa, norm, &mut next).map_err(|e| match e {
@@ -807,6 +770,56 @@ impl Sampler {
             self.residual_ppm = Some(norm / self.spec.chi_scale);
         }
         self.advance(next)
+    }
+
+    /// The two-pass step ([`fused`]) of the open step over ε̂ `eps_hat` (the padded
+    /// volume, C order).
+    fn fused_step<'a>(
+        &'a self,
+        c: &StepCoefficients,
+        eps_hat: &'a [f32],
+    ) -> Result<fused::FusedStep<'a>> {
+        let contiguous = || Error::Shape("sampler volumes are not contiguous".into());
+        let data = match self.settings.guidance == Guidance::Approx {
+            false => None,
+            true => Some((
+                self.y_model.as_slice().ok_or_else(contiguous)?,
+                self.problem
+                    .measurement_mask()
+                    .as_slice()
+                    .ok_or_else(contiguous)?,
+            )),
+        };
+        Ok(fused::FusedStep {
+            state: self.state.as_slice().ok_or_else(contiguous)?,
+            eps_hat,
+            padded: self.grid.padded_shape(),
+            region: self.grid.volume_region(),
+            data,
+            coefficients: *c,
+            clamp: self.clamp,
+            noise: (c.sigma > 0.0)
+                .then(|| NoiseStream::new(self.settings.seed, step_stream(self.step))),
+            xi: self.xi,
+        })
+    }
+
+    /// Sums the residual chunks of the two-pass step over the ε̂ planes reassembled so far
+    /// (see [`fused::FusedStep::fold_residual`]).
+    fn fold_residual(&mut self) -> Result<()> {
+        let c = self.coefficients()?;
+        let mut sums = std::mem::take(&mut self.residual_sums);
+        let (eps_hat, done) = self.results.partial_assembly();
+        // Before the first reassembled plane there is nothing to sum.
+        if eps_hat.len() == self.state.len() && done.len() == self.grid.padded_shape()[0] {
+            self.fused_step(&c, eps_hat)?.fold_residual(
+                crate::simd::VectorIsa::detect(),
+                done,
+                &mut sums,
+            );
+        }
+        self.residual_sums = sums;
+        Ok(())
     }
 
     /// g = ∇_{x̂_0} ‖M_y(y − A crop(x̂_0))‖ over the padded volume (zero in padding and
@@ -968,8 +981,12 @@ impl Sampler {
     fn advance(&mut self, next: Vec<f32>) -> Result<()> {
         let next = Array3::from_shape_vec(self.state.raw_dim(), next)
             .map_err(|e| Error::Shape(e.to_string()))?;
-        let (previous, _) = std::mem::replace(&mut self.state, next).into_raw_vec_and_offset();
-        self.spare = previous;
+        let previous = std::mem::replace(&mut self.state, Arc::new(next));
+        // A patch source of the finished round still held elsewhere keeps its copy; the
+        // next step then allocates its buffer.
+        self.spare = Arc::try_unwrap(previous)
+            .map(|a| a.into_raw_vec_and_offset().0)
+            .unwrap_or_default();
         self.step += 1;
         self.enter_step()
     }

@@ -8,7 +8,7 @@ use crate::diffusion::schedule::ScheduleConfig;
 use crate::driver::{run, run_round, sample};
 use crate::operators::LinearOperator;
 use crate::tasks::{OutputGrid, Task};
-use ndarray::{Array3, ArrayView4};
+use ndarray::{Array3, Array4, ArrayView4};
 
 /// A = identity on a grid (test-local, so these tests need no physics operators).
 struct Identity([usize; 3]);
@@ -724,7 +724,9 @@ fn the_fused_passes_agree_bitwise_on_every_vector_extension() {
                 xi: 0.7,
             };
             let run = |isa| {
-                let norm = step.residual_norm(isa).unwrap();
+                let norm = step
+                    .residual_norm_with(isa, &mut fused::ResidualSums::default())
+                    .unwrap();
                 let mut next = vec![0.0f32; n];
                 step.write_next(isa, Some(norm), &mut next).unwrap();
                 (
@@ -742,4 +744,70 @@ fn the_fused_passes_agree_bitwise_on_every_vector_extension() {
             }
         }
     }
+}
+
+/// The residual folded plane by plane as ε̂ becomes final gives the bits of the one-shot
+/// sum, whatever order the planes become ready in, and reads no plane before it is
+/// ready (those hold NaN until then). Three sum chunks, one spanning a plane boundary.
+#[test]
+fn the_residual_folded_as_planes_finish_is_the_one_shot_residual() {
+    use crate::simd::VectorIsa;
+    let padded = [9, 40, 300];
+    let region = [1..8, 2..38, 5..290];
+    let vol = [7, 36, 285];
+    let state = noise_volume(1, 7, padded).mapv(|v| 3.0 * v);
+    let eps = noise_volume(2, 7, padded);
+    let y = noise_volume(3, 7, vol).mapv(|v| 0.5 * v);
+    let m = Array3::from_shape_fn(vol, |(i, j, k)| (i + j + 3 * k) % 7 != 0);
+    let model = gaussian(0.0, 1.0, 8, 1.0);
+    let prob = problem(Array3::zeros([9, 9, 9]), None);
+    let s = Sampler::new(prob, model.spec(), settings(10, 1.0, Guidance::None, 3)).unwrap();
+    let coefficients = *s.schedule().step(4).unwrap();
+    let isa = VectorIsa::detect();
+    // A macro, not a closure: each step borrows its ε̂ for as long as it is used.
+    macro_rules! step {
+        ($eps_hat:expr) => {
+            fused::FusedStep {
+                state: state.as_slice().unwrap(),
+                eps_hat: $eps_hat,
+                padded,
+                region: region.clone(),
+                data: Some((y.as_slice().unwrap(), m.as_slice().unwrap())),
+                coefficients,
+                clamp: Some((-0.7, 0.9)),
+                noise: None,
+                xi: 0.7,
+            }
+        };
+    }
+    let want = step!(eps.as_slice().unwrap())
+        .residual_norm_with(isa, &mut fused::ResidualSums::default())
+        .unwrap();
+    assert!(want.is_finite() && want > 0.0);
+    let plane = padded[1] * padded[2];
+    for order in [
+        vec![0, 1, 2, 3, 4, 5, 6, 7, 8],
+        vec![8, 7, 3, 4, 5, 0, 1, 2, 6],
+    ] {
+        let mut partial = vec![f32::NAN; eps.len()];
+        let mut ready = vec![false; padded[0]];
+        let mut sums = fused::ResidualSums::default();
+        for &i in &order {
+            let e = eps.as_slice().unwrap();
+            partial[i * plane..(i + 1) * plane].copy_from_slice(&e[i * plane..(i + 1) * plane]);
+            ready[i] = true;
+            step!(&partial).fold_residual(isa, &ready, &mut sums);
+        }
+        let got = step!(&partial).residual_norm_with(isa, &mut sums).unwrap();
+        assert_eq!(got.to_bits(), want.to_bits(), "plane order {order:?}");
+    }
+    // Sums folded before a plane is ready are kept: the rest is computed at the end.
+    let mut sums = fused::ResidualSums::default();
+    let mut ready = vec![true; padded[0]];
+    ready[4] = false;
+    step!(eps.as_slice().unwrap()).fold_residual(isa, &ready, &mut sums);
+    let got = step!(eps.as_slice().unwrap())
+        .residual_norm_with(isa, &mut sums)
+        .unwrap();
+    assert_eq!(got.to_bits(), want.to_bits());
 }
