@@ -914,11 +914,13 @@ async fn scheduler_loop(inner: Arc<Inner>) {
 
 /// The one place a worker's answer is decoded and checked: the tensor the request asked
 /// for (ε for `Denoise`, Jᵀv for `DenoiseVjp`), with the request's shape, decoded to f32
-/// and checked as [`PatchResults`] (one row per patch, finite values). A bad answer is a
+/// (out of the batch's shared-memory slot `lease` when it points there, copied once) and
+/// checked as [`PatchResults`] (one row per patch, finite values). A bad answer is a
 /// failure of this worker, and the batch is retried elsewhere.
 fn decode_reply(
     batch: &WireBatch,
     tensor: Option<v1::Tensor>,
+    lease: Option<&SlotLease>,
 ) -> std::result::Result<PatchResults, String> {
     let name = match batch.request {
         BatchRequest::Eps(_) => "eps",
@@ -936,8 +938,13 @@ fn decode_reply(
             t.shape
         ));
     }
-    let (values, shape) =
-        dmqsm_proto::tensor::decode(&t).map_err(|e| format!("answer {name}: {e}"))?;
+    let (values, shape) = match (&t.shared, lease) {
+        (Some(_), Some(l)) => l.decode(&t).map_err(|e| format!("answer {name}: {e}"))?,
+        (Some(_), None) => {
+            return Err("answer points into shared memory the request did not give".into());
+        }
+        (None, _) => dmqsm_proto::tensor::decode(&t).map_err(|e| format!("answer {name}: {e}"))?,
+    };
     let dims: [usize; 4] = shape
         .try_into()
         .map_err(|s: Vec<usize>| format!("answer {name} has shape {s:?}, expected 4-D"))?;
@@ -1007,16 +1014,7 @@ async fn call_worker(
                 }
                 Err(plain(format!("{:?}: {}", s.code(), s.message())))
             }
-            Ok(Ok(tensor)) => {
-                let tensor = match &lease {
-                    Some(l) => l.collect(tensor).map_err(malformed)?,
-                    None if tensor.as_ref().is_some_and(|t| t.shared.is_some()) => {
-                        return Err(malformed("answer points into shared memory the request did not give".into()));
-                    }
-                    None => tensor,
-                };
-                decode_reply(&a.pending.batch, tensor).map_err(malformed)
-            }
+            Ok(Ok(tensor)) => decode_reply(&a.pending.batch, tensor, lease.as_ref()).map_err(malformed),
         },
         _ = rx.wait_for(|g| *g != generation) => {
             if let Some(l) = lease {

@@ -329,10 +329,16 @@ async fn execute(
             continue;
         }
         let settings = sampler_settings(&rec.spec, k);
+        let resumes = rec.resumed_from.len();
         let mut sampler = start_sampler(&store, &mut rec, &problem, settings).await?;
         rec.sample = k;
         rec.step = sampler.progress().step as u32;
         store.put_job(&rec)?;
+        if rec.resumed_from.len() != resumes {
+            // A resume is part of the job's history: durable before the job moves on,
+            // not only at sled's next periodic sync.
+            store.flush()?;
+        }
         handle.progress.send_replace(meter.report(shared, &rec));
         let stopping = shared.stopping.subscribe();
         let mut step_started = Instant::now();
@@ -350,6 +356,7 @@ async fn execute(
                 rec.step = step;
                 let every = shared.config.checkpoint_every;
                 let stop_now = *stopping.borrow();
+                let mut checkpointed = false;
                 if !sampler.is_finished() && (stop_now || (every > 0 && step.is_multiple_of(every)))
                 {
                     let t = Instant::now();
@@ -362,8 +369,13 @@ async fn execute(
                     .await?;
                     rec.log(format!("checkpoint at step {step} of sample {k}"));
                     rec.timings.coordinator_numerics_s += t.elapsed().as_secs_f64();
+                    checkpointed = true;
                 }
                 store.put_job(&rec)?;
+                if checkpointed {
+                    // The record that names the checkpoint is as durable as the file.
+                    store.flush()?;
+                }
                 if stop_now && !sampler.is_finished() {
                     rec.log(format!("paused for shutdown at step {step} of sample {k}"));
                     store.put_job(&rec)?;

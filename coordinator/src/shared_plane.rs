@@ -212,16 +212,14 @@ impl SlotLease {
         }))
     }
 
-    /// The answer tensor with its bytes inline: copied out of the slot when the answer
-    /// points into it (it must lie inside the slot's answer area); an inline answer is
-    /// taken as it is. Errors name what was wrong with the answer.
-    pub fn collect(&self, tensor: Option<v1::Tensor>) -> Result<Option<v1::Tensor>, String> {
-        let Some(mut t) = tensor else {
-            return Ok(None);
-        };
-        let Some(shared) = t.shared.take() else {
-            return Ok(Some(t));
-        };
+    /// The values and shape of an answer tensor that points into this slot, copied out
+    /// once (see [`SharedRegion::decode`]); it must lie inside the slot and carry no
+    /// inline bytes. Errors name what was wrong with the answer.
+    pub fn decode(&self, t: &v1::Tensor) -> Result<dmqsm_proto::tensor::Decoded, String> {
+        let shared = t
+            .shared
+            .as_ref()
+            .ok_or("the answer does not point into shared memory")?;
         let (start, end) = (self.base(), self.base() + self.plane.slot_bytes);
         let inside = shared.region == self.plane.region.name()
             && shared.offset >= start
@@ -235,12 +233,10 @@ impl SlotLease {
                 shared.offset, shared.length, shared.region
             ));
         }
-        t.data = self
-            .plane
+        self.plane
             .region
-            .read(shared.offset, shared.length)
-            .map_err(|e| e.to_string())?;
-        Ok(Some(t))
+            .decode(t, shared)
+            .map_err(|e| e.to_string())
     }
 
     /// Never hands the slot out again (its worker may still write into it).

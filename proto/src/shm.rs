@@ -25,8 +25,11 @@
 //!
 //! Memory model: a region is shared with another process that may write it at any time,
 //! so it is only ever accessed through raw-pointer copies ([`SharedRegion::read`],
-//! [`SharedRegion::write`]), never through Rust references into the mapping.
+//! [`SharedRegion::read_f32`], [`SharedRegion::write`]), never through Rust references
+//! into the mapping.
 
+use crate::tensor::{Decoded, TensorError, layout, values};
+use crate::v1::{Dtype, SharedBytes, Tensor};
 use bytes::Bytes;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -69,6 +72,17 @@ pub enum SharedMemoryError {
         length: u64,
         /// Size of the region in bytes.
         size: usize,
+    },
+    /// A tensor whose dtype or shape does not fit the bytes it points at.
+    #[error("shared-memory tensor: {0}")]
+    Tensor(#[from] TensorError),
+    /// A tensor that points into another region than the one it is read from.
+    #[error("tensor points into shared-memory region {found:?}, read from {region:?}")]
+    WrongRegion {
+        /// The region read from.
+        region: String,
+        /// The region the tensor names.
+        found: String,
     },
     /// A region too small for its header.
     #[error(
@@ -237,6 +251,67 @@ impl SharedRegion {
         Ok(Bytes::from(out))
     }
 
+    /// A copy of bytes `offset .. offset + length` as little-endian f32 values, copied
+    /// once, straight into the values. Errors if `length` is not a multiple of 4.
+    pub fn read_f32(&self, offset: u64, length: u64) -> Result<Vec<f32>> {
+        let (offset, length) = self.range(offset, length)?;
+        if length % 4 != 0 {
+            return Err(SharedMemoryError::Tensor(TensorError::ByteLength {
+                shape: Vec::new(),
+                dtype: "F32",
+                expected: length / 4 * 4,
+                got: length,
+            }));
+        }
+        let mut out = Vec::<f32>::with_capacity(length / 4);
+        // SAFETY: `range` keeps the source inside the mapping, the destination has
+        // `length` bytes of capacity (length / 4 f32s, any bit pattern is a valid f32),
+        // and the two cannot overlap (one is private heap). Concurrent writers elsewhere
+        // can only change which bytes are copied.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(offset),
+                out.as_mut_ptr().cast::<u8>(),
+                length,
+            );
+            out.set_len(length / 4);
+        }
+        if cfg!(target_endian = "big") {
+            for v in &mut out {
+                *v = f32::from_bits(u32::from_le(v.to_bits()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes `tensor`, whose bytes lie at `at` in this region, into f32 values and its
+    /// shape, with the checks of [`crate::tensor::decode`]: f32 data is copied once, the
+    /// half-precision types through a copy of their bytes.
+    pub fn decode(&self, tensor: &Tensor, at: &SharedBytes) -> Result<Decoded> {
+        if at.region != self.name {
+            return Err(SharedMemoryError::WrongRegion {
+                region: self.name.clone(),
+                found: at.region.clone(),
+            });
+        }
+        let bytes = usize::try_from(at.length).map_err(|_| self.out_of_bounds(at))?;
+        let (dtype, shape) = layout(tensor, bytes)?;
+        let v = match dtype {
+            Dtype::F32 | Dtype::Unspecified => self.read_f32(at.offset, at.length)?,
+            Dtype::Bf16 | Dtype::F16 => values(dtype, &self.read(at.offset, at.length)?),
+        };
+        Ok((v, shape))
+    }
+
+    fn out_of_bounds(&self, at: &SharedBytes) -> SharedMemoryError {
+        SharedMemoryError::OutOfBounds {
+            name: self.name.clone(),
+            offset: at.offset,
+            length: at.length,
+            size: self.map.len(),
+        }
+    }
+
     /// Writes `data` at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let (offset, length) = self.range(offset, data.len() as u64)?;
@@ -327,5 +402,65 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("dmqsm-test-missing"), "{e}");
+    }
+
+    /// A tensor read out of a region decodes to the values `tensor::decode` gives for the
+    /// same bytes inline, for f32 (one copy) and bf16, at an odd offset; a shape that does
+    /// not fit the bytes, a length that is no whole number of f32s, another region's name
+    /// and bytes past the end are named errors.
+    #[test]
+    fn tensors_decode_from_a_region_as_they_decode_inline() {
+        use crate::tensor::{decode, encode};
+        let name = unique("decode");
+        let r = SharedRegion::create(&name, HEADER_BYTES + 4096, &[3u8; NONCE_LEN]).unwrap();
+        let v: Vec<f32> = (0..60).map(|i| i as f32 * 0.37 - 9.0).collect();
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let inline = encode(&v, &[3, 4, 5], dtype);
+            let at = SharedBytes {
+                region: name.clone(),
+                offset: HEADER_BYTES as u64 + 1,
+                length: inline.data.len() as u64,
+            };
+            r.write(at.offset, &inline.data).unwrap();
+            let meta = Tensor {
+                data: Bytes::new(),
+                shared: Some(at.clone()),
+                ..inline.clone()
+            };
+            let (got, shape) = r.decode(&meta, &at).unwrap();
+            let (want, want_shape) = decode(&inline).unwrap();
+            assert_eq!(shape, want_shape);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{dtype:?}");
+            let wrong_shape = Tensor {
+                shape: vec![3, 4, 6],
+                ..meta.clone()
+            };
+            assert!(matches!(
+                r.decode(&wrong_shape, &at),
+                Err(SharedMemoryError::Tensor(TensorError::ByteLength { .. }))
+            ));
+            let elsewhere = SharedBytes {
+                region: format!("{name}-other"),
+                ..at.clone()
+            };
+            assert!(matches!(
+                r.decode(&meta, &elsewhere),
+                Err(SharedMemoryError::WrongRegion { .. })
+            ));
+            let past = SharedBytes {
+                offset: r.size() as u64 - 8,
+                ..at.clone()
+            };
+            assert!(matches!(
+                r.decode(&meta, &past),
+                Err(SharedMemoryError::OutOfBounds { .. })
+            ));
+        }
+        assert!(matches!(
+            r.read_f32(HEADER_BYTES as u64, 7),
+            Err(SharedMemoryError::Tensor(_))
+        ));
+        r.unlink().unwrap();
     }
 }

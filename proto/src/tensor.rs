@@ -138,8 +138,18 @@ pub fn encode_array<D: ndarray::Dimension>(a: ndarray::Array<f32, D>, dtype: Dty
     encode_vec(v, &shape, dtype)
 }
 
+/// A decoded tensor: its f32 values in C order and its shape.
+pub type Decoded = (Vec<f32>, Vec<usize>);
+
 /// Decodes a tensor into f32 values and its shape, checking dtype and byte length.
-pub fn decode(tensor: &Tensor) -> Result<(Vec<f32>, Vec<usize>), TensorError> {
+pub fn decode(tensor: &Tensor) -> Result<Decoded, TensorError> {
+    let (dtype, shape) = layout(tensor, tensor.data.len())?;
+    Ok((values(dtype, &tensor.data), shape))
+}
+
+/// Checks a tensor's dtype and shape against `bytes` bytes of data (inline or elsewhere,
+/// in shared memory say); returns its element type and shape.
+pub fn layout(tensor: &Tensor, bytes: usize) -> Result<(Dtype, Vec<usize>), TensorError> {
     let dtype = Dtype::try_from(tensor.dtype)
         .ok()
         .filter(|d| *d != Dtype::Unspecified)
@@ -153,17 +163,22 @@ pub fn decode(tensor: &Tensor) -> Result<(Vec<f32>, Vec<usize>), TensorError> {
     let expected = count
         .checked_mul(size)
         .ok_or_else(|| TensorError::ShapeOverflow(tensor.shape.clone()))?;
-    if tensor.data.len() != expected {
+    if bytes != expected {
         return Err(TensorError::ByteLength {
             shape: tensor.shape.clone(),
             dtype: dtype.as_str_name(),
             expected,
-            got: tensor.data.len(),
+            got: bytes,
         });
     }
-    let bytes = &tensor.data[..];
-    let values = match dtype {
-        Dtype::F32 => f32_from_le_bytes(bytes),
+    Ok((dtype, shape))
+}
+
+/// The f32 values of little-endian `bytes` of element type `dtype` (a whole number of
+/// elements, as [`layout`] checks); `Unspecified` is read as f32.
+pub fn values(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 | Dtype::Unspecified => f32_from_le_bytes(bytes),
         Dtype::Bf16 => bytes
             .chunks_exact(2)
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -172,9 +187,7 @@ pub fn decode(tensor: &Tensor) -> Result<(Vec<f32>, Vec<usize>), TensorError> {
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        Dtype::Unspecified => return Err(TensorError::UnsupportedDtype(tensor.dtype)),
-    };
-    Ok((values, shape))
+    }
 }
 
 #[cfg(test)]

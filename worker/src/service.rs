@@ -12,7 +12,7 @@
 
 use crate::batching::BatchQueue;
 use crate::shared_memory::AttachedRegions;
-use dmqsm_proto::tensor::{decode, encode_array};
+use dmqsm_proto::tensor::encode_array;
 use dmqsm_proto::v1::worker_server::Worker;
 use dmqsm_proto::v1::{
     AttachSharedMemoryRequest, AttachSharedMemoryResponse, DenoiseRequest, DenoiseResponse,
@@ -48,19 +48,18 @@ impl RequestLimits {
         Ok(())
     }
 
-    /// Decodes a `[B, P, P, P]` tensor, checking dtype, byte length, shape, batch size
-    /// and finiteness. `what` names the field in messages; `batch` (if given) is the B the
-    /// tensor must have.
-    pub fn decode_patches(
+    /// Checks a decoded `[B, P, P, P]` tensor (values and shape, from
+    /// [`AttachedRegions::decode`], which checked dtype and byte length): shape, batch
+    /// size and finiteness. `what` names the field in messages; `batch` (if given) is the
+    /// B the tensor must have.
+    pub fn check_patches(
         &self,
-        tensor: Option<&Tensor>,
+        decoded: Option<dmqsm_proto::tensor::Decoded>,
         what: &str,
         batch: Option<usize>,
     ) -> Result<Array4<f32>, Status> {
-        let tensor =
-            tensor.ok_or_else(|| Status::invalid_argument(format!("the request has no {what}")))?;
-        let (values, shape) =
-            decode(tensor).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))?;
+        let (values, shape) = decoded
+            .ok_or_else(|| Status::invalid_argument(format!("the request has no {what}")))?;
         let p = self.patch_size;
         if shape.len() != 4 || shape[1] != p || shape[2] != p || shape[3] != p {
             return Err(Status::invalid_argument(format!(
@@ -86,8 +85,8 @@ impl RequestLimits {
                 "{what} have batch {b}, the patches {expected}"
             )));
         }
-        let bad = values.iter().filter(|v| !v.is_finite()).count();
-        if bad > 0 {
+        if !dmqsm_common::volume::all_finite(&values) {
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
             let first = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
             let vox = p * p * p;
             return Err(Status::invalid_argument(format!(
@@ -164,7 +163,11 @@ impl WorkerService {
 
     /// Counts the tensor payload bytes of a request (the metrics' bytes received).
     fn count_received(&self, tensors: &[Option<&Tensor>]) {
-        let n: usize = tensors.iter().flatten().map(|t| t.data.len()).sum();
+        let bytes = |t: &&Tensor| match &t.shared {
+            Some(s) => s.length as usize,
+            None => t.data.len(),
+        };
+        let n: usize = tensors.iter().flatten().map(bytes).sum();
         (self.queue.stats().received_bytes).fetch_add(n as u64, Ordering::Relaxed);
     }
 
@@ -201,13 +204,11 @@ impl Worker for WorkerService {
     ) -> Result<Response<DenoiseResponse>, Status> {
         self.check_draining()?;
         let req = request.into_inner();
-        let patches = self.regions.inline(req.patches.as_ref(), "patches")?;
-        self.count_received(&[patches.as_ref()]);
+        self.count_received(&[req.patches.as_ref()]);
         self.limits.check_hash(&req.model_hash)?;
         let dtype = response_dtype(req.response_dtype)?;
-        let patches = self
-            .limits
-            .decode_patches(patches.as_ref(), "patches", None)?;
+        let patches = self.regions.decode(req.patches.as_ref(), "patches")?;
+        let patches = self.limits.check_patches(patches, "patches", None)?;
         self.limits
             .check_timesteps(&req.timesteps, patches.shape()[0])?;
         let eps = self.queue.eps(patches, req.timesteps).await?;
@@ -222,19 +223,15 @@ impl Worker for WorkerService {
     ) -> Result<Response<DenoiseVjpResponse>, Status> {
         self.check_draining()?;
         let req = request.into_inner();
-        let patches = self.regions.inline(req.patches.as_ref(), "patches")?;
-        let cotangents = self.regions.inline(req.cotangents.as_ref(), "cotangents")?;
-        self.count_received(&[patches.as_ref(), cotangents.as_ref()]);
+        self.count_received(&[req.patches.as_ref(), req.cotangents.as_ref()]);
         self.limits.check_hash(&req.model_hash)?;
         let dtype = response_dtype(req.response_dtype)?;
-        let patches = self
-            .limits
-            .decode_patches(patches.as_ref(), "patches", None)?;
+        let patches = self.regions.decode(req.patches.as_ref(), "patches")?;
+        let patches = self.limits.check_patches(patches, "patches", None)?;
         let b = patches.shape()[0];
         self.limits.check_timesteps(&req.timesteps, b)?;
-        let cot = self
-            .limits
-            .decode_patches(cotangents.as_ref(), "cotangents", Some(b))?;
+        let cot = self.regions.decode(req.cotangents.as_ref(), "cotangents")?;
+        let cot = self.limits.check_patches(cot, "cotangents", Some(b))?;
         let vjp = self.queue.vjp(patches, req.timesteps, cot).await?;
         Ok(Response::new(DenoiseVjpResponse {
             vjp: self.answer(encode_array(vjp, dtype), req.answer_to.as_ref())?,

@@ -3,6 +3,7 @@
 //! request tensors are read and into which answers are written.
 
 use dmqsm_proto::shm::SharedRegion;
+use dmqsm_proto::tensor::{Decoded, decode};
 use dmqsm_proto::v1::{SharedBytes, Tensor};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -53,30 +54,26 @@ impl AttachedRegions {
             })
     }
 
-    /// `tensor` with its bytes inline: copied from the region it points into, if it does
-    /// (`data` must then be empty). `what` names the field in messages.
-    pub fn inline(&self, tensor: Option<&Tensor>, what: &str) -> Result<Option<Tensor>, Status> {
+    /// The f32 values and shape of `tensor`: decoded from its inline bytes, or copied
+    /// once out of the region it points into (`data` must then be empty). `what` names
+    /// the field in messages.
+    pub fn decode(&self, tensor: Option<&Tensor>, what: &str) -> Result<Option<Decoded>, Status> {
         let Some(t) = tensor else {
             return Ok(None);
         };
+        let invalid = |e: &dyn std::fmt::Display| Status::invalid_argument(format!("{what}: {e}"));
         let Some(shared) = &t.shared else {
-            return Ok(Some(t.clone()));
+            return decode(t).map(Some).map_err(|e| invalid(&e));
         };
         if !t.data.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "{what}: the tensor has both inline bytes and shared-memory bytes"
             )));
         }
-        let data = self
-            .get(&shared.region)?
-            .read(shared.offset, shared.length)
-            .map_err(|e| Status::invalid_argument(format!("{what}: {e}")))?;
-        Ok(Some(Tensor {
-            shape: t.shape.clone(),
-            dtype: t.dtype,
-            data,
-            shared: None,
-        }))
+        self.get(&shared.region)?
+            .decode(t, shared)
+            .map(Some)
+            .map_err(|e| invalid(&e))
     }
 
     /// The answer `tensor`, its bytes written where `answer_to` says when given: the
