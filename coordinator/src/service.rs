@@ -127,18 +127,20 @@ impl Coordinator {
         let spec = JobSpec::from_proto(&settings, self.shared.config.batch_size)?;
         let model = self.pick_model(&spec.model_id)?;
         let root = self.shared.config.data_root.clone();
+        // The inputs move into the blocking tasks and come back: no copy of the upload.
+        let label = req.label;
         let (measurement, mask) = {
-            let req = req.clone();
+            let (measurement, mask) = (req.measurement, req.mask);
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let m = crate::inputs::read_input(
-                    req.measurement.as_ref(),
+                    measurement.as_ref(),
                     root.as_deref(),
                     "measurement",
                 )?
                 .ok_or_else(|| {
                     CoordinatorError::InvalidSubmission("measurement is missing".to_string())
                 })?;
-                let k = crate::inputs::read_input(req.mask.as_ref(), root.as_deref(), "mask")?;
+                let k = crate::inputs::read_input(mask.as_ref(), root.as_deref(), "mask")?;
                 Ok((m, k))
             })
             .await
@@ -153,26 +155,24 @@ impl Coordinator {
         )?;
         let reservation = self.shared.admission.reserve(&estimate)?;
         // Build the problem now so that bad inputs are refused at submission.
-        let problem = {
-            let (spec, model, m, k) = (
-                spec.clone(),
-                model.clone(),
-                measurement.clone(),
-                mask.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                crate::problem::build_problem(&spec, &model, &m, k.as_deref())
+        let (problem, measurement, mask) = {
+            let (spec, model) = (spec.clone(), model.clone());
+            let (problem, m, k) = tokio::task::spawn_blocking(move || {
+                let problem =
+                    crate::problem::build_problem(&spec, &model, &measurement, mask.as_deref());
+                (problem, measurement, mask)
             })
             .await
-            .map_err(|e| CoordinatorError::Store(format!("input check panicked: {e}")))?
-            .map_err(|e| match e {
+            .map_err(|e| CoordinatorError::Store(format!("input check panicked: {e}")))?;
+            let problem = problem.map_err(|e| match e {
                 CoordinatorError::InvalidSubmission(_) => e,
                 other => CoordinatorError::InvalidSubmission(other.to_string()),
-            })?
+            })?;
+            (problem, m, k)
         };
         let store = &self.shared.store;
         let job_id = store.next_job_id()?;
-        let mut record = JobRecord::new(job_id.clone(), req.label.clone(), spec, model);
+        let mut record = JobRecord::new(job_id.clone(), label, spec, model);
         record.owner = owner.name.clone();
         store.put_input(&job_id, "measurement", &measurement)?;
         if let Some(k) = &mask {
