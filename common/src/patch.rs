@@ -359,6 +359,32 @@ impl PatchGrid {
         Ok(out)
     }
 
+    /// Calls `emit(offset, run)` for every contiguous run of patch `index` of a padded
+    /// volume (`padded`: its values in C order), in ascending offset within the patch's
+    /// P³ values (C order): the runs tile the patch, so copying each run to its offset
+    /// cuts the patch wherever it is to live (a shared-memory slot, say) without a buffer
+    /// in between. A run is at most one patch row of P values (a row that wraps around a
+    /// shifted grid's padded volume comes as two). Errors on a volume of the wrong length
+    /// or an index outside the grid.
+    pub fn visit_patch(
+        &self,
+        padded: &[f32],
+        index: usize,
+        emit: impl FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        let n: usize = self.padded_shape.iter().product();
+        if padded.len() != n {
+            return Err(Error::Shape(format!(
+                "padded volume of {} values, the grid's padded shape {:?} has {n}",
+                padded.len(),
+                self.padded_shape
+            )));
+        }
+        self.check_index(index)?;
+        self.for_each_run(padded, index, emit);
+        Ok(())
+    }
+
     /// Calls `emit(offset in the patch, run)` for every contiguous run of patch `index`
     /// in a padded volume (C order), in ascending offset: the runs tile the patch.
     fn for_each_run(&self, src: &[f32], index: usize, mut emit: impl FnMut(usize, &[f32])) {

@@ -35,7 +35,9 @@ use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::shared_plane::{SharedPlane, SlotLease};
 use crate::workers::{WorkerEntry, WorkerHealth, connect, fetch_info};
-use dmqsm_common::diffusion::sampler::{PatchResults, RoundId};
+use dmqsm_common::diffusion::sampler::{
+    BatchTensor, PatchResults, PatchSource, RoundId, RoundKind,
+};
 use dmqsm_proto::v1;
 use ndarray::Array4;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -44,7 +46,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
-/// The RPC a batch needs.
+/// The RPC a batch is sent as, built at send time ([`WireBatch::inline`],
+/// [`WireBatch::staged`]).
 #[derive(Debug, Clone)]
 pub enum BatchRequest {
     /// ε (`Denoise`).
@@ -53,83 +56,205 @@ pub enum BatchRequest {
     Vjp(v1::DenoiseVjpRequest),
 }
 
-impl BatchRequest {
-    /// This request with its tensors in `lease`'s slot ([`SlotLease::stage`]); `None`
-    /// when they do not fit (the request then travels inline).
-    fn staged(
-        &self,
-        lease: &SlotLease,
-    ) -> std::result::Result<Option<Self>, dmqsm_proto::shm::SharedMemoryError> {
-        let (patches, cotangents) = match self {
-            BatchRequest::Eps(r) => (r.patches.as_ref(), None),
-            BatchRequest::Vjp(r) => (r.patches.as_ref(), r.cotangents.as_ref()),
-        };
-        let Some(patches) = patches else {
-            return Ok(None);
-        };
-        let Some(t) = lease.stage(patches, cotangents)? else {
-            return Ok(None);
-        };
-        Ok(Some(match self {
-            BatchRequest::Eps(r) => BatchRequest::Eps(v1::DenoiseRequest {
-                patches: Some(t.patches),
-                answer_to: Some(t.answer_to),
-                ..r.clone()
-            }),
-            BatchRequest::Vjp(r) => BatchRequest::Vjp(v1::DenoiseVjpRequest {
-                patches: Some(t.patches),
-                cotangents: t.cotangents,
-                answer_to: Some(t.answer_to),
-                ..r.clone()
-            }),
-        }))
-    }
-
-    fn patches(&self) -> Option<&v1::Tensor> {
-        match self {
-            BatchRequest::Eps(r) => r.patches.as_ref(),
-            BatchRequest::Vjp(r) => r.patches.as_ref(),
-        }
-    }
-
-    /// Tensor payload bytes the request carries (patches, plus cotangents for a VJP).
-    pub fn payload_bytes(&self) -> u64 {
-        let len = |t: Option<&v1::Tensor>| t.map_or(0, |t| t.data.len() as u64);
-        match self {
-            BatchRequest::Eps(r) => len(r.patches.as_ref()),
-            BatchRequest::Vjp(r) => len(r.patches.as_ref()) + len(r.cotangents.as_ref()),
-        }
-    }
-
-    /// Tensor payload bytes of an accepted answer to it: the answer's values in the element
-    /// type the request asked for (workers answer in it; unspecified means f32).
-    pub fn answer_bytes(&self, answer: &PatchResults) -> u64 {
-        let dtype = match self {
-            BatchRequest::Eps(r) => r.response_dtype,
-            BatchRequest::Vjp(r) => r.response_dtype,
-        };
-        let size = v1::Dtype::try_from(dtype)
-            .ok()
-            .and_then(dmqsm_proto::tensor::element_size)
-            .unwrap_or(4);
-        (answer.values().len() * size) as u64
-    }
+/// Where a batch's input tensors come from.
+#[derive(Debug, Clone)]
+pub enum BatchInputs {
+    /// Cut from the round's read-only x_t (and cotangents) when the batch is sent:
+    /// straight into the worker's shared-memory slot, with no buffer in between, or
+    /// stacked and encoded for the socket. A queued batch holds no tensor bytes, and a
+    /// retry cuts the same values again.
+    Cut(PatchSource),
+    /// Encoded already: the patches `[B, P, P, P]`, and the cotangents of a VJP batch.
+    Encoded {
+        /// The patches.
+        patches: v1::Tensor,
+        /// The cotangents (VJP batches only).
+        cotangents: Option<v1::Tensor>,
+    },
 }
 
-/// One batch of patch evaluations of a job as it goes to a worker: the encoded request
-/// and where it belongs (the sampler's stacked patches are `dmqsm_common::diffusion::sampler::PatchBatch`).
+/// One batch of patch evaluations of a job as it goes to a worker: which patches of
+/// which round, for which model, and where its inputs come from (the sampler's stacked
+/// patches are `dmqsm_common::diffusion::sampler::PatchBatch`).
 #[derive(Debug, Clone)]
 pub struct WireBatch {
     /// The job it belongs to.
     pub job_id: String,
     /// Human-readable position, e.g. `sample 1 step 3/25 eps batch 7/12`, used in errors.
     pub label: String,
-    /// The request (tensors are `Bytes`: retries do not copy them).
-    pub request: BatchRequest,
-    /// The sampler round the batch belongs to.
+    /// The sampler round the batch belongs to: an ε round sends `Denoise`, a VJP round
+    /// `DenoiseVjp`.
     pub round: RoundId,
-    /// The patch of each row of the request.
+    /// The patch of each row.
     pub indices: Vec<usize>,
+    /// Content hash of the model every row must be evaluated with.
+    pub model_hash: String,
+    /// Training timestep per row.
+    pub timesteps: Vec<f32>,
+    /// Element type of the tensors both ways (the answer is asked for in it too).
+    pub dtype: v1::Dtype,
+    /// The input tensors.
+    pub inputs: BatchInputs,
+}
+
+impl WireBatch {
+    fn is_vjp(&self) -> bool {
+        self.round.kind == RoundKind::Vjp
+    }
+
+    /// Shape of the patches tensor, `[B, P, P, P]` (the shape an answer must have).
+    fn patch_shape(&self) -> Vec<u32> {
+        match &self.inputs {
+            BatchInputs::Encoded { patches, .. } => patches.shape.clone(),
+            BatchInputs::Cut(source) => {
+                let p = source.patch_size() as u32;
+                vec![self.indices.len() as u32, p, p, p]
+            }
+        }
+    }
+
+    fn element_size(&self) -> u64 {
+        dmqsm_proto::tensor::element_size(self.dtype).unwrap_or(4) as u64
+    }
+
+    /// Tensor payload bytes the request carries (patches, plus cotangents for a VJP).
+    pub fn payload_bytes(&self) -> u64 {
+        match &self.inputs {
+            BatchInputs::Encoded {
+                patches,
+                cotangents,
+            } => patches.data.len() as u64 + cotangents.as_ref().map_or(0, |c| c.data.len() as u64),
+            BatchInputs::Cut(source) => {
+                let tensors = if source.has_cotangents() { 2 } else { 1 };
+                tensors * self.values() * self.element_size()
+            }
+        }
+    }
+
+    /// Values per input tensor: B·P³.
+    fn values(&self) -> u64 {
+        self.patch_shape().iter().map(|&s| s as u64).product()
+    }
+
+    /// Tensor payload bytes of an accepted answer to it: the answer's values in the element
+    /// type the request asked for (workers answer in it).
+    pub fn answer_bytes(&self, answer: &PatchResults) -> u64 {
+        answer.values().len() as u64 * self.element_size()
+    }
+
+    /// The request around `patches` (and `cotangents`), answered into `answer_to` when
+    /// it is a shared-memory place.
+    fn request(
+        &self,
+        patches: v1::Tensor,
+        cotangents: Option<v1::Tensor>,
+        answer_to: Option<v1::SharedBytes>,
+    ) -> BatchRequest {
+        if self.is_vjp() {
+            BatchRequest::Vjp(v1::DenoiseVjpRequest {
+                model_hash: self.model_hash.clone(),
+                patches: Some(patches),
+                timesteps: self.timesteps.clone(),
+                cotangents,
+                response_dtype: self.dtype as i32,
+                answer_to,
+            })
+        } else {
+            BatchRequest::Eps(v1::DenoiseRequest {
+                model_hash: self.model_hash.clone(),
+                patches: Some(patches),
+                timesteps: self.timesteps.clone(),
+                response_dtype: self.dtype as i32,
+                answer_to,
+            })
+        }
+    }
+
+    /// The encoded input tensors (patches, cotangents), cut and stacked now for a
+    /// [`BatchInputs::Cut`] batch.
+    fn encoded(&self) -> std::result::Result<(v1::Tensor, Option<v1::Tensor>), String> {
+        match &self.inputs {
+            BatchInputs::Encoded {
+                patches,
+                cotangents,
+            } => Ok((patches.clone(), cotangents.clone())),
+            BatchInputs::Cut(source) => {
+                let b = source
+                    .batch(&self.indices)
+                    .map_err(|e| format!("cutting the batch: {e}"))?;
+                let encode = |a| dmqsm_proto::tensor::encode_array(a, self.dtype);
+                Ok((encode(b.x), b.cotangent.map(encode)))
+            }
+        }
+    }
+
+    /// The request with its tensors inline, for the socket.
+    fn inline(&self) -> std::result::Result<BatchRequest, String> {
+        let (patches, cotangents) = self.encoded()?;
+        Ok(self.request(patches, cotangents, None))
+    }
+
+    /// The request with its tensors in `lease`'s slot; `None` when they and the answer
+    /// do not fit (the request then travels inline). A [`BatchInputs::Cut`] batch in f32
+    /// is cut straight into the slot, row run by row run, without a buffer in between:
+    /// the same bytes as [`WireBatch::inline`]'s tensors.
+    fn staged(&self, lease: &SlotLease) -> std::result::Result<Option<BatchRequest>, String> {
+        let source = match &self.inputs {
+            BatchInputs::Cut(source) if matches!(self.dtype, v1::Dtype::F32) => source,
+            _ => {
+                let (patches, cotangents) = self.encoded()?;
+                let Some(t) = lease
+                    .stage(&patches, cotangents.as_ref())
+                    .map_err(|e| e.to_string())?
+                else {
+                    return Ok(None);
+                };
+                return Ok(Some(self.request(
+                    t.patches,
+                    t.cotangents,
+                    Some(t.answer_to),
+                )));
+            }
+        };
+        let bytes = self.values() * 4;
+        let tensors = if source.has_cotangents() { 2 } else { 1 };
+        let Some(layout) = lease.layout(&vec![bytes; tensors], bytes) else {
+            return Ok(None);
+        };
+        let mut failed = None;
+        source
+            .visit_batch(&self.indices, |tensor, at, run| {
+                let place = match tensor {
+                    BatchTensor::Patches => &layout.inputs[0],
+                    BatchTensor::Cotangents => &layout.inputs[tensors - 1],
+                };
+                if failed.is_none()
+                    && let Err(e) = dmqsm_proto::tensor::with_f32_le_bytes(run, |b| {
+                        lease.write(place, at as u64 * 4, b)
+                    })
+                {
+                    failed = Some(e);
+                }
+            })
+            .map_err(|e| format!("cutting the batch: {e}"))?;
+        if let Some(e) = failed {
+            return Err(e.to_string());
+        }
+        let shape = self.patch_shape();
+        let tensor = |at: &v1::SharedBytes| v1::Tensor {
+            shape: shape.clone(),
+            dtype: v1::Dtype::F32 as i32,
+            data: Default::default(),
+            shared: Some(at.clone()),
+        };
+        let patches = tensor(&layout.inputs[0]);
+        let cotangents = source.has_cotangents().then(|| tensor(&layout.inputs[1]));
+        Ok(Some(self.request(
+            patches,
+            cotangents,
+            Some(layout.answer_to),
+        )))
+    }
 }
 
 /// A batch answered.
@@ -206,6 +331,17 @@ struct Pending {
     /// Answers of a spot-checked batch so far (worker id, results); the next attempt
     /// must go to a worker of `class` that is not among them.
     check: Option<SpotCheck>,
+}
+
+impl Pending {
+    /// Sends the batch's outcome. The batch is dropped first, so the round's x_t it
+    /// views is no longer held here once the runner has the answer (the sampler then
+    /// reuses that buffer for the next state instead of allocating one).
+    fn answer(self, outcome: std::result::Result<BatchOutcome, DispatchError>) {
+        let Pending { batch, reply, .. } = self;
+        drop(batch);
+        let _ = reply.send(outcome);
+    }
 }
 
 struct SpotCheck {
@@ -648,7 +784,7 @@ impl Dispatcher {
         let q = self.inner.lock().jobs.remove(job_id);
         if let Some(q) = q {
             for p in q.pending {
-                let _ = p.reply.send(Err(DispatchError::Cancelled {
+                p.answer(Err(DispatchError::Cancelled {
                     job: job_id.to_string(),
                 }));
             }
@@ -673,7 +809,7 @@ impl Dispatcher {
         match st.jobs.get_mut(&job) {
             Some(q) => q.pending.push_back(pending),
             None => {
-                let _ = pending.reply.send(Err(DispatchError::Cancelled { job }));
+                pending.answer(Err(DispatchError::Cancelled { job }));
             }
         }
         drop(st);
@@ -825,7 +961,7 @@ fn schedule(st: &mut State, config: &CoordinatorConfig) -> Vec<Assignment> {
         if let Some(q) = st.jobs.get_mut(&job_id) {
             tracing::error!(job = %job_id, "no usable worker for {:.1} s: {detail}", waited.as_secs_f64());
             for p in q.pending.drain(..) {
-                let _ = p.reply.send(Err(DispatchError::NoWorker {
+                p.answer(Err(DispatchError::NoWorker {
                     job: job_id.clone(),
                     model_hash: q.model_hash.clone(),
                     waited_s: waited.as_secs_f64(),
@@ -866,17 +1002,20 @@ fn settle_unanswerable_checks(st: &mut State) {
             if answers.len() == 1 {
                 let (worker, results) = answers.remove(0);
                 tracing::warn!(job = %job_id, batch = %p.batch.label, "spot check skipped: no second worker of class {} to compare with", c.class);
-                let _ = p.reply.send(Ok(BatchOutcome {
+                let attempts = p.attempts;
+                p.answer(Ok(BatchOutcome {
                     results,
                     worker_id: worker,
-                    retries: p.attempts,
+                    retries: attempts,
                 }));
             } else {
                 let names: Vec<&str> = answers.iter().map(|(w, _)| w.as_str()).collect();
-                let _ = p.reply.send(Err(DispatchError::Exhausted {
+                let attempts = p.attempts;
+                let label = p.batch.label.clone();
+                p.answer(Err(DispatchError::Exhausted {
                     job: job_id.clone(),
-                    batch: p.batch.label.clone(),
-                    attempts: p.attempts + answers.len() as u32,
+                    batch: label,
+                    attempts: attempts + answers.len() as u32,
                     worker: names.join(" and "),
                     address: "spot check".into(),
                     cause: format!(
@@ -922,15 +1061,8 @@ fn decode_reply(
     tensor: Option<v1::Tensor>,
     lease: Option<&SlotLease>,
 ) -> std::result::Result<PatchResults, String> {
-    let name = match batch.request {
-        BatchRequest::Eps(_) => "eps",
-        BatchRequest::Vjp(_) => "vjp",
-    };
-    let want = batch
-        .request
-        .patches()
-        .map(|t| t.shape.clone())
-        .unwrap_or_default();
+    let name = if batch.is_vjp() { "vjp" } else { "eps" };
+    let want = batch.patch_shape();
     let t = tensor.ok_or_else(|| format!("answer has no {name} tensor"))?;
     if t.shape != want {
         return Err(format!(
@@ -966,9 +1098,13 @@ async fn call_worker(
     a: &mut Assignment,
     timeout: Duration,
 ) -> std::result::Result<PatchResults, Failure> {
+    let plain = |cause: String| Failure {
+        cause,
+        malformed: false,
+    };
     let lease = a.shared.as_ref().and_then(SharedPlane::lease);
     let staged = match &lease {
-        Some(l) => a.pending.batch.request.staged(l).unwrap_or_else(|e| {
+        Some(l) => a.pending.batch.staged(l).unwrap_or_else(|e| {
             tracing::warn!(worker = %a.worker_id, "batch sent inline: {e}");
             None
         }),
@@ -976,7 +1112,10 @@ async fn call_worker(
     };
     // A slot the batch does not use goes back at once.
     let lease = if staged.is_some() { lease } else { None };
-    let request = staged.unwrap_or_else(|| a.pending.batch.request.clone());
+    let request = match staged {
+        Some(r) => r,
+        None => a.pending.batch.inline().map_err(plain)?,
+    };
     let mut client = a.client.clone();
     let rpc = async move {
         match request {
@@ -986,10 +1125,6 @@ async fn call_worker(
     };
     let generation = a.generation;
     let rx = &mut a.generation_rx;
-    let plain = |cause: String| Failure {
-        cause,
-        malformed: false,
-    };
     let malformed = |cause: String| Failure {
         cause,
         malformed: true,
@@ -1044,12 +1179,12 @@ fn record_attempt(
     answer: Option<&PatchResults>,
     elapsed: Duration,
 ) {
-    let request = &a.pending.batch.request;
+    let batch = &a.pending.batch;
     config.metrics.attempt_finished(
         &a.worker_id,
         elapsed,
-        request.payload_bytes(),
-        answer.map(|r| (r.indices().len(), request.answer_bytes(r))),
+        batch.payload_bytes(),
+        answer.map(|r| (r.indices().len(), batch.answer_bytes(r))),
     );
 }
 
@@ -1100,7 +1235,7 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
         Some(q) => q.pending.push_front(pending),
         None => {
             let job = pending.batch.job_id.clone();
-            let _ = pending.reply.send(Err(DispatchError::Cancelled { job }));
+            pending.answer(Err(DispatchError::Cancelled { job }));
         }
     };
     match result {
@@ -1109,10 +1244,11 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                 || (!class.is_empty()
                     && spot_checked(&job, &pending.batch.label, config.spot_check_fraction));
             if !checked {
-                let _ = pending.reply.send(Ok(BatchOutcome {
+                let attempts = pending.attempts;
+                pending.answer(Ok(BatchOutcome {
                     results,
                     worker_id: a.worker_id,
-                    retries: pending.attempts,
+                    retries: attempts,
                 }));
             } else {
                 let mut c = pending.check.take().unwrap_or(SpotCheck {
@@ -1127,10 +1263,11 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                     }
                     2 if same_bits(&c.answers[0].1, &c.answers[1].1) => {
                         let (worker, results) = c.answers.swap_remove(0);
-                        let _ = pending.reply.send(Ok(BatchOutcome {
+                        let attempts = pending.attempts;
+                        pending.answer(Ok(BatchOutcome {
                             results,
                             worker_id: worker,
-                            retries: pending.attempts,
+                            retries: attempts,
                         }));
                     }
                     2 => {
@@ -1154,18 +1291,21 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                                 ),
                             );
                             let (worker, results) = c.answers.swap_remove(good);
-                            let _ = pending.reply.send(Ok(BatchOutcome {
+                            let attempts = pending.attempts;
+                            pending.answer(Ok(BatchOutcome {
                                 results,
                                 worker_id: worker,
-                                retries: pending.attempts,
+                                retries: attempts,
                             }));
                         } else {
                             let names: Vec<String> =
                                 c.answers.iter().map(|(w, _)| w.clone()).collect();
-                            let _ = pending.reply.send(Err(DispatchError::Exhausted {
+                            let attempts = pending.attempts;
+                            let label = pending.batch.label.clone();
+                            pending.answer(Err(DispatchError::Exhausted {
                                 job: job.clone(),
-                                batch: pending.batch.label.clone(),
-                                attempts: pending.attempts + 3,
+                                batch: label,
+                                attempts: attempts + 3,
                                 worker: names.join(", "),
                                 address: "spot check".into(),
                                 cause: format!(
@@ -1182,10 +1322,12 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
             pending.attempts += 1;
             pending.tried.insert(a.worker_id.clone());
             if pending.attempts > config.max_retries {
-                let _ = pending.reply.send(Err(DispatchError::Exhausted {
+                let attempts = pending.attempts;
+                let label = pending.batch.label.clone();
+                pending.answer(Err(DispatchError::Exhausted {
                     job,
-                    batch: pending.batch.label.clone(),
-                    attempts: pending.attempts,
+                    batch: label,
+                    attempts: attempts,
                     worker: a.worker_id,
                     address: a.address,
                     cause: f.cause,
@@ -1416,22 +1558,18 @@ mod tests {
         WireBatch {
             job_id: job.into(),
             label: format!("batch {i}"),
-            request: BatchRequest::Eps(v1::DenoiseRequest {
-                model_hash: "h1".into(),
-                patches: Some(dmqsm_proto::tensor::encode(
-                    &x,
-                    &[1, 2, 2, 2],
-                    v1::Dtype::F32,
-                )),
-                timesteps: vec![1.0],
-                response_dtype: v1::Dtype::F32 as i32,
-                answer_to: None,
-            }),
             round: RoundId {
                 step: 0,
                 kind: dmqsm_common::diffusion::sampler::RoundKind::Eps,
             },
             indices: vec![i],
+            model_hash: "h1".into(),
+            timesteps: vec![1.0],
+            dtype: v1::Dtype::F32,
+            inputs: BatchInputs::Encoded {
+                patches: dmqsm_proto::tensor::encode(&x, &[1, 2, 2, 2], v1::Dtype::F32),
+                cotangents: None,
+            },
         }
     }
 

@@ -176,7 +176,7 @@ pub async fn spawn_metrics_server(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::{BatchRequest, WireBatch};
+    use crate::dispatch::{BatchInputs, WireBatch};
     use dmqsm_common::diffusion::sampler::{RoundId, RoundKind};
     use dmqsm_proto::metrics_http::{Format, render, sample_value};
     use dmqsm_proto::v1;
@@ -185,22 +185,18 @@ mod tests {
         WireBatch {
             job_id: "j".into(),
             label: "b".into(),
-            request: BatchRequest::Eps(v1::DenoiseRequest {
-                model_hash: "h".into(),
-                patches: Some(dmqsm_proto::tensor::encode(
-                    &[0.0; 8],
-                    &[1, 2, 2, 2],
-                    v1::Dtype::F32,
-                )),
-                timesteps: vec![1.0],
-                response_dtype: v1::Dtype::F32 as i32,
-                answer_to: None,
-            }),
             round: RoundId {
                 step: 0,
                 kind: RoundKind::Eps,
             },
             indices: vec![0],
+            model_hash: "h".into(),
+            timesteps: vec![1.0],
+            dtype: v1::Dtype::F32,
+            inputs: BatchInputs::Encoded {
+                patches: dmqsm_proto::tensor::encode(&[0.0; 8], &[1, 2, 2, 2], v1::Dtype::F32),
+                cotangents: None,
+            },
         }
     }
 

@@ -3,19 +3,20 @@
 //! the results.
 //!
 //! Each round the sampler's deterministic batch plan (`plan_batches(batch_size)`, with the
-//! batch size fixed in the job) becomes one [`WireBatch`] per group of patch indices,
-//! cut from a read-only [`PatchSource`](dmqsm_common::diffusion::sampler::PatchSource)
-//! and queued one by one on a thread of its own, so several workers share them and start
-//! on the first while the rest are cut. Answers are handed to the sampler in plan order
-//! as they arrive, while batches are still being cut; the sampler sums per-patch results
-//! in patch-index order, so the step is bitwise the same whatever worker answered which
+//! batch size fixed in the job) becomes one [`WireBatch`] per group of patch indices, all
+//! queued at once. A batch carries a read-only view of x_t
+//! ([`PatchSource`](dmqsm_common::diffusion::sampler::PatchSource)), not its values: it is
+//! cut when a worker takes it, straight into that worker's shared-memory slot or stacked
+//! for the socket. Answers are handed to the sampler in plan order as they arrive, while
+//! later batches are still being cut and computed; the sampler sums per-patch results in
+//! patch-index order, so the step is bitwise the same whatever worker answered which
 //! batch, in which order, after how many retries.
 //!
 //! Every `checkpoint_every` steps the sampler state is written to sled and flushed
 //! before the job moves on; a restarted coordinator resumes from there and computes the
 //! same bits (noise is a pure function of seed, step and voxel).
 
-use crate::dispatch::{BatchRequest, DispatchError, WireBatch};
+use crate::dispatch::{BatchInputs, DispatchError, WireBatch};
 use crate::error::{CoordinatorError, Result};
 use crate::job::{JobRecord, JobSpec, JobState, unix_now};
 use crate::state::{JobHandle, Shared};
@@ -24,12 +25,11 @@ use dmqsm_common::diffusion::sampler::{
 };
 use dmqsm_common::patch::GridSpacing;
 use dmqsm_common::tasks::Problem;
-use dmqsm_proto::tensor;
 use dmqsm_proto::v1;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 /// How a run ended early.
 enum Stop {
@@ -481,78 +481,38 @@ async fn run_round(
         }
     );
     let t0 = Instant::now();
-    // 1. Cut, encode and queue the batches one by one on a thread of their own, from a
-    //    read-only view of x_t: the workers start on the first while the rest are being
-    //    cut, and the answers are taken (step 2) meanwhile.
+    // 1. Queue every batch at once. A batch holds a read-only view of x_t, not its
+    //    values: it is cut when a worker takes it, straight into that worker's
+    //    shared-memory slot (or stacked for the socket), so the workers start on the first
+    //    batches while the later ones are cut, and the answers are taken (step 2)
+    //    meanwhile.
     let source = sampler.patch_source()?;
     let plan = sampler.plan_batches(batch_size)?;
     let n = plan.len();
-    let (queued, mut submitted) = mpsc::unbounded_channel();
-    let encoder = {
-        let (job, label, queue, plan) =
-            (job_id.clone(), label.clone(), shared.clone(), plan.clone());
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            for (b, indices) in plan.iter().enumerate() {
-                let wb = source.batch(indices)?;
-                let patches = tensor::encode_array(wb.x, dtype);
-                let request = match (wb.cotangent, round.id.kind) {
-                    (Some(c), RoundKind::Vjp) => BatchRequest::Vjp(v1::DenoiseVjpRequest {
-                        model_hash: hash.clone(),
-                        patches: Some(patches),
-                        timesteps: wb.timesteps.clone(),
-                        cotangents: Some(tensor::encode_array(c, dtype)),
-                        response_dtype: dtype as i32,
-                        answer_to: None,
-                    }),
-                    _ => BatchRequest::Eps(v1::DenoiseRequest {
-                        model_hash: hash.clone(),
-                        patches: Some(patches),
-                        timesteps: wb.timesteps.clone(),
-                        response_dtype: dtype as i32,
-                        answer_to: None,
-                    }),
-                };
-                let answer = queue.dispatcher.submit(WireBatch {
-                    job_id: job.clone(),
-                    label: format!("{label} batch {}/{n}", b + 1),
-                    request,
-                    round: round.id,
-                    indices: indices.clone(),
-                });
-                if queued.send(answer).is_err() {
-                    // The round was abandoned (cancelled or failed): cut no more.
-                    break;
-                }
-            }
-            Ok(())
+    let mut receivers: VecDeque<_> = plan
+        .iter()
+        .enumerate()
+        .map(|(b, indices)| {
+            shared.dispatcher.submit(WireBatch {
+                job_id: job_id.clone(),
+                label: format!("{label} batch {}/{n}", b + 1),
+                round: round.id,
+                indices: indices.clone(),
+                model_hash: hash.clone(),
+                timesteps: vec![round.timestep as f32; indices.len()],
+                dtype,
+                inputs: BatchInputs::Cut(source.clone()),
+            })
         })
-    };
+        .collect();
+    drop(source);
     // 2. Take the answers in plan order as they arrive; each group of answers already in
     //    is handed to the sampler at once, which reassembles ε̂ slab by slab meanwhile.
     //    The result does not depend on the order of arrival (the sampler sums per voxel
     //    in patch order). Only the time spent waiting on an answer whose batch is queued
     //    counts as waiting for the workers.
     let mut waiting = std::time::Duration::ZERO;
-    let mut receivers = VecDeque::with_capacity(n);
-    let mut taken = 0;
-    while taken < n {
-        if receivers.is_empty() {
-            let next = tokio::select! {
-                r = submitted.recv() => r,
-                _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
-            };
-            match next {
-                Some(r) => receivers.push_back(r),
-                // The encoder stopped early; its error is taken below.
-                None => break,
-            }
-        }
-        while let Ok(r) = submitted.try_recv() {
-            receivers.push_back(r);
-        }
-        let Some(first) = receivers.pop_front() else {
-            break;
-        };
+    while let Some(first) = receivers.pop_front() {
         let w = Instant::now();
         // `None`: the dispatcher dropped the batch without an answer.
         let first = tokio::select! {
@@ -569,7 +529,6 @@ async fn run_round(
             }
             receivers.pop_front();
         }
-        taken += arrived.len();
         let mut outcomes = Vec::with_capacity(arrived.len());
         for a in arrived {
             match a {
@@ -615,9 +574,6 @@ async fn run_round(
             .await?
         };
     }
-    encoder
-        .await
-        .map_err(|e| CoordinatorError::Store(format!("batch encoder panicked: {e}")))??;
     // 3. Finish the round: the last slab of ε̂, then the step's volume math.
     let patches: usize = plan.iter().map(Vec::len).sum();
     let sampler = blocking("round completion", move || {

@@ -3,11 +3,12 @@
 //! per batch in flight.
 //!
 //! A slot holds a batch's tensors one after the other (patches, then cotangents in a VJP
-//! round) and then room for the answer; [`SlotLease::stage`] copies a request's tensors in and
-//! [`SlotLease::collect`] copies the answer out, so what reaches the sampler is exactly
-//! what would have come over the socket. A slot whose worker may still write into it
-//! (its call timed out, failed in transit or was abandoned) is retired, never reused:
-//! a late answer cannot land in another batch. A plane whose worker no longer knows its
+//! round) and then room for the answer. A batch cut from x_t is written straight into
+//! its places ([`SlotLease::layout`], [`SlotLease::write`]); encoded tensors are copied in
+//! ([`SlotLease::stage`]); [`SlotLease::decode`] copies the answer out. What reaches the
+//! sampler is exactly what would have come over the socket. A slot whose worker may still
+//! write into it (its call timed out, failed in transit or was abandoned) is retired,
+//! never reused: a late answer cannot land in another batch. A plane whose worker no longer knows its
 //! region (it restarted) is marked broken, and that worker's batches travel inline.
 
 use dmqsm_common::content_hash::{Digest, Hasher, sha256_hex};
@@ -143,6 +144,16 @@ pub struct StagedTensors {
     pub answer_to: v1::SharedBytes,
 }
 
+/// Where a batch's tensors lie in a slot ([`SlotLease::layout`]): each input tensor's
+/// place, then the answer's.
+#[derive(Debug, Clone)]
+pub struct SlotLayout {
+    /// The input tensors' places, in the order asked for.
+    pub inputs: Vec<v1::SharedBytes>,
+    /// The rest of the slot, for the answer.
+    pub answer_to: v1::SharedBytes,
+}
+
 /// One slot of a [`SharedPlane`], held for one call; back in the pool when dropped unless
 /// [`SlotLease::retire`]d.
 #[derive(Debug)]
@@ -162,6 +173,65 @@ impl SlotLease {
         &self.plane
     }
 
+    /// Places input tensors of `inputs` bytes one after the other from the slot's start,
+    /// and the answer after them (the rest of the slot, at least `answer` bytes); `None`
+    /// if they do not fit.
+    pub fn layout(&self, inputs: &[u64], answer: u64) -> Option<SlotLayout> {
+        let need = inputs
+            .iter()
+            .try_fold(answer, |acc, &b| acc.checked_add(b))?;
+        if need > self.plane.slot_bytes {
+            return None;
+        }
+        let region = self.plane.region.name().to_string();
+        let mut at = self.base();
+        let inputs = inputs
+            .iter()
+            .map(|&length| {
+                let place = v1::SharedBytes {
+                    region: region.clone(),
+                    offset: at,
+                    length,
+                };
+                at += length;
+                place
+            })
+            .collect();
+        Some(SlotLayout {
+            inputs,
+            answer_to: v1::SharedBytes {
+                region,
+                offset: at,
+                length: self.base() + self.plane.slot_bytes - at,
+            },
+        })
+    }
+
+    /// Writes `data` at byte `offset` of `place`, one of this slot's places from
+    /// [`SlotLease::layout`]; errors if the bytes would leave `place` or the slot.
+    pub fn write(
+        &self,
+        place: &v1::SharedBytes,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), SharedMemoryError> {
+        let (start, end) = (self.base(), self.base() + self.plane.slot_bytes);
+        let inside = offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|e| e <= place.length)
+            && place.offset >= start
+            && place.offset.saturating_add(place.length) <= end;
+        if !inside {
+            return Err(SharedMemoryError::OutOfBounds {
+                name: self.plane.region.name().to_string(),
+                offset: place.offset.saturating_add(offset),
+                length: data.len() as u64,
+                size: self.plane.region.size(),
+            });
+        }
+        self.plane.region.write(place.offset + offset, data)
+    }
+
     /// The tensors of a request (`patches`, and `cotangents` in a VJP round) with their
     /// bytes copied into the slot, and the rest of the slot as the answer's place; `None`
     /// if they and an f32 answer of the patches' shape do not fit in one slot (the batch
@@ -171,44 +241,33 @@ impl SlotLease {
         patches: &v1::Tensor,
         cotangents: Option<&v1::Tensor>,
     ) -> Result<Option<StagedTensors>, SharedMemoryError> {
-        let answer_bytes = patches
+        let Some(answer) = patches
             .shape
             .iter()
-            .try_fold(4u64, |acc, &s| acc.checked_mul(s as u64));
-        let inputs = patches.data.len() as u64 + cotangents.map_or(0, |c| c.data.len() as u64);
-        let Some(need) = answer_bytes.and_then(|a| a.checked_add(inputs)) else {
+            .try_fold(4u64, |acc, &s| acc.checked_mul(s as u64))
+        else {
             return Ok(None);
         };
-        if need > self.plane.slot_bytes {
+        let tensors: Vec<&v1::Tensor> = std::iter::once(patches).chain(cotangents).collect();
+        let sizes: Vec<u64> = tensors.iter().map(|t| t.data.len() as u64).collect();
+        let Some(layout) = self.layout(&sizes, answer) else {
             return Ok(None);
-        }
-        let region = self.plane.region.name().to_string();
-        let mut at = self.base();
-        let mut place = |t: &v1::Tensor| -> Result<v1::Tensor, SharedMemoryError> {
-            self.plane.region.write(at, &t.data)?;
-            let shared = v1::SharedBytes {
-                region: region.clone(),
-                offset: at,
-                length: t.data.len() as u64,
-            };
-            at += t.data.len() as u64;
-            Ok(v1::Tensor {
+        };
+        let mut placed = Vec::with_capacity(tensors.len());
+        for (t, place) in tensors.iter().zip(&layout.inputs) {
+            self.write(place, 0, &t.data)?;
+            placed.push(v1::Tensor {
                 shape: t.shape.clone(),
                 dtype: t.dtype,
                 data: Default::default(),
-                shared: Some(shared),
-            })
-        };
-        let patches = place(patches)?;
-        let cotangents = cotangents.map(&mut place).transpose()?;
-        Ok(Some(StagedTensors {
+                shared: Some(place.clone()),
+            });
+        }
+        let mut placed = placed.into_iter();
+        Ok(placed.next().map(|patches| StagedTensors {
             patches,
-            cotangents,
-            answer_to: v1::SharedBytes {
-                region,
-                offset: at,
-                length: self.base() + self.plane.slot_bytes - at,
-            },
+            cotangents: placed.next(),
+            answer_to: layout.answer_to,
         }))
     }
 
@@ -254,5 +313,62 @@ impl Drop for SlotLease {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(self.slot);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plane of `slots` slots of `slot_bytes` over a fresh, already unlinked region.
+    fn plane(slots: usize, slot_bytes: u64) -> Arc<SharedPlane> {
+        let n = REGIONS_MADE.fetch_add(1, Ordering::Relaxed);
+        let name = format!("dmqsm-test-plane-{}-{n}", std::process::id());
+        let size = HEADER_BYTES + slots * slot_bytes as usize;
+        let region = SharedRegion::create(&name, size, &nonce("test", n)).unwrap();
+        region.unlink().unwrap();
+        Arc::new(SharedPlane {
+            region,
+            slot_bytes,
+            free: Mutex::new((0..slots).rev().collect()),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    #[test]
+    fn layout_places_inputs_then_the_answer_inside_the_slot_and_writes_stay_in_place() {
+        let plane = plane(2, 256);
+        let first = plane.lease().unwrap();
+        let lease = plane.lease().unwrap();
+        let base = lease.base();
+        assert_eq!(base, HEADER_BYTES as u64 + 256, "the second slot");
+        let layout = lease.layout(&[64, 32], 100).unwrap();
+        let offsets: Vec<(u64, u64)> = layout.inputs.iter().map(|p| (p.offset, p.length)).collect();
+        assert_eq!(offsets, vec![(base, 64), (base + 64, 32)]);
+        assert_eq!(
+            (layout.answer_to.offset, layout.answer_to.length),
+            (base + 96, 160)
+        );
+        // Too big for one slot: the batch travels inline.
+        assert!(lease.layout(&[64, 32], 161).is_none());
+        assert!(lease.layout(&[u64::MAX, 2], 0).is_none());
+
+        // A write lands where it was asked, and nowhere else.
+        let place = &layout.inputs[1];
+        lease.write(place, 8, &[7; 24]).unwrap();
+        let bytes = plane.region.read(base + 64, 32).unwrap();
+        assert_eq!(&bytes[..8], &[0; 8]);
+        assert_eq!(&bytes[8..], &[7; 24]);
+        assert_eq!(plane.region.read(base + 60, 4).unwrap().as_ref(), &[0; 4]);
+        // Past the end of its place, or a place outside the slot: refused, nothing written.
+        assert!(lease.write(place, 9, &[1; 24]).is_err());
+        assert!(lease.write(place, u64::MAX, &[1]).is_err());
+        let elsewhere = first.layout(&[16], 0).unwrap().inputs[0].clone();
+        assert!(lease.write(&elsewhere, 0, &[1; 4]).is_err());
+        assert_eq!(
+            plane.region.read(elsewhere.offset, 16).unwrap().as_ref(),
+            &[0; 16]
+        );
+        assert_eq!(plane.region.read(base + 96, 1).unwrap().as_ref(), &[0]);
     }
 }

@@ -90,6 +90,16 @@ pub fn encode(values: &[f32], shape: &[usize], dtype: Dtype) -> Tensor {
     }
 }
 
+/// Calls `f` with the little-endian bytes of `values` (an f32 tensor's data): the values'
+/// own memory on a little-endian machine, a converted copy elsewhere.
+pub fn with_f32_le_bytes<R>(values: &[f32], f: impl FnOnce(&[u8]) -> R) -> R {
+    if cfg!(target_endian = "little") {
+        f(bytemuck::cast_slice(values))
+    } else {
+        f(&f32_to_le_bytes(values))
+    }
+}
+
 /// f32 values that are their own little-endian bytes (little-endian machines only).
 struct F32LeBytes(Vec<f32>);
 

@@ -106,6 +106,48 @@ impl PatchSource {
         })
     }
 
+    /// Patch edge P.
+    pub fn patch_size(&self) -> usize {
+        self.grid.patch_size()
+    }
+
+    /// Whether the batches carry cotangents (a VJP round).
+    pub fn has_cotangents(&self) -> bool {
+        self.cotangent.is_some()
+    }
+
+    /// Cuts the model input of patches `indices` (any subset, any order) without
+    /// stacking it: calls `emit(tensor, offset, run)` for every contiguous run of values,
+    /// `offset` being where the run lies in that tensor's `[B, P, P, P]` C-order values
+    /// ([`PatchSource::batch`]'s `x` and `cotangent`). The runs of each tensor tile it,
+    /// so a caller copies each run where the tensor is to live (a worker's
+    /// shared-memory slot) and nothing else is allocated. Errors on an index outside the
+    /// grid, before anything is emitted.
+    pub fn visit_batch(
+        &self,
+        indices: &[usize],
+        mut emit: impl FnMut(BatchTensor, usize, &[f32]),
+    ) -> Result<()> {
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.grid.len()) {
+            return Err(Error::Parameter(format!(
+                "patch index {bad} out of range (grid has {} patches)",
+                self.grid.len()
+            )));
+        }
+        let p3 = self.grid.patch_size().pow(3);
+        let contiguous = || Error::Shape("patch source volume is not contiguous".into());
+        let volumes = std::iter::once((BatchTensor::Patches, &self.state))
+            .chain(self.cotangent.iter().map(|c| (BatchTensor::Cotangents, c)));
+        for (tensor, volume) in volumes {
+            let src = volume.as_slice().ok_or_else(contiguous)?;
+            for (b, &index) in indices.iter().enumerate() {
+                self.grid
+                    .visit_patch(src, index, |at, run| emit(tensor, b * p3 + at, run))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The stacked model input for patches `indices` (any subset, any order); errors on
     /// an index outside the grid.
     pub fn batch(&self, indices: &[usize]) -> Result<PatchBatch> {
@@ -126,6 +168,15 @@ impl PatchSource {
             },
         })
     }
+}
+
+/// Which tensor of a batch a run of values belongs to ([`PatchSource::visit_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchTensor {
+    /// The x_t patches.
+    Patches,
+    /// The cotangents of a VJP round.
+    Cotangents,
 }
 
 /// The results of one batch of a round, checked: row b of [`PatchResults::values`]

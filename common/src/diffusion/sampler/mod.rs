@@ -53,7 +53,7 @@ mod guidance;
 mod rules;
 mod step;
 
-pub use batch::{PatchBatch, PatchResults, PatchSource, PatchWork};
+pub use batch::{BatchTensor, PatchBatch, PatchResults, PatchSource, PatchWork};
 pub use checkpoint::Checkpoint;
 pub use guidance::Guidance;
 pub use rules::{DIVERGENCE_FACTOR, DIVERGENCE_MIN_ALPHA_BAR, PROX_TV_XI, default_xi};
