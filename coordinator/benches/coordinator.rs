@@ -4,6 +4,7 @@
 //! cargo bench -p dmqsm-coordinator --bench coordinator -- overhead
 //! cargo bench -p dmqsm-coordinator --bench coordinator -- scaling
 //! cargo bench -p dmqsm-coordinator --bench coordinator -- throughput
+//! cargo bench -p dmqsm-coordinator --bench coordinator -- threads
 //! cargo bench -p dmqsm-coordinator --bench coordinator -- disk
 //! ```
 //!
@@ -36,6 +37,15 @@
 //!   there, which hides its cost).
 //! - `throughput`: 4 instant workers (analytic model, no latency): patches/s and MB/s on
 //!   the wire (requests + answers), f32 and bf16.
+//! - `threads`: the coordinator's own cost with instant workers at the realistic size
+//!   (160×192×160, 48³ patches, overlap 8, `dipinv` approx, 25 steps, 1 job, 8
+//!   `dmqsm-worker` processes that answer at once with the analytic ε): patches per
+//!   second and process CPU per patch with the coordinator and its client confined to
+//!   the first T cores (`sched_setaffinity`) and given T threads, as `dmqsm serve
+//!   --threads T` does, for T = 1, 2, 4, … up to the machine's cores. The workers are
+//!   started first and may run on every core. `DMQSM_THREADS=1,2` picks rows,
+//!   `DMQSM_THREADS_STEPS` and `DMQSM_THREADS_REPEAT` (3 timed runs after a warm-up; the
+//!   median is reported) change the run.
 //! - `disk`: a long job (checkpoints every 5 steps): sled's disk use during and after.
 //!
 //! Timings are wall-clock on whatever machine runs them; compare ratios, not seconds.
@@ -667,6 +677,154 @@ async fn scaling() -> AnyResult<()> {
     Ok(())
 }
 
+/// A positive number from the environment variable `var`, if set and valid.
+fn env_number<T: std::str::FromStr + PartialOrd + Default>(var: &str) -> Option<T> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<T>().ok())
+        .filter(|v| *v > T::default())
+}
+
+/// Restricts the calling thread, and every thread or process it starts from now on, to
+/// the first `cores` CPUs of the machine (Linux `sched_setaffinity`).
+fn pin_to_first_cores(cores: usize) -> AnyResult<()> {
+    // SAFETY: `set` is a plain bit set owned here; CPU_ZERO/CPU_SET only write into it, and
+    // sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for c in 0..cores {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(format!(
+            "sched_setaffinity to {cores} cores: {}",
+            std::io::Error::last_os_error()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The coordinator's own cost with instant workers (see the module docs): one `dipinv`
+/// approx job (A = I, the patch path without FFTs) at the realistic size on workers that
+/// answer at once, with the coordinator and its client confined to `threads` cores
+/// (`dmqsm serve --threads`: its compute pool and tokio threads).
+async fn instant_workers_run(
+    urls: Vec<String>,
+    threads: usize,
+    steps: u32,
+    repeat: usize,
+    m: Arc<Vec<u8>>,
+    k: Arc<Vec<u8>>,
+) -> AnyResult<Vec<ScalingRun>> {
+    let dir = tempfile::tempdir()?;
+    let mut config = CoordinatorConfig::new(dir.path());
+    config.checkpoint_every = 0;
+    config.max_in_flight_per_worker = 2;
+    config.compute_threads = Some(threads);
+    let coordinator = Coordinator::start(config, &urls).await?;
+    let (addr, stop, _h) =
+        dmqsm_coordinator::spawn_server(coordinator.clone(), "127.0.0.1:0".parse()?).await?;
+    let url = format!("http://{addr}");
+    let settings = v1::JobSettings {
+        task: v1::Task::Dipinv as i32,
+        steps: Some(steps),
+        eta: 0.0,
+        xi: Some(1.0),
+        guidance: v1::Guidance::Approx as i32,
+        overlap: Some(8),
+        seed: 1,
+        samples: Some(1),
+        batch_size: 4,
+        ..Default::default()
+    };
+    let _ = concurrent_jobs(&url, 1, &m, &k, &settings).await?;
+    let mut runs = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        runs.push(concurrent_jobs(&url, 1, &m, &k, &settings).await?);
+    }
+    let _ = stop.send(());
+    coordinator.shutdown().await;
+    Ok(runs)
+}
+
+async fn threads() -> AnyResult<()> {
+    use dmqsm_coordinator::local_workers::{LocalModel, LocalWorkerOptions, LocalWorkers};
+    let steps: u32 = env_number("DMQSM_THREADS_STEPS").unwrap_or(25);
+    let repeat: usize = env_number("DMQSM_THREADS_REPEAT").unwrap_or(3);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shape = [160, 192, 160];
+    let grid = dmqsm_common::patch::PatchGrid::new(
+        shape,
+        48,
+        dmqsm_common::patch::GridSpacing::Overlap(8),
+    )?;
+    let patches = (grid.len() * steps as usize) as f64;
+    let (m, k) = inputs_shaped(shape)?;
+    let (m, k) = (Arc::new(m), Arc::new(k));
+    // 8 instant workers, started before any pinning so that their processes may use
+    // every core.
+    let model = LocalModel::Analytic {
+        mean: 0.0,
+        std: 0.5,
+        patch_size: 48,
+        chi_scale: 10.0,
+    };
+    let options = LocalWorkerOptions {
+        max_batch: Some(4),
+        ..LocalWorkerOptions::default()
+    };
+    let workers =
+        tokio::task::spawn_blocking(move || LocalWorkers::start(&model, &options, 8)).await??;
+    println!(
+        "threads: the coordinator's cost with instant workers: {shape:?} volume, 48³ patches, \
+         overlap 8 ({} patches, 20 batches of 4 a round), dipinv approx, {steps} steps, 1 job, \
+         8 dmqsm-worker processes answering at once (analytic ε) on any of the {cores} cores; \
+         the coordinator and its client confined to T cores with T compute threads",
+        grid.len()
+    );
+    let mut threads_list: Vec<usize> = (1..=cores)
+        .filter(|&t| t.is_power_of_two() || t == cores)
+        .collect();
+    threads_list.retain(|&t| selected("DMQSM_THREADS", t));
+    for t in threads_list {
+        let (urls, m, k) = (workers.urls(), m.clone(), k.clone());
+        let runs = std::thread::spawn(move || -> Result<Vec<ScalingRun>, String> {
+            pin_to_first_cores(t).map_err(|e| e.to_string())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(t)
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(instant_workers_run(urls, t, steps, repeat, m, k))
+                .map_err(|e| e.to_string())
+        })
+        .join()
+        .map_err(|_| "the pinned bench thread panicked")??;
+        let mut runs = runs;
+        runs.sort_by(|a, b| a.wall.total_cmp(&b.wall));
+        let walls: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.wall)).collect();
+        let run = runs[runs.len() / 2];
+        let cpu = run.used.user_s + run.used.sys_s;
+        println!(
+            "  {t} thread(s): {:.2} s (of {}), {:.0} patches/s in the rounds ({:.0} per thread), \
+             {:.0} patches/s over the whole job; process CPU {:.2} ms/patch ({:.0} % system)",
+            run.wall,
+            walls.join(" "),
+            patches / run.in_rounds,
+            patches / run.in_rounds / t as f64,
+            patches / run.wall,
+            1e3 * cpu / patches,
+            100.0 * run.used.sys_s / cpu,
+        );
+    }
+    tokio::task::spawn_blocking(move || workers.shutdown()).await?;
+    Ok(())
+}
+
 async fn throughput() -> AnyResult<()> {
     let model = GaussianPriorModel::new(0.0, 0.5, 48, 10.0, ScheduleConfig::default())?;
     let (m, k) = inputs(96)?;
@@ -794,15 +952,17 @@ fn main() -> AnyResult<()> {
             "overhead" => overhead().await,
             "scaling" => scaling().await,
             "throughput" => throughput().await,
+            "threads" => threads().await,
             "disk" => disk().await,
             "all" => {
                 overhead().await?;
                 scaling().await?;
                 throughput().await?;
+                threads().await?;
                 disk().await
             }
             other => Err(format!(
-                "unknown benchmark {other:?}: overhead, scaling, throughput, disk or all"
+                "unknown benchmark {other:?}: overhead, scaling, throughput, threads, disk or all"
             )
             .into()),
         }

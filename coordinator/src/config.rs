@@ -74,6 +74,9 @@ pub struct CoordinatorConfig {
     /// Batches that do not fit travel inline; 0 turns the shared-memory data plane off.
     /// Default 8 MiB (a batch of 6 f32 patches of 48³ in an exact-guidance VJP round).
     pub shared_memory_slot_bytes: u64,
+    /// Threads of the coordinator's own numerics (a step's volume math, problems,
+    /// results; [`crate::compute::ComputePool`]); `None`: one per core.
+    pub compute_threads: Option<usize>,
 }
 
 /// Which addresses a registering worker may ask the coordinator to dial.
@@ -130,6 +133,7 @@ impl CoordinatorConfig {
             metrics: crate::metrics::CoordinatorMetrics::default(),
             memory_budget_bytes: crate::admission::default_budget_bytes(),
             shared_memory_slot_bytes: 8 << 20,
+            compute_threads: None,
         }
     }
 
@@ -144,6 +148,9 @@ impl CoordinatorConfig {
         }
         if self.shared_memory_slot_bytes > 1 << 30 {
             return bad("shared_memory_slot_bytes must be at most 1 GiB");
+        }
+        if self.compute_threads == Some(0) {
+            return bad("compute_threads must be ≥ 1 (--threads)");
         }
         if self.batch_timeout.is_zero() {
             return bad("batch_timeout must be > 0");

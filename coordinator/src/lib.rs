@@ -32,6 +32,7 @@
 pub mod admission;
 pub mod client;
 pub mod cohort;
+pub mod compute;
 pub mod config;
 pub mod convert;
 pub mod dispatch;

@@ -98,7 +98,24 @@ fn run(command: Command) -> anyhow::Result<()> {
             .build()
     };
     match command {
-        Command::Serve(a) => runtime()?.block_on(cli::server::serve(a)),
+        Command::Serve(a) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            match a.threads {
+                Some(0) => {
+                    return Err(cli::Exit {
+                        code: 2,
+                        message: "--threads must be at least 1".into(),
+                    }
+                    .into());
+                }
+                Some(n) => runtime.worker_threads(n),
+                None => &mut runtime,
+            };
+            runtime
+                .enable_all()
+                .build()?
+                .block_on(cli::server::serve(a))
+        }
         Command::Submit(a) => runtime()?.block_on(cli::submit(a)),
         Command::Status(a) => runtime()?.block_on(cli::status(a)),
         Command::Watch(a) => runtime()?.block_on(cli::watch(a)),

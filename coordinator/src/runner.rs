@@ -17,7 +17,7 @@
 //! same bits (noise is a pure function of seed, step and voxel).
 
 use crate::dispatch::{BatchInputs, DispatchError, WireBatch};
-use crate::error::{CoordinatorError, Result};
+use crate::error::CoordinatorError;
 use crate::job::{JobRecord, JobSpec, JobState, unix_now};
 use crate::state::{JobHandle, Shared};
 use dmqsm_common::diffusion::sampler::{
@@ -71,15 +71,6 @@ pub fn sampler_settings(spec: &JobSpec, k: u32) -> SamplerSettings {
         seed: spec.seed.wrapping_add(k as u64),
         start_timestep: spec.start_timestep.map(|t| t as usize),
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| CoordinatorError::Store(format!("{what} panicked: {e}")))?
 }
 
 /// Runs a job to its end and records the outcome. Never panics on job errors: they end
@@ -301,10 +292,12 @@ async fn execute(
             let mask = store.get_input(job_id, "mask")?;
             let (spec, model) = (rec.spec.clone(), rec.model.clone());
             Arc::new(
-                blocking("problem builder", move || {
-                    crate::problem::build_problem(&spec, &model, &measurement, mask.as_deref())
-                })
-                .await?,
+                shared
+                    .compute
+                    .run("problem builder", move || {
+                        crate::problem::build_problem(&spec, &model, &measurement, mask.as_deref())
+                    })
+                    .await?,
             )
         }
     };
@@ -330,7 +323,7 @@ async fn execute(
         }
         let settings = sampler_settings(&rec.spec, k);
         let resumes = rec.resumed_from.len();
-        let mut sampler = start_sampler(&store, &mut rec, &problem, settings).await?;
+        let mut sampler = start_sampler(shared, &mut rec, &problem, settings).await?;
         rec.sample = k;
         rec.step = sampler.progress().step as u32;
         store.put_job(&rec)?;
@@ -362,11 +355,13 @@ async fn execute(
                     let t = Instant::now();
                     let ck = sampler.checkpoint();
                     let (store2, id) = (store.clone(), job_id.to_string());
-                    blocking("checkpoint writer", move || {
-                        let bytes = ck.to_bytes()?;
-                        store2.put_checkpoint(&id, &bytes)
-                    })
-                    .await?;
+                    shared
+                        .compute
+                        .run("checkpoint writer", move || {
+                            let bytes = ck.to_bytes()?;
+                            store2.put_checkpoint(&id, &bytes)
+                        })
+                        .await?;
                     rec.log(format!("checkpoint at step {step} of sample {k}"));
                     rec.timings.coordinator_numerics_s += t.elapsed().as_secs_f64();
                     checkpointed = true;
@@ -401,10 +396,12 @@ async fn execute(
     rec.timings.running_s += run_start.elapsed().as_secs_f64();
     let files = {
         let rec2 = rec.clone();
-        blocking("result writer", move || {
-            crate::results::build_results(&rec2, &samples)
-        })
-        .await?
+        shared
+            .compute
+            .run("result writer", move || {
+                crate::results::build_results(&rec2, &samples)
+            })
+            .await?
     };
     for (name, bytes) in &files {
         store.put_result(job_id, name, bytes)?;
@@ -425,27 +422,29 @@ async fn execute(
 /// A new sampler for `settings`, or the one restored from the job's checkpoint when it
 /// belongs to this sample (same seed) and problem.
 async fn start_sampler(
-    store: &crate::store::JobStore,
+    shared: &Shared,
     rec: &mut JobRecord,
     problem: &Arc<Problem>,
     settings: SamplerSettings,
 ) -> std::result::Result<Sampler, Stop> {
-    let ck = store.get_checkpoint(&rec.job_id)?;
+    let ck = shared.store.get_checkpoint(&rec.job_id)?;
     let (p, spec) = (problem.clone(), rec.model.clone());
-    let restored = blocking("sampler setup", move || {
-        if let Some(bytes) = ck {
-            match Checkpoint::from_bytes(&bytes) {
-                Ok(ck) if ck.settings == settings => {
-                    let s = Sampler::restore(p, &spec, &ck)?;
-                    return Ok((s, Some(ck.step)));
+    let restored = shared
+        .compute
+        .run("sampler setup", move || {
+            if let Some(bytes) = ck {
+                match Checkpoint::from_bytes(&bytes) {
+                    Ok(ck) if ck.settings == settings => {
+                        let s = Sampler::restore(p, &spec, &ck)?;
+                        return Ok((s, Some(ck.step)));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("ignoring unreadable checkpoint: {e}"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("ignoring unreadable checkpoint: {e}"),
             }
-        }
-        Ok((Sampler::new(p, &spec, settings)?, None))
-    })
-    .await?;
+            Ok((Sampler::new(p, &spec, settings)?, None))
+        })
+        .await?;
     let (sampler, from) = restored;
     if let Some(step) = from {
         rec.resumed_from.push(step as u32);
@@ -556,31 +555,37 @@ async fn run_round(
         }
         sampler = {
             let (job, label) = (job_id.clone(), label.clone());
-            blocking("answer intake", move || {
-                let mut sampler = sampler;
-                // The answers were decoded and checked at the edge (the dispatcher); the
-                // sampler keeps their rows as they are.
-                for o in outcomes {
-                    let worker = o.worker_id;
-                    sampler
-                        .accept(o.results)
-                        .map_err(|e| CoordinatorError::JobFailed {
-                            job: job.clone(),
-                            cause: format!("{label}: result from worker {worker} rejected: {e}"),
-                        })?;
-                }
-                Ok(sampler)
-            })
-            .await?
+            shared
+                .compute
+                .run("answer intake", move || {
+                    let mut sampler = sampler;
+                    // The answers were decoded and checked at the edge (the dispatcher); the
+                    // sampler keeps their rows as they are.
+                    for o in outcomes {
+                        let worker = o.worker_id;
+                        sampler
+                            .accept(o.results)
+                            .map_err(|e| CoordinatorError::JobFailed {
+                                job: job.clone(),
+                                cause: format!(
+                                    "{label}: result from worker {worker} rejected: {e}"
+                                ),
+                            })?;
+                    }
+                    Ok(sampler)
+                })
+                .await?
         };
     }
     // 3. Finish the round: the last slab of ε̂, then the step's volume math.
     let patches: usize = plan.iter().map(Vec::len).sum();
-    let sampler = blocking("round completion", move || {
-        sampler.complete_round()?;
-        Ok(sampler)
-    })
-    .await?;
+    let sampler = shared
+        .compute
+        .run("round completion", move || {
+            sampler.complete_round()?;
+            Ok(sampler)
+        })
+        .await?;
     let wall = t0.elapsed();
     rec.timings.waiting_for_workers_s += waiting.as_secs_f64();
     rec.timings.coordinator_numerics_s += wall.saturating_sub(waiting).as_secs_f64();

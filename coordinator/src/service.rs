@@ -45,6 +45,7 @@ impl Coordinator {
     pub async fn start(config: CoordinatorConfig, workers: &[String]) -> Result<Self> {
         config.validate()?;
         let store = JobStore::open(&config.data_dir)?;
+        let compute = crate::compute::ComputePool::new(config.compute_threads)?;
         let dispatcher = Dispatcher::new(config.clone());
         for w in workers {
             dispatcher.add_static_worker(w).await?;
@@ -58,6 +59,7 @@ impl Coordinator {
             jobs: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
             stopping: watch::channel(false).0,
+            compute,
         });
         let c = Self { shared };
         for job in c.shared.store.list_jobs()? {
@@ -131,20 +133,21 @@ impl Coordinator {
         let label = req.label;
         let (measurement, mask) = {
             let (measurement, mask) = (req.measurement, req.mask);
-            tokio::task::spawn_blocking(move || -> Result<_> {
-                let m = crate::inputs::read_input(
-                    measurement.as_ref(),
-                    root.as_deref(),
-                    "measurement",
-                )?
-                .ok_or_else(|| {
-                    CoordinatorError::InvalidSubmission("measurement is missing".to_string())
-                })?;
-                let k = crate::inputs::read_input(mask.as_ref(), root.as_deref(), "mask")?;
-                Ok((m, k))
-            })
-            .await
-            .map_err(|e| CoordinatorError::Store(format!("input reader panicked: {e}")))??
+            self.shared
+                .compute
+                .run("input reader", move || -> Result<_> {
+                    let m = crate::inputs::read_input(
+                        measurement.as_ref(),
+                        root.as_deref(),
+                        "measurement",
+                    )?
+                    .ok_or_else(|| {
+                        CoordinatorError::InvalidSubmission("measurement is missing".to_string())
+                    })?;
+                    let k = crate::inputs::read_input(mask.as_ref(), root.as_deref(), "mask")?;
+                    Ok((m, k))
+                })
+                .await?
         };
         // Admission from the headers alone, before anything is decoded.
         let estimate = crate::admission::MemoryEstimate::from_inputs(
@@ -157,13 +160,15 @@ impl Coordinator {
         // Build the problem now so that bad inputs are refused at submission.
         let (problem, measurement, mask) = {
             let (spec, model) = (spec.clone(), model.clone());
-            let (problem, m, k) = tokio::task::spawn_blocking(move || {
-                let problem =
-                    crate::problem::build_problem(&spec, &model, &measurement, mask.as_deref());
-                (problem, measurement, mask)
-            })
-            .await
-            .map_err(|e| CoordinatorError::Store(format!("input check panicked: {e}")))?;
+            let (problem, m, k) = self
+                .shared
+                .compute
+                .run("input check", move || {
+                    let problem =
+                        crate::problem::build_problem(&spec, &model, &measurement, mask.as_deref());
+                    Ok((problem, measurement, mask))
+                })
+                .await?;
             let problem = problem.map_err(|e| match e {
                 CoordinatorError::InvalidSubmission(_) => e,
                 other => CoordinatorError::InvalidSubmission(other.to_string()),

@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub stopping: watch::Sender<bool>,
     /// The memory budget and what queued and running jobs hold of it.
     pub admission: crate::admission::Admission,
+    /// The threads of the coordinator's numerics.
+    pub compute: crate::compute::ComputePool,
 }
 
 impl Shared {

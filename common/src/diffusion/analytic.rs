@@ -147,14 +147,18 @@ impl ScoreModel for GaussianPriorModel {
 
     fn eps(&self, patches: ArrayView4<'_, f32>, t: &[f32]) -> Result<Array4<f32>> {
         self.check(&patches, t)?;
-        let mut out = Array4::<f32>::zeros(patches.raw_dim());
+        // Written once, in C order, row after row (no zeroed buffer first).
+        let mut out = Vec::with_capacity(patches.len());
         for (b, &tb) in t.iter().enumerate() {
             let (k, m) = self.affine(self.timestep(tb)?);
-            Zip::from(out.index_axis_mut(ndarray::Axis(0), b))
-                .and(patches.index_axis(ndarray::Axis(0), b))
-                .for_each(|e, &x| *e = (k * (x as f64 - m)) as f32);
+            let row = patches.index_axis(ndarray::Axis(0), b);
+            let eps = |x: &f32| (k * (*x as f64 - m)) as f32;
+            match row.as_slice() {
+                Some(values) => out.extend(values.iter().map(eps)),
+                None => out.extend(row.iter().map(eps)),
+            }
         }
-        Ok(out)
+        Array4::from_shape_vec(patches.raw_dim(), out).map_err(|e| Error::Shape(e.to_string()))
     }
 
     fn vjp(

@@ -156,6 +156,11 @@ pub struct ServeArgs {
     /// bind it where only monitoring reaches, e.g. 0.0.0.0:9400 in a pod). Off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// CPU threads of the coordinator: its numerics (a step's volume math, problems,
+    /// results) and its async runtime (gRPC, cutting batches into shared memory) each get
+    /// this many. Default: one per core. On a GPU node, leave the workers the rest.
+    #[arg(long)]
+    pub threads: Option<usize>,
     #[command(flatten)]
     pub security: SecurityArgs,
     #[command(flatten)]
@@ -282,6 +287,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .tuning
         .config(args.data_dir.clone(), args.data_root.clone())?;
     config.security = args.security.config()?;
+    config.compute_threads = args.threads;
     let authenticated = config.security.auth.enabled();
     dmqsm_proto::auth::require_loopback_without_auth(args.listen, authenticated, "--tokens FILE")
         .map_err(|e| Exit {
