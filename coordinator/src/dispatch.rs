@@ -1002,20 +1002,18 @@ fn settle_unanswerable_checks(st: &mut State) {
             if answers.len() == 1 {
                 let (worker, results) = answers.remove(0);
                 tracing::warn!(job = %job_id, batch = %p.batch.label, "spot check skipped: no second worker of class {} to compare with", c.class);
-                let attempts = p.attempts;
-                p.answer(Ok(BatchOutcome {
+                let outcome = Ok(BatchOutcome {
                     results,
                     worker_id: worker,
-                    retries: attempts,
-                }));
+                    retries: p.attempts,
+                });
+                p.answer(outcome);
             } else {
                 let names: Vec<&str> = answers.iter().map(|(w, _)| w.as_str()).collect();
-                let attempts = p.attempts;
-                let label = p.batch.label.clone();
-                p.answer(Err(DispatchError::Exhausted {
+                let outcome = Err(DispatchError::Exhausted {
                     job: job_id.clone(),
-                    batch: label,
-                    attempts: attempts + answers.len() as u32,
+                    batch: p.batch.label.clone(),
+                    attempts: p.attempts + answers.len() as u32,
                     worker: names.join(" and "),
                     address: "spot check".into(),
                     cause: format!(
@@ -1024,7 +1022,8 @@ fn settle_unanswerable_checks(st: &mut State) {
                         names.join(" and "),
                         c.class
                     ),
-                }));
+                });
+                p.answer(outcome);
             }
         }
     }
@@ -1244,12 +1243,12 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                 || (!class.is_empty()
                     && spot_checked(&job, &pending.batch.label, config.spot_check_fraction));
             if !checked {
-                let attempts = pending.attempts;
-                pending.answer(Ok(BatchOutcome {
+                let outcome = Ok(BatchOutcome {
                     results,
                     worker_id: a.worker_id,
-                    retries: attempts,
-                }));
+                    retries: pending.attempts,
+                });
+                pending.answer(outcome);
             } else {
                 let mut c = pending.check.take().unwrap_or(SpotCheck {
                     class,
@@ -1263,12 +1262,12 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                     }
                     2 if same_bits(&c.answers[0].1, &c.answers[1].1) => {
                         let (worker, results) = c.answers.swap_remove(0);
-                        let attempts = pending.attempts;
-                        pending.answer(Ok(BatchOutcome {
+                        let outcome = Ok(BatchOutcome {
                             results,
                             worker_id: worker,
-                            retries: attempts,
-                        }));
+                            retries: pending.attempts,
+                        });
+                        pending.answer(outcome);
                     }
                     2 => {
                         tracing::warn!(job = %job, batch = %pending.batch.label, "spot check: workers {} and {} disagree; asking a third", c.answers[0].0, c.answers[1].0);
@@ -1291,28 +1290,27 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
                                 ),
                             );
                             let (worker, results) = c.answers.swap_remove(good);
-                            let attempts = pending.attempts;
-                            pending.answer(Ok(BatchOutcome {
+                            let outcome = Ok(BatchOutcome {
                                 results,
                                 worker_id: worker,
-                                retries: attempts,
-                            }));
+                                retries: pending.attempts,
+                            });
+                            pending.answer(outcome);
                         } else {
                             let names: Vec<String> =
                                 c.answers.iter().map(|(w, _)| w.clone()).collect();
-                            let attempts = pending.attempts;
-                            let label = pending.batch.label.clone();
-                            pending.answer(Err(DispatchError::Exhausted {
+                            let outcome = Err(DispatchError::Exhausted {
                                 job: job.clone(),
-                                batch: label,
-                                attempts: attempts + 3,
+                                batch: pending.batch.label.clone(),
+                                attempts: pending.attempts + 3,
                                 worker: names.join(", "),
                                 address: "spot check".into(),
                                 cause: format!(
                                     "workers {} give three different answers for this batch",
                                     names.join(", ")
                                 ),
-                            }));
+                            });
+                            pending.answer(outcome);
                         }
                     }
                 }
@@ -1322,16 +1320,15 @@ async fn run_assignment(inner: Arc<Inner>, mut a: Assignment) {
             pending.attempts += 1;
             pending.tried.insert(a.worker_id.clone());
             if pending.attempts > config.max_retries {
-                let attempts = pending.attempts;
-                let label = pending.batch.label.clone();
-                pending.answer(Err(DispatchError::Exhausted {
+                let outcome = Err(DispatchError::Exhausted {
                     job,
-                    batch: label,
-                    attempts: attempts,
+                    batch: pending.batch.label.clone(),
+                    attempts: pending.attempts,
                     worker: a.worker_id,
                     address: a.address,
                     cause: f.cause,
-                }));
+                });
+                pending.answer(outcome);
             } else {
                 config.metrics.batch_retried();
                 requeue(&mut st, pending);

@@ -32,8 +32,9 @@ pub(super) struct FusedStep<'a> {
     pub padded: [usize; 3],
     /// Where the output volume lies in the padded one (the grid's crop region).
     pub region: [Range<usize>; 3],
-    /// M_y ⊙ y·scale on the output grid, or `None` for an unguided step.
-    pub data: Option<(&'a [f32], &'a [bool])>,
+    /// M_y ⊙ y·scale on the output grid with M_y, and the span of M_y in each row of
+    /// the output grid ([`MaskSpans`]), or `None` for an unguided step.
+    pub data: Option<(&'a [f32], &'a [bool], &'a MaskSpans)>,
     /// The step's coefficients.
     pub coefficients: StepCoefficients,
     /// The x̂_0 clamp (model units).
@@ -55,6 +56,50 @@ impl ResidualSums {
     /// Forgets every sum (a new step).
     pub fn clear(&mut self) {
         self.partial.clear();
+    }
+}
+
+/// Where the measurement mask M_y lies in each z row of the output grid: from the first
+/// to one past the last true voxel (an empty span for a row without any). Outside its
+/// span a row's residual is exactly 0, so the passes neither read y and M_y there nor
+/// form x̂_0 for the residual: skipping a sum of +0 terms, and applying the DPS
+/// correction of a zero residual per voxel, give the same bits (a brain fills about a
+/// third of its bounding volume, so most of the data term's memory traffic goes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct MaskSpans {
+    /// `[start, end)` z indices of each row, rows in C order (x, then y).
+    rows: Vec<(u32, u32)>,
+}
+
+impl MaskSpans {
+    /// The spans of a mask of `shape` (C order).
+    pub fn new(mask: &[bool], shape: [usize; 3]) -> Self {
+        let nz = shape[2].max(1);
+        let rows = mask
+            .chunks(nz)
+            .map(|row| {
+                let first = row.iter().position(|&m| m);
+                let last = row.iter().rposition(|&m| m);
+                match (first, last) {
+                    (Some(a), Some(b)) => (a as u32, b as u32 + 1),
+                    _ => (0, 0),
+                }
+            })
+            .collect();
+        Self { rows }
+    }
+
+    /// The span of row `row` as a range of z indices (empty past the end).
+    #[inline(always)]
+    fn of(&self, row: usize) -> Range<usize> {
+        self.rows
+            .get(row)
+            .map_or(0..0, |&(a, b)| a as usize..b as usize)
+    }
+
+    /// Rows described.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
     }
 }
 
@@ -184,7 +229,7 @@ fn x0_run(step: &FusedStep<'_>, x: &[f32], e: &[f32], x0: &mut [f32], inside: &m
 /// Σ r² over chunk `c` of the cropped volume (`total` voxels), in C order.
 #[inline(always)]
 fn residual_chunk(step: &FusedStep<'_>, c: usize, total: usize) -> f64 {
-    let Some((y, m)) = step.data else {
+    let Some((y, m, spans)) = step.data else {
         return 0.0;
     };
     let [rx, ry, rz] = &step.region;
@@ -195,32 +240,42 @@ fn residual_chunk(step: &FusedStep<'_>, c: usize, total: usize) -> f64 {
     let (mut x0, mut inside) = ([0.0f32; PIECE], [false; PIECE]);
     let mut r = [0.0f32; PIECE];
     while q < end {
-        // One piece of the cropped row holding q.
-        let (row, k0) = (q / vz, q % vz);
-        let len = (vz - k0).min(end - q).min(PIECE);
-        let (i, j) = (row / vy + rx.start, row % vy + ry.start);
-        let p = (i * ly + j) * lz + rz.start + k0;
-        let (x0, r) = (&mut x0[..len], &mut r[..len]);
-        x0_run(
-            step,
-            &step.state[p..p + len],
-            &step.eps_hat[p..p + len],
-            x0,
-            &mut inside,
-        );
-        for (((r, &x0), &y), &m) in r
-            .iter_mut()
-            .zip(x0.iter())
-            .zip(&y[q..q + len])
-            .zip(&m[q..q + len])
-        {
-            *r = if m { y - x0 } else { 0.0 };
+        // The cropped row holding q, from q to the row's or the chunk's end, within the
+        // row's mask span: outside it r = 0, and adding r² = +0 leaves the sum (never
+        // −0) as it is. Then the next row.
+        let (row, k) = (q / vz, q % vz);
+        let stop = vz.min(k + (end - q));
+        let span = spans.of(row);
+        let (from, to) = (k.max(span.start), stop.min(span.end));
+        q = row * vz + stop;
+        let mut k0 = from;
+        while k0 < to {
+            let len = (to - k0).min(PIECE);
+            let q = row * vz + k0;
+            let (i, j) = (row / vy + rx.start, row % vy + ry.start);
+            let p = (i * ly + j) * lz + rz.start + k0;
+            let (x0, r) = (&mut x0[..len], &mut r[..len]);
+            x0_run(
+                step,
+                &step.state[p..p + len],
+                &step.eps_hat[p..p + len],
+                x0,
+                &mut inside,
+            );
+            for (((r, &x0), &y), &m) in r
+                .iter_mut()
+                .zip(x0.iter())
+                .zip(&y[q..q + len])
+                .zip(&m[q..q + len])
+            {
+                *r = if m { y - x0 } else { 0.0 };
+            }
+            // In order: the sum is sequential, as sum_squares' per-chunk sum.
+            for &r in r.iter() {
+                acc += r as f64 * r as f64;
+            }
+            k0 += len;
         }
-        // In order: the sum is sequential, as sum_squares' per-chunk sum.
-        for &r in r.iter() {
-            acc += r as f64 * r as f64;
-        }
-        q += len;
     }
     acc
 }
@@ -262,11 +317,28 @@ fn write_plane(step: &FusedStep<'_>, u: &Update, i: usize, out: &mut [f32]) -> b
             // M_y is false, as r·inv gives) and g = 0 where x̂_0 was clamped. Elsewhere
             // g = +0 (padding, a zero residual), whose subtraction leaves every value as
             // it is, so it is skipped.
-            if let (Some((y, m)), Some(inv), true) = (step.data, u.inv, in_region) {
+            if let (Some((y, m, spans)), Some(inv), true) = (step.data, u.inv, in_region) {
+                // The piece's part of the region row, [lo, hi), and of the mask span
+                // in it, [s0, s1) (padded z). Outside the span r = 0: the same update
+                // without reading y or M_y.
                 let lo = rz.start.clamp(k0, k0 + n);
                 let hi = rz.end.clamp(lo, k0 + n);
-                let q = ((i - rx.start) * vy + (j - ry.start)) * vz + lo - rz.start;
-                let span = lo - k0..hi - k0;
+                let row = (i - rx.start) * vy + (j - ry.start);
+                let mask = spans.of(row);
+                let s0 = (rz.start + mask.start).clamp(lo, hi);
+                let s1 = (rz.start + mask.end).clamp(s0, hi);
+                let zero_residual = |acc: &mut f64, inside: bool| {
+                    let g = if inside { 0.0f32 * inv } else { 0.0 };
+                    *acc -= u.xi * ((g as f64 / u.sa) as f32) as f64;
+                };
+                for (k, acc) in acc.iter_mut().enumerate().take(s0 - k0).skip(lo - k0) {
+                    zero_residual(acc, inside[k]);
+                }
+                for (k, acc) in acc.iter_mut().enumerate().take(hi - k0).skip(s1 - k0) {
+                    zero_residual(acc, inside[k]);
+                }
+                let q = row * vz + s0 - rz.start;
+                let span = s0 - k0..s1 - k0;
                 let (y, m) = (&y[q..q + span.len()], &m[q..q + span.len()]);
                 for ((((acc, &x0), &inside), &y), &m) in acc[span.clone()]
                     .iter_mut()

@@ -241,6 +241,9 @@ pub struct Sampler {
     y_model: Array3<f32>,
     /// ‖M_y y‖ in model units (the zero map's residual), for the divergence check.
     y_norm: f64,
+    /// Where M_y lies in each row of the output grid, for the two-pass step of approx
+    /// guidance through A = I ([`fused::MaskSpans`]); empty otherwise.
+    mask_spans: fused::MaskSpans,
     step: usize,
     /// x_t, shared with the [`PatchSource`]s of the open round (read-only while it is open).
     state: Arc<Array3<f32>>,
@@ -403,6 +406,14 @@ impl Sampler {
             .map_collect(|&y, &m| if m { y * scale } else { 0.0 });
         let n = base_grid.len();
         let y_norm = sum_squares(y_model.as_slice().unwrap_or(&[])).sqrt();
+        let mask_spans = match (
+            settings.guidance,
+            problem.operator().is_identity(),
+            problem.measurement_mask().as_slice(),
+        ) {
+            (Guidance::Approx, true, Some(m)) => fused::MaskSpans::new(m, out_shape),
+            _ => fused::MaskSpans::default(),
+        };
         Ok(Self {
             grid: base_grid.clone(),
             base_grid,
@@ -413,6 +424,7 @@ impl Sampler {
             schedule,
             y_model,
             y_norm,
+            mask_spans,
             step: 0,
             state: Arc::new(Array3::zeros([0, 0, 0])),
             phase: Phase::Eps,
@@ -782,13 +794,24 @@ impl Sampler {
         let contiguous = || Error::Shape("sampler volumes are not contiguous".into());
         let data = match self.settings.guidance == Guidance::Approx {
             false => None,
-            true => Some((
-                self.y_model.as_slice().ok_or_else(contiguous)?,
-                self.problem
-                    .measurement_mask()
-                    .as_slice()
-                    .ok_or_else(contiguous)?,
-            )),
+            true => {
+                let [rx, ry, _] = self.grid.volume_region();
+                if self.mask_spans.rows() != rx.len() * ry.len() {
+                    return Err(Error::Shape(format!(
+                        "mask spans of {} rows for an output grid of {} rows",
+                        self.mask_spans.rows(),
+                        rx.len() * ry.len()
+                    )));
+                }
+                Some((
+                    self.y_model.as_slice().ok_or_else(contiguous)?,
+                    self.problem
+                        .measurement_mask()
+                        .as_slice()
+                        .ok_or_else(contiguous)?,
+                    &self.mask_spans,
+                ))
+            }
         };
         Ok(fused::FusedStep {
             state: self.state.as_slice().ok_or_else(contiguous)?,
