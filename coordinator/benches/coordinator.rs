@@ -22,8 +22,10 @@
 //!   the rounds alone, without the per-job set-up and result files, which only 3 steps
 //!   cannot amortise), the
 //!   coordinator's CPU per patch (this process: coordinator and client; with its system
-//!   share and its minor page faults per patch) and the bytes of patch tensors on the
-//!   wire per patch. Each row is one warm-up run and then 3 timed runs
+//!   share and its minor page faults per patch), the bytes of patch tensors on the
+//!   wire per patch and the CPU the worker processes spent per patch (reading their
+//!   inputs, the analytic ε, writing their answers: on a machine with few cores it
+//!   competes with the coordinator). Each row is one warm-up run and then 3 timed runs
 //!   (`DMQSM_SCALING_REPEAT`); it reports the run with the median wall time and lists all
 //!   three. `DMQSM_SCALING_ONLY=dipinv-approx`, `DMQSM_SCALING_JOBS=1` and
 //!   `DMQSM_SCALING_WORKERS=1,8` pick rows (and skip the old one);
@@ -299,7 +301,7 @@ async fn overhead() -> AnyResult<()> {
 
 /// What this process has used so far, from `/proc/self/stat` (Linux; clock ticks of
 /// 1/100 s, the x86-64 and arm64 value): NaN where it cannot be read.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct ProcessUse {
     /// User CPU seconds, all threads.
     user_s: f64,
@@ -311,7 +313,23 @@ struct ProcessUse {
 
 impl ProcessUse {
     fn now() -> Self {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        Self::of("self")
+    }
+
+    /// What the processes `pids` have used so far, summed.
+    fn of_all(pids: &[u32]) -> Self {
+        pids.iter()
+            .map(|p| Self::of(&p.to_string()))
+            .fold(ProcessUse::default(), |a, b| ProcessUse {
+                user_s: a.user_s + b.user_s,
+                sys_s: a.sys_s + b.sys_s,
+                minor_faults: a.minor_faults + b.minor_faults,
+            })
+    }
+
+    /// What process `pid` (a number, or `self`) has used so far.
+    fn of(pid: &str) -> Self {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Fields after the parenthesised command name: minflt is field 10, utime and
         // stime are 14 and 15 (1-based, counting the pid as 1).
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -559,9 +577,12 @@ async fn gpu_scaling() -> AnyResult<()> {
                 // timed ones; the run with the median wall time is reported.
                 let _ = concurrent_jobs(&url, jobs, &m, &k, &settings).await?;
                 let mut runs = Vec::with_capacity(repeat);
+                let pids = workers.pids();
+                let workers0 = ProcessUse::of_all(&pids);
                 for _ in 0..repeat {
                     runs.push(concurrent_jobs(&url, jobs, &m, &k, &settings).await?);
                 }
+                let workers_used = ProcessUse::of_all(&pids).since(workers0);
                 runs.sort_by(|a, b| a.wall.total_cmp(&b.wall));
                 let walls: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.wall)).collect();
                 let run = runs[runs.len() / 2];
@@ -586,7 +607,8 @@ async fn gpu_scaling() -> AnyResult<()> {
                      {:.2} s, the fetch {:.2} s), coordinator numerics {:.2} s ({:.2} \
                      ms/patch), process CPU {:.2} ms/patch ({:.0} % system), {:.0} page \
                      faults per patch, {:.0} KiB of patch tensors per patch, through shared \
-                     memory for {through_shm} of {n} workers",
+                     memory for {through_shm} of {n} workers; the worker processes' CPU \
+                     {:.2} ms/patch (all timed runs)",
                     task_name,
                     guidance_name,
                     walls.join(" "),
@@ -603,6 +625,8 @@ async fn gpu_scaling() -> AnyResult<()> {
                     100.0 * used.sys_s / cpu,
                     used.minor_faults / total_patches,
                     wire_per_patch / 1024.0,
+                    1e3 * (workers_used.user_s + workers_used.sys_s)
+                        / (total_patches * repeat as f64),
                 );
             }
         }

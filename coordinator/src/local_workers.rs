@@ -231,6 +231,11 @@ impl LocalWorkers {
         self.processes.iter().map(|p| p.url.clone()).collect()
     }
 
+    /// The workers' process ids, in the order of [`LocalWorkers::urls`].
+    pub fn pids(&self) -> Vec<u32> {
+        self.processes.iter().map(|p| p.child.id()).collect()
+    }
+
     /// Stops the workers: closes their standard input (they drain and exit), then kills
     /// any still running after five seconds. Blocking.
     pub fn shutdown(mut self) {
