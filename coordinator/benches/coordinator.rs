@@ -439,9 +439,33 @@ fn selected(var: &str, value: usize) -> bool {
     }
 }
 
+/// `n` `dmqsm-worker` processes serving the analytic model on 48³ patches in batches of
+/// at most `batch`, each call sleeping `per_batch + B·per_patch` as a GPU would be busy
+/// (zero: workers that answer at once).
+async fn analytic_workers(
+    n: usize,
+    batch: usize,
+    per_batch: Duration,
+    per_patch: Duration,
+) -> AnyResult<dmqsm_coordinator::local_workers::LocalWorkers> {
+    use dmqsm_coordinator::local_workers::{LocalModel, LocalWorkerOptions, LocalWorkers};
+    let model = LocalModel::Analytic {
+        mean: 0.0,
+        std: 0.5,
+        patch_size: 48,
+        chi_scale: 10.0,
+    };
+    let options = LocalWorkerOptions {
+        max_batch: Some(batch),
+        latency_per_batch: per_batch,
+        latency_per_patch: per_patch,
+        ..LocalWorkerOptions::default()
+    };
+    Ok(tokio::task::spawn_blocking(move || LocalWorkers::start(&model, &options, n)).await??)
+}
+
 /// The realistic scaling case (see the module docs).
 async fn gpu_scaling() -> AnyResult<()> {
-    use dmqsm_coordinator::local_workers::{LocalModel, LocalWorkerOptions, LocalWorkers};
     const BATCH: u32 = 4;
     // `DMQSM_SCALING_STEPS=25` (the API's default) for a job whose set-up is amortised
     // as in real use; 3 steps by default, to keep the whole table short.
@@ -523,21 +547,7 @@ async fn gpu_scaling() -> AnyResult<()> {
                 if !selected("DMQSM_SCALING_WORKERS", n) {
                     continue;
                 }
-                let model = LocalModel::Analytic {
-                    mean: 0.0,
-                    std: 0.5,
-                    patch_size: 48,
-                    chi_scale: 10.0,
-                };
-                let options = LocalWorkerOptions {
-                    max_batch: Some(BATCH as usize),
-                    latency_per_batch: per_batch,
-                    latency_per_patch: per_patch,
-                    ..LocalWorkerOptions::default()
-                };
-                let workers =
-                    tokio::task::spawn_blocking(move || LocalWorkers::start(&model, &options, n))
-                        .await??;
+                let workers = analytic_workers(n, BATCH as usize, per_batch, per_patch).await?;
                 let dir = tempfile::tempdir()?;
                 let mut config = CoordinatorConfig::new(dir.path());
                 config.checkpoint_every = 0;
@@ -776,7 +786,6 @@ async fn instant_workers_run(
 }
 
 async fn threads() -> AnyResult<()> {
-    use dmqsm_coordinator::local_workers::{LocalModel, LocalWorkerOptions, LocalWorkers};
     let steps: u32 = env_number("DMQSM_THREADS_STEPS").unwrap_or(25);
     let repeat: usize = env_number("DMQSM_THREADS_REPEAT").unwrap_or(3);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -791,18 +800,7 @@ async fn threads() -> AnyResult<()> {
     let (m, k) = (Arc::new(m), Arc::new(k));
     // 8 instant workers, started before any pinning so that their processes may use
     // every core.
-    let model = LocalModel::Analytic {
-        mean: 0.0,
-        std: 0.5,
-        patch_size: 48,
-        chi_scale: 10.0,
-    };
-    let options = LocalWorkerOptions {
-        max_batch: Some(4),
-        ..LocalWorkerOptions::default()
-    };
-    let workers =
-        tokio::task::spawn_blocking(move || LocalWorkers::start(&model, &options, 8)).await??;
+    let workers = analytic_workers(8, 4, Duration::ZERO, Duration::ZERO).await?;
     println!(
         "threads: the coordinator's cost with instant workers: {shape:?} volume, 48³ patches, \
          overlap 8 ({} patches, 20 batches of 4 a round), dipinv approx, {steps} steps, 1 job, \
