@@ -2,7 +2,8 @@
 //!
 //! A step's volume math (reassembly, x̂₀, the DPS gradient and update, the FFTs of the
 //! physics tasks), building a job's problem and writing its results run off the async
-//! reactor (tokio's blocking pool), with their parallel loops on this pool. `dmqsm serve
+//! reactor (tokio's blocking pool), with their parallel loops on this pool; file and
+//! store I/O runs off the reactor too ([`blocking`]), but never on it. `dmqsm serve
 //! --threads N` sizes it, so that on a GPU node the coordinator can be given N cores and
 //! the workers the rest; without it, the loops use rayon's global pool (one thread per
 //! core). The thread count changes no result: every parallel reduction in the sampler
@@ -57,13 +58,24 @@ impl ComputePool {
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || match pool {
+        blocking(what, move || match pool {
             Some(p) => p.install(f),
             None => f(),
         })
         .await
-        .map_err(|e| CoordinatorError::Store(format!("{what} panicked: {e}")))?
     }
+}
+
+/// Runs `f` on tokio's blocking threads, outside the compute pool: for file and store
+/// I/O (reading inputs, writing checkpoints), which must not hold a compute thread
+/// while it waits. `what` names it in the error should it panic.
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoordinatorError::Store(format!("{what} panicked: {e}")))?
 }
 
 #[cfg(test)]

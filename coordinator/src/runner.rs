@@ -355,13 +355,11 @@ async fn execute(
                     let t = Instant::now();
                     let ck = sampler.checkpoint();
                     let (store2, id) = (store.clone(), job_id.to_string());
-                    shared
-                        .compute
-                        .run("checkpoint writer", move || {
-                            let bytes = ck.to_bytes()?;
-                            store2.put_checkpoint(&id, &bytes)
-                        })
-                        .await?;
+                    crate::compute::blocking("checkpoint writer", move || {
+                        let bytes = ck.to_bytes()?;
+                        store2.put_checkpoint(&id, &bytes)
+                    })
+                    .await?;
                     rec.log(format!("checkpoint at step {step} of sample {k}"));
                     rec.timings.coordinator_numerics_s += t.elapsed().as_secs_f64();
                     checkpointed = true;

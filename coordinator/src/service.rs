@@ -133,21 +133,19 @@ impl Coordinator {
         let label = req.label;
         let (measurement, mask) = {
             let (measurement, mask) = (req.measurement, req.mask);
-            self.shared
-                .compute
-                .run("input reader", move || -> Result<_> {
-                    let m = crate::inputs::read_input(
-                        measurement.as_ref(),
-                        root.as_deref(),
-                        "measurement",
-                    )?
-                    .ok_or_else(|| {
-                        CoordinatorError::InvalidSubmission("measurement is missing".to_string())
-                    })?;
-                    let k = crate::inputs::read_input(mask.as_ref(), root.as_deref(), "mask")?;
-                    Ok((m, k))
-                })
-                .await?
+            crate::compute::blocking("input reader", move || -> Result<_> {
+                let m = crate::inputs::read_input(
+                    measurement.as_ref(),
+                    root.as_deref(),
+                    "measurement",
+                )?
+                .ok_or_else(|| {
+                    CoordinatorError::InvalidSubmission("measurement is missing".to_string())
+                })?;
+                let k = crate::inputs::read_input(mask.as_ref(), root.as_deref(), "mask")?;
+                Ok((m, k))
+            })
+            .await?
         };
         // Admission from the headers alone, before anything is decoded.
         let estimate = crate::admission::MemoryEstimate::from_inputs(
