@@ -226,7 +226,7 @@ impl WireBatch {
             .visit_batch(&self.indices, |tensor, at, run| {
                 let place = match tensor {
                     BatchTensor::Patches => &layout.inputs[0],
-                    BatchTensor::Cotangents => &layout.inputs[tensors - 1],
+                    BatchTensor::Cotangents => &layout.inputs[1],
                 };
                 if failed.is_none()
                     && let Err(e) = dmqsm_proto::tensor::with_f32_le_bytes(run, |b| {
