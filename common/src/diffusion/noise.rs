@@ -153,6 +153,24 @@ fn top53(bits: u64) -> f64 {
     ((bits >> 11) as i64) as f64
 }
 
+/// [`top53`] without an integer-to-float conversion, for vector loops: AVX2 has none for
+/// 64-bit lanes, so the compiler would convert lane by lane. The value v < 2⁵³ is split
+/// into h = v >> 32 and l = v mod 2³²; placing each in the mantissa of a float of known
+/// exponent and subtracting that float's leading bit gives h·2³² and l exactly (the
+/// classic "magic number" conversion), and their sum v is exact too, being an integer
+/// below 2⁵³. So it is the same number as `top53`, on every ISA.
+#[inline(always)]
+fn top53_split(bits: u64) -> f64 {
+    /// 2⁸⁴: exponent field 0x453, so one mantissa unit is 2³².
+    const HI_BASE: u64 = 0x4530_0000_0000_0000;
+    /// 2⁵²: exponent field 0x433, so one mantissa unit is 1.
+    const LO_BASE: u64 = 0x4330_0000_0000_0000;
+    let v = bits >> 11;
+    let hi = f64::from_bits(HI_BASE | (v >> 32)) - f64::from_bits(HI_BASE);
+    let lo = f64::from_bits(LO_BASE | (v & 0xffff_ffff)) - f64::from_bits(LO_BASE);
+    hi + lo
+}
+
 /// A uniform in (0, 1] from 64 bits.
 fn open01(bits: u64) -> f64 {
     (((bits >> 11) + 1) as i64) as f64 * TWO_POW_M53
@@ -237,10 +255,11 @@ const FILL_LANES: usize = 64;
 
 /// `out[i]` = `normal_at(z, key, first + i)` as f32, bitwise: the first draw of every
 /// voxel and its fast-path test (|x| below the next layer edge, ≈ 99 % of voxels) for
-/// [`FILL_LANES`] voxels at once in plain loops the compiler vectorises, then
-/// `normal_at` itself for the few rejected ones. The fast path's operations are the
-/// same IEEE-754 basic operations as `normal_at`'s, so the values are too. With
-/// AVX-512 ([`crate::simd`]) the loops use its 64-bit multiplies and gathers.
+/// [`FILL_LANES`] voxels at once in plain loops the compiler vectorises, all of them
+/// written out as f32, then `normal_at` itself over the few rejected ones. The fast
+/// path's operations are the same IEEE-754 basic operations as `normal_at`'s (with
+/// [`top53_split`] for the conversion), so the values are too. With AVX-512
+/// ([`crate::simd`]) the loops use its 64-bit multiplies and gathers.
 fn fill_normals(z: &Ziggurat, key: u64, first: u64, out: &mut [f32]) {
     fill_normals_isa(crate::simd::VectorIsa::detect(), z, key, first, out);
 }
@@ -256,17 +275,27 @@ fn fill_normals_portable(z: &Ziggurat, key: u64, first: u64, out: &mut [f32]) {
         for k in 0..FILL_LANES {
             let bits = random_bits(key, start.wrapping_add(k as u64));
             let layer = (bits & 0xff) as usize;
-            let u = 2.0 * (top53(bits) * TWO_POW_M53) - 1.0;
+            let u = 2.0 * (top53_split(bits) * TWO_POW_M53) - 1.0;
             let v = u * z.x[layer];
             fast[k] = v.abs() < z.x[layer + 1];
             x[k] = v;
         }
-        for (k, o) in out.iter_mut().enumerate() {
-            *o = if fast[k] {
-                x[k] as f32
-            } else {
-                normal_at(z, key, start.wrapping_add(k as u64)) as f32
-            };
+        for (o, &v) in out.iter_mut().zip(&x) {
+            *o = v as f32;
+        }
+        // Rejections are ≈ 1 % of voxels: gather the chunk's rejected lanes into a bit
+        // mask (a branch-free reduction), then visit only those.
+        let mut rejected = fast
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (k, &f)| m | (u64::from(!f) << k));
+        if out.len() < FILL_LANES {
+            rejected &= (1u64 << out.len()) - 1;
+        }
+        while rejected != 0 {
+            let k = rejected.trailing_zeros() as usize;
+            rejected &= rejected - 1;
+            out[k] = normal_at(z, key, start.wrapping_add(k as u64)) as f32;
         }
     }
 }
@@ -347,6 +376,29 @@ mod tests {
             ] {
                 assert_eq!(wedge_accepts(y, t), y < e, "y {y} t {t}");
             }
+        }
+    }
+
+    /// The conversion without `cvtsi2sd` is exact: the same f64 as `top53` at both ends
+    /// of the range, at the 2³² boundary of its two halves, and on a million random bit
+    /// patterns.
+    #[test]
+    fn split_conversion_is_exact() {
+        let edges = [
+            0u64,
+            1 << 11,
+            (1 << 43) - 1,
+            1 << 43,
+            (1 << 43) | (1 << 11),
+            u64::MAX,
+        ];
+        let random = (0..1_000_000u64).map(|i| random_bits(5, i));
+        for bits in edges.into_iter().chain(random) {
+            assert_eq!(
+                top53_split(bits).to_bits(),
+                top53(bits).to_bits(),
+                "bits {bits:#018x}"
+            );
         }
     }
 

@@ -327,16 +327,18 @@ fn write_plane(step: &FusedStep<'_>, u: &Update, i: usize, out: &mut [f32]) -> b
                 let mask = spans.of(row);
                 let s0 = (rz.start + mask.start).clamp(lo, hi);
                 let s1 = (rz.start + mask.end).clamp(s0, hi);
-                let zero_residual = |acc: &mut f64, inside: bool| {
-                    let g = if inside { 0.0f32 * inv } else { 0.0 };
-                    *acc -= u.xi * ((g as f64 / u.sa) as f32) as f64;
+                // r = 0 makes the subtracted term one of two constants (a signed zero
+                // each), formed by the same operations as in the span below; subtracting
+                // them per voxel keeps the −0 → +0 rule without a division per voxel.
+                let term = |g: f32| u.xi * ((g as f64 / u.sa) as f32) as f64;
+                let (t_inside, t_clamped) = (term(0.0f32 * inv), term(0.0));
+                let zero_residual = |acc: &mut [f64], flags: &[bool]| {
+                    for (acc, &inside) in acc.iter_mut().zip(flags) {
+                        *acc -= if inside { t_inside } else { t_clamped };
+                    }
                 };
-                for (k, acc) in acc.iter_mut().enumerate().take(s0 - k0).skip(lo - k0) {
-                    zero_residual(acc, inside[k]);
-                }
-                for (k, acc) in acc.iter_mut().enumerate().take(hi - k0).skip(s1 - k0) {
-                    zero_residual(acc, inside[k]);
-                }
+                zero_residual(&mut acc[lo - k0..s0 - k0], &inside[lo - k0..s0 - k0]);
+                zero_residual(&mut acc[s1 - k0..hi - k0], &inside[s1 - k0..hi - k0]);
                 let q = row * vz + s0 - rz.start;
                 let span = s0 - k0..s1 - k0;
                 let (y, m) = (&y[q..q + span.len()], &m[q..q + span.len()]);
