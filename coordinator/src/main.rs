@@ -92,30 +92,17 @@ fn main() -> ExitCode {
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-    };
-    match command {
-        Command::Serve(a) => {
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            match a.threads {
-                Some(0) => {
-                    return Err(cli::Exit {
-                        code: 2,
-                        message: "--threads must be at least 1".into(),
-                    }
-                    .into());
-                }
-                Some(n) => runtime.worker_threads(n),
-                None => &mut runtime,
-            };
-            runtime
-                .enable_all()
-                .build()?
-                .block_on(cli::server::serve(a))
+    // `dmqsm serve --threads N` sizes the async runtime too (clap refuses 0).
+    let runtime_with = |threads: Option<std::num::NonZeroUsize>| {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = threads {
+            builder.worker_threads(n.get());
         }
+        builder.enable_all().build()
+    };
+    let runtime = || runtime_with(None);
+    match command {
+        Command::Serve(a) => runtime_with(a.threads)?.block_on(cli::server::serve(a)),
         Command::Submit(a) => runtime()?.block_on(cli::submit(a)),
         Command::Status(a) => runtime()?.block_on(cli::status(a)),
         Command::Watch(a) => runtime()?.block_on(cli::watch(a)),

@@ -8,8 +8,9 @@
 //! ([`SlotLease::stage`]); [`SlotLease::decode`] copies the answer out. What reaches the
 //! sampler is exactly what would have come over the socket. A slot whose worker may still
 //! write into it (its call timed out, failed in transit or was abandoned) is retired,
-//! never reused: a late answer cannot land in another batch. A plane whose worker no longer knows its
-//! region (it restarted) is marked broken, and that worker's batches travel inline.
+//! never reused: a late answer cannot land in another batch. A plane whose worker no
+//! longer knows its region (it restarted) is marked broken, and that worker's batches
+//! travel inline.
 
 use dmqsm_common::content_hash::{Digest, Hasher, sha256_hex};
 use dmqsm_proto::shm::{HEADER_BYTES, NONCE_LEN, SharedMemoryError, SharedRegion};

@@ -160,7 +160,7 @@ pub struct ServeArgs {
     /// results) and its async runtime (gRPC, cutting batches into shared memory) each get
     /// this many. Default: one per core. On a GPU node, leave the workers the rest.
     #[arg(long)]
-    pub threads: Option<usize>,
+    pub threads: Option<std::num::NonZeroUsize>,
     #[command(flatten)]
     pub security: SecurityArgs,
     #[command(flatten)]
@@ -287,7 +287,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .tuning
         .config(args.data_dir.clone(), args.data_root.clone())?;
     config.security = args.security.config()?;
-    config.compute_threads = args.threads;
+    config.compute_threads = args.threads.map(std::num::NonZeroUsize::get);
     let authenticated = config.security.auth.enabled();
     dmqsm_proto::auth::require_loopback_without_auth(args.listen, authenticated, "--tokens FILE")
         .map_err(|e| Exit {
